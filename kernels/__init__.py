@@ -1,0 +1,1 @@
+"""Fused kernels for curvature products (shipped as ``torch_linop.kernels``)."""

@@ -1,0 +1,1 @@
+"""Matrix-free solvers on curvature operators (shipped as ``torch_linop.solvers``)."""
