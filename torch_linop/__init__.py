@@ -1,3 +1,44 @@
-"""torch-linop: curvature matrices of PyTorch models as scipy LinearOperators."""
+"""torch-linop: curvature matrices of PyTorch models as scipy LinearOperators.
+
+Hessian, generalized Gauss-Newton, empirical and Monte-Carlo Fisher, each a
+``scipy.sparse.linalg.LinearOperator`` that also computes on torch tensors without leaving the
+device, plus solvers (Lanczos, trace, diagonal, spectral density) in ``torch_linop.solvers``.
+"""
+
+from torch_linop.empirical_fisher import EmpiricalFisherOperator
+from torch_linop.ggn import GGNOperator
+from torch_linop.hessian import HessianOperator
+from torch_linop.losses import (
+    LossFunction,
+    supervised_forward,
+    supervised_loss,
+    supervised_loss_of_output,
+)
+from torch_linop.mc_fisher import MCFisherOperator
+from torch_linop.operator import CurvatureOperator
+from torch_linop.params import (
+    match_names,
+    match_regex,
+    parameters_to_vector,
+    select_parameters,
+    vector_to_parameters,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "LossFunction",
+    "MCFisherOperator",
+    "match_names",
+    "match_regex",
+    "parameters_to_vector",
+    "select_parameters",
+    "supervised_forward",
+    "supervised_loss",
+    "supervised_loss_of_output",
+    "vector_to_parameters",
+]

@@ -1,0 +1,204 @@
+"""Autodiff building blocks shared by the per-batch products.
+
+``sandwich_product`` computes ``J^T M J V`` for the Jacobian J of some function of the parameters
+(the model output for the GGN and MC Fisher, the per-sample losses for the empirical Fisher) and a
+"middle" map M, with an exact forward-mode JVP and one VJP: no double backward through the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from torch_linop._context import reparametrized
+
+Middle = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (output, vectors (k,...)) -> (k,...)
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def make_leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached views of the parameters that require grad: autograd leaves, no copy."""
+    return {name: param.detach().requires_grad_(True) for name, param in params.items()}
+
+
+def grads_or_zeros(
+    grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Replace ``None`` (a parameter the output does not depend on) by zeros."""
+    return [torch.zeros_like(ref) if g is None else g for g, ref in zip(grads, like)]
+
+
+def vjp_columns(
+    output: torch.Tensor,
+    leaves: list[torch.Tensor],
+    cotangents: torch.Tensor,
+    *,
+    batched: bool,
+) -> list[torch.Tensor]:
+    """``J^T u`` for each of the k cotangents ``(k, *output.shape)``; returns ``(k, *p.shape)``."""
+    num_columns = cotangents.shape[0]
+    if num_columns > 1 and batched:
+        grads = torch.autograd.grad(
+            output, leaves, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+        )
+        return [
+            torch.zeros((num_columns, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
+            if g is None
+            else g
+            for g, leaf in zip(grads, leaves)
+        ]
+    columns = []
+    for j in range(num_columns):
+        grads = torch.autograd.grad(
+            output,
+            leaves,
+            grad_outputs=cotangents[j],
+            retain_graph=j < num_columns - 1,
+            allow_unused=True,
+        )
+        columns.append(grads_or_zeros(grads, leaves))
+    return [torch.stack(per_param) for per_param in zip(*columns)]
+
+
+def forward_with_tangent(
+    forward: Callable[[], torch.Tensor],
+    model: torch.nn.Module,
+    leaves: dict[str, torch.Tensor],
+    tangent: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass with dual numbers: the output (with its autograd graph) and ``J v``."""
+    with fwAD.dual_level():
+        duals = {name: fwAD.make_dual(leaf, tangent[name]) for name, leaf in leaves.items()}
+        with reparametrized(model, duals):
+            dual_output = forward()
+        primal, jvp = fwAD.unpack_dual(dual_output)
+        if jvp is None:
+            jvp = torch.zeros_like(primal)
+        # the primal view must outlive the dual level: keep a differentiable alias of it
+        return primal.view_as(primal), jvp.detach().clone()
+
+
+def double_backward_jvp(
+    output: torch.Tensor, leaves: list[torch.Tensor], tangent: list[torch.Tensor]
+) -> torch.Tensor:
+    """``J v`` without forward-mode AD: differentiate the linear map ``u -> J^T u`` in ``u``."""
+    dummy = torch.zeros_like(output, requires_grad=True)
+    grads = torch.autograd.grad(
+        output, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True
+    )
+    pairs = [(g, t) for g, t in zip(grads, tangent) if g is not None and g.requires_grad]
+    if not pairs:
+        return torch.zeros_like(output)
+    (jvp,) = torch.autograd.grad(
+        [g for g, _ in pairs],
+        dummy,
+        grad_outputs=[t for _, t in pairs],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    return torch.zeros_like(output) if jvp is None else jvp
+
+
+def _lacks_forward_ad(error: BaseException) -> bool:
+    message = str(error).lower()
+    return any(key in message for key in ("forward ad", "forward-mode", "forward_ad", "jvp"))
+
+
+class SandwichProduct:
+    """Computes ``J^T M J V`` for one batch; remembers which autodiff paths the model supports.
+
+    ``jvp_method="auto"`` uses forward-mode AD and falls back, exactly, to a double-backward JVP
+    for models without forward-mode support (the choice is remembered).
+    """
+
+    def __init__(self, jvp_method: str = "auto") -> None:
+        if jvp_method not in ("auto", "forward", "double_backward"):
+            raise ValueError(
+                f"jvp_method must be 'auto', 'forward' or 'double_backward', got {jvp_method!r}"
+            )
+        self.jvp_method = jvp_method
+        self._forward_ok = jvp_method in ("auto", "forward")
+        self._batched_ok = True
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        forward: Callable[[], torch.Tensor],
+        params: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        middle: Middle,
+    ) -> list[torch.Tensor]:
+        leaves = make_leaves(params)
+        if self._forward_ok:
+            try:
+                return self._forward_mode(model, forward, leaves, tangents, middle)
+            except (NotImplementedError, RuntimeError) as error:
+                if _is_oom(error) or self.jvp_method == "forward" or not _lacks_forward_ad(error):
+                    raise
+                self._forward_ok = False  # no forward-mode AD in this model: exact fallback
+        return self._double_backward_mode(model, forward, leaves, tangents, middle)
+
+    def _double_backward_mode(self, model, forward, leaves, tangents, middle):
+        leaf_list = list(leaves.values())
+        with reparametrized(model, leaves):
+            output = forward()
+        jvps = torch.stack(
+            [
+                double_backward_jvp(output, leaf_list, [t[j] for t in tangents])
+                for j in range(tangents[0].shape[0])
+            ]
+        )
+        return self._vjp(output, leaf_list, middle(output.detach(), jvps))
+
+    def _vjp(self, output, leaf_list, cotangents):
+        if self._batched_ok and cotangents.shape[0] > 1:
+            try:
+                return vjp_columns(output, leaf_list, cotangents, batched=True)
+            except RuntimeError as error:
+                if _is_oom(error):
+                    raise
+                self._batched_ok = False
+        return vjp_columns(output, leaf_list, cotangents, batched=False)
+
+    def _forward_mode(self, model, forward, leaves, tangents, middle):
+        if tangents[0].shape[0] > 1 and self._batched_ok:
+            try:
+                return self._forward_mode_batched(model, forward, leaves, tangents, middle)
+            except RuntimeError as error:
+                if _is_oom(error):
+                    raise
+                self._batched_ok = False  # vmap unsupported here: loop over columns instead
+        leaf_list = list(leaves.values())
+        names = list(leaves)
+        columns = []
+        for j in range(tangents[0].shape[0]):
+            tangent = {name: t[j] for name, t in zip(names, tangents)}
+            output, jvp = forward_with_tangent(forward, model, leaves, tangent)
+            cotangent = middle(output.detach(), jvp.unsqueeze(0))
+            columns.append(vjp_columns(output, leaf_list, cotangent, batched=False))
+        return [torch.cat(per_param) for per_param in zip(*columns)]
+
+    def _forward_mode_batched(self, model, forward, leaves, tangents, middle):
+        """k JVPs in one vmapped forward-mode pass, then one batched VJP."""
+        primals = {name: leaf.detach() for name, leaf in leaves.items()}
+        tangent_dict = dict(zip(leaves, tangents))
+
+        def output_of(values: dict[str, torch.Tensor]) -> torch.Tensor:
+            with reparametrized(model, values):
+                return forward()
+
+        def jvp_of(tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.jvp(output_of, (primals,), (tangent,))[1]
+
+        jvps = torch.func.vmap(jvp_of, randomness="same")(tangent_dict)
+        with reparametrized(model, leaves):
+            output = forward()
+        leaf_list = list(leaves.values())
+        return vjp_columns(output, leaf_list, middle(output.detach(), jvps), batched=True)

@@ -1,0 +1,151 @@
+"""The generalized Gauss-Newton matrix ``J^T H_loss J``: exact forward-mode JVP, closed-form (or
+autograd) loss Hessian on the output, one VJP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_linop._autodiff import SandwichProduct
+from torch_linop._checks import check_loss
+from torch_linop._context import reparametrized
+from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.operator import CurvatureOperator
+from torch_linop.params import ParamFilter
+
+GGN_JVP_METHODS = ("auto", "forward", "double_backward", "finite_difference")
+
+
+def autograd_output_hvp(
+    loss_fn: LossFunction, output: torch.Tensor, batch: Any, vectors: torch.Tensor
+) -> torch.Tensor:
+    """Output Hessian times ``vectors`` ``(k, *output.shape)`` by double backward on the loss
+    alone (a small graph: loss of the detached output)."""
+    leaf = output.detach().requires_grad_(True)
+    loss = check_loss(loss_fn.loss(leaf, batch), "the loss of the output")
+    (gradient,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    if not gradient.requires_grad:  # loss linear in the output
+        return torch.zeros_like(vectors)
+    columns = [
+        torch.autograd.grad(gradient, leaf, grad_outputs=v, retain_graph=True)[0] for v in vectors
+    ]
+    return torch.stack(columns)
+
+
+def output_hvp_of(
+    loss_fn: LossFunction, batch: Any
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss Hessian as a map ``(output, vectors) -> vectors``: closed form when known."""
+
+    def middle(output: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        closed = loss_fn.output_hessian_vector_product(output, batch, vectors)
+        if closed is not None:
+            return closed
+        return autograd_output_hvp(loss_fn, output, batch, vectors)
+
+    return middle
+
+
+def finite_difference_sandwich(
+    model: nn.Module,
+    forward: Callable[[], torch.Tensor],
+    params: dict[str, torch.Tensor],
+    tangents: list[torch.Tensor],
+    middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """``J^T M J V`` with a central-difference JVP (norm-scaled step) and an exact VJP."""
+    from torch_linop._autodiff import make_leaves, vjp_columns
+
+    theta = {name: p.detach() for name, p in params.items()}
+    acc = torch.float64 if next(iter(theta.values())).dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps
+    theta_norm = float(torch.sqrt(sum((t.to(acc) ** 2).sum() for t in theta.values())))
+    leaves = make_leaves(params)
+    with reparametrized(model, leaves):
+        output = forward()
+    jvps = []
+    with torch.no_grad():
+        for j in range(tangents[0].shape[0]):
+            direction = [t[j].to(acc) for t in tangents]
+            v_norm = float(torch.sqrt(sum((d**2).sum() for d in direction)))
+            if v_norm == 0.0:
+                jvps.append(torch.zeros_like(output))
+                continue
+            step = eps ** (1.0 / 3.0) * max(1.0, theta_norm) / v_norm
+            outs = []
+            for sign in (1.0, -1.0):
+                shifted = {
+                    n: (t.to(acc) + sign * step * d).to(t.dtype)
+                    for (n, t), d in zip(theta.items(), direction)
+                }
+                with reparametrized(model, shifted):
+                    outs.append(forward().to(acc))
+            jvps.append(((outs[0] - outs[1]) / (2 * step)).to(output.dtype))
+    cotangents = middle(output.detach(), torch.stack(jvps))
+    return vjp_columns(output, list(leaves.values()), cotangents, batched=False)
+
+
+class GGNOperator(CurvatureOperator):
+    """Generalized Gauss-Newton matrix ``G = J^T H_loss J`` (PSD for convex losses).
+
+    Call as ``GGNOperator(model, data, supervised_loss(F.cross_entropy))`` or, seed-style, as
+    ``GGNOperator(model, data, forward_fn, loss_of_output_fn)``. ``jvp_method="auto"`` uses exact
+    forward-mode AD (falling back to an exact double-backward JVP); ``"finite_difference"`` is an
+    approximate option, never the default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFunction | Callable[..., torch.Tensor],
+        loss_of_output_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        param_filter: ParamFilter | None = None,
+        jvp_method: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        if jvp_method not in GGN_JVP_METHODS:
+            raise ValueError(f"jvp_method must be one of {GGN_JVP_METHODS}, got {jvp_method!r}")
+        self.jvp_method = jvp_method
+        self._sandwich = SandwichProduct(
+            "auto" if jvp_method == "finite_difference" else jvp_method
+        )
+        loss = as_loss_function(loss_fn, loss_of_output_fn)
+        _require_split(loss, type(self).__name__)
+        super().__init__(model, data, loss, param_filter=param_filter, **kwargs)
+
+    def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The map applied between J and J^T: the loss Hessian w.r.t. the output."""
+        return output_hvp_of(self.loss_fn, batch)
+
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        def forward() -> torch.Tensor:
+            return _check_output(self.loss_fn.forward(self.model, batch))
+
+        if self.jvp_method == "finite_difference":
+            return finite_difference_sandwich(
+                self.model, forward, self.params, tangents, self.middle(batch)
+            )
+        return self._sandwich(self.model, forward, self.params, tangents, self.middle(batch))
+
+
+def _check_output(output: Any) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"the loss's forward() must return a tensor (e.g. the logits), got "
+            f"{type(output).__name__}; for HuggingFace models use hf_lm_loss()"
+        )
+    return output
+
+
+def _require_split(loss: LossFunction, operator: str) -> None:
+    if type(loss).forward is LossFunction.forward:
+        raise TypeError(
+            f"{operator} needs a loss that separates the model's forward pass from the loss "
+            "(J^T H_loss J needs the output); use supervised_loss(criterion), hf_lm_loss(), "
+            "pass forward_fn and loss_of_output_fn, or subclass torch_linop.LossFunction"
+        )

@@ -1,0 +1,210 @@
+"""``supervised_loss(criterion)``: (input, target) batches with a standard or custom criterion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_linop.losses import closed_form
+from torch_linop.losses.base import LossFunction, Reduction
+
+
+@dataclass(frozen=True)
+class CriterionKind:
+    """What the operators know about a criterion: its family, reduction and ignore_index."""
+
+    family: str  # "mse" | "cross_entropy" | "bce_logits" | "generic"
+    reduction: Reduction
+    ignore_index: int = -100
+
+
+def classify_criterion(criterion: Callable[..., torch.Tensor]) -> CriterionKind:
+    """Recognise MSE, cross-entropy and BCE-with-logits (function or module) for closed forms."""
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"criterion reduction={reduction!r} is not supported: the loss must be a scalar; "
+            "use reduction='mean' or 'sum'"
+        )
+    if criterion is F.mse_loss or isinstance(criterion, nn.MSELoss):
+        return CriterionKind("mse", reduction)
+    if criterion is F.cross_entropy or (
+        isinstance(criterion, nn.CrossEntropyLoss) and criterion.weight is None
+    ):
+        return CriterionKind("cross_entropy", reduction, getattr(criterion, "ignore_index", -100))
+    if criterion is F.binary_cross_entropy_with_logits or (
+        isinstance(criterion, nn.BCEWithLogitsLoss)
+        and criterion.weight is None
+        and criterion.pos_weight is None
+    ):
+        return CriterionKind("bce_logits", reduction)
+    return CriterionKind("generic", reduction)
+
+
+class SupervisedLoss(LossFunction):
+    """``criterion(model(inputs), targets)`` on ``(inputs, targets)`` batches.
+
+    ``inputs`` may be a tensor, a tuple (unpacked as positional arguments) or a dict (keyword
+    arguments). MSE, cross-entropy (class axis 1, ``ignore_index``, label smoothing) and BCE with
+    logits get closed-form output Hessians; other criteria use autograd.
+    """
+
+    def __init__(self, criterion: Callable[..., torch.Tensor]) -> None:
+        if not callable(criterion):
+            raise TypeError(f"criterion must be callable, got {type(criterion).__name__}")
+        self.criterion = criterion
+        self.kind = classify_criterion(criterion)
+        self.reduction = self.kind.reduction
+
+    @staticmethod
+    def _split(batch: Any) -> tuple[Any, torch.Tensor]:
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise ValueError(
+            f"supervised_loss expects (inputs, targets) batches, got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + "; for other batch layouts subclass torch_linop.LossFunction"
+        )
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, _ = self._split(batch)
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, tuple):
+            return model(*inputs)
+        return model(inputs)
+
+    def loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        return self.criterion(output, self._split(batch)[1])
+
+    def _valid_targets(self, targets: torch.Tensor) -> torch.Tensor | None:
+        if self.kind.family != "cross_entropy" or targets.is_floating_point():
+            return None
+        return targets != self.kind.ignore_index
+
+    def num_samples(self, batch: Any) -> int:
+        targets = self._split(batch)[1]
+        if self.kind.family == "cross_entropy":
+            valid = self._valid_targets(targets)
+            if valid is not None:
+                return int(valid.sum())
+            return int(targets.numel() // targets.shape[1]) if targets.dim() > 1 else 1
+        if self.kind.family == "bce_logits":
+            return int(targets.numel())
+        return int(targets.shape[0]) if targets.dim() > 0 else 1
+
+    def _scale(self, output: torch.Tensor, batch: Any) -> float:
+        """1 / (number of elements the mean runs over) for a mean reduction, else 1."""
+        if self.reduction == "sum":
+            return 1.0
+        if self.kind.family == "mse":
+            return 1.0 / output.numel()
+        return 1.0 / max(self.num_samples(batch), 1)
+
+    def per_sample_losses(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        targets = self._split(batch)[1]
+        family = self.kind.family
+        if family == "cross_entropy":
+            kwargs = {}
+            if isinstance(self.criterion, nn.CrossEntropyLoss):
+                kwargs = {
+                    "ignore_index": self.criterion.ignore_index,
+                    "label_smoothing": self.criterion.label_smoothing,
+                }
+            losses = F.cross_entropy(output, targets, reduction="none", **kwargs).reshape(-1)
+            valid = self._valid_targets(targets)
+            return losses[valid.reshape(-1)] if valid is not None else losses
+        if family == "bce_logits":
+            return F.binary_cross_entropy_with_logits(output, targets, reduction="none").reshape(-1)
+        if family == "mse":
+            elementwise = F.mse_loss(output, targets, reduction="none")
+        else:
+            try:
+                elementwise = self.criterion(output, targets, reduction="none")
+            except TypeError as error:
+                raise NotImplementedError(
+                    "the empirical Fisher needs per-sample losses; this criterion does not accept "
+                    "reduction='none'. Subclass LossFunction and implement per_sample_losses()"
+                ) from error
+        if elementwise.dim() == 0:
+            return elementwise.reshape(1)
+        per_sample = elementwise.reshape(elementwise.shape[0], -1)
+        return per_sample.mean(1) if self.reduction == "mean" else per_sample.sum(1)
+
+    def _rows(self, output: torch.Tensor, vectors: torch.Tensor, batch: Any):
+        """Logits and vectors with the class axis last, and the valid-row mask."""
+        targets = self._split(batch)[1]
+        if output.dim() == 1:  # unbatched (C,) input
+            return output, vectors, self._valid_targets(targets)
+        logits = output.movedim(1, -1)
+        moved = vectors.movedim(2, -1)
+        return logits, moved, self._valid_targets(targets)
+
+    def output_hessian_vector_product(
+        self, output: torch.Tensor, batch: Any, vectors: torch.Tensor
+    ) -> torch.Tensor | None:
+        family = self.kind.family
+        scale = self._scale(output, batch)
+        if family == "mse":
+            return closed_form.mse_hvp(vectors, scale)
+        if family == "bce_logits":
+            return closed_form.bce_logits_hvp(output, vectors, scale)
+        if family == "cross_entropy":
+            logits, moved, valid = self._rows(output, vectors, batch)
+            result = closed_form.softmax_ce_rows_hvp(logits, moved, valid, scale)
+            return result.movedim(-1, 2) if output.dim() > 1 else result
+        return None
+
+    def sampled_output_hessian_vector_product(
+        self,
+        output: torch.Tensor,
+        batch: Any,
+        vectors: torch.Tensor,
+        generator: torch.Generator,
+        mc_samples: int,
+    ) -> torch.Tensor:
+        family = self.kind.family
+        scale = self._scale(output, batch)
+        if family == "mse":
+            return closed_form.mse_sampled_hvp(output, vectors, scale, generator, mc_samples)
+        if family == "bce_logits":
+            return closed_form.bce_logits_sampled_hvp(output, vectors, scale, generator, mc_samples)
+        if family == "cross_entropy":
+            logits, moved, valid = self._rows(output, vectors, batch)
+            result = closed_form.softmax_ce_rows_sampled_hvp(
+                logits, moved, valid, scale, generator, mc_samples
+            )
+            return result.movedim(-1, 2) if output.dim() > 1 else result
+        return super().sampled_output_hessian_vector_product(
+            output, batch, vectors, generator, mc_samples
+        )
+
+
+def supervised_loss(criterion: Callable[..., torch.Tensor]) -> SupervisedLoss:
+    """Loss for ``(inputs, targets)`` batches: ``criterion(model(inputs), targets)``.
+
+    Example: ``HessianOperator(model, data, supervised_loss(F.mse_loss))``.
+    """
+    return SupervisedLoss(criterion)
+
+
+def supervised_forward(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Seed-compatible ``forward_fn``: ``model(inputs)`` of an ``(inputs, targets)`` batch."""
+    return SupervisedLoss(F.mse_loss).forward(model, batch)
+
+
+class _SupervisedLossOfOutput(SupervisedLoss):
+    """``loss_of_output_fn(output, batch)`` form of :class:`SupervisedLoss`."""
+
+    def __call__(self, output: torch.Tensor, batch: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.loss(output, batch)
+
+
+def supervised_loss_of_output(criterion: Callable[..., torch.Tensor]) -> SupervisedLoss:
+    """Seed-compatible ``loss_of_output_fn``; it also carries the closed-form output Hessian."""
+    return _SupervisedLossOfOutput(criterion)

@@ -1,0 +1,277 @@
+"""``CurvatureOperator``: the scipy ``LinearOperator`` that every curvature matrix is.
+
+The class owns three things and nothing else: the scipy protocol (ndarray in, ndarray out, on the
+model's device in between), the torch path (``H @ tensor`` stays on the device), and the data loop
+(sample-weighted mean of per-batch products). Subclasses provide one pure per-batch product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from torch_linop._context import differentiable_attention, warn_if_tf32
+from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
+from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.params import ParamFilter, join_tensors, select_parameters, split_vector
+
+_NUMPY_DTYPES = {
+    torch.float64: np.dtype(np.float64),
+    torch.float32: np.dtype(np.float32),
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(np.float32),  # numpy has no bfloat16: ndarrays travel as float32
+}
+
+
+def numpy_dtype_of(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype an operator over ``dtype`` parameters advertises to scipy."""
+    if dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"curvature operators need floating-point parameters, got {dtype}")
+    return _NUMPY_DTYPES[dtype]
+
+
+class CurvatureOperator(LinearOperator):
+    """A symmetric ``(n, n)`` curvature matrix of ``model`` on ``data``, n = selected parameters.
+
+    ``matvec``/``matmat`` on ndarrays return ndarrays (so ``eigsh``, ``lobpcg``, ``cg`` work);
+    on torch tensors they return tensors on the model's device. The dataset matrix is the
+    sample-weighted mean of per-batch matrices (``reduction="mean"`` losses) or their sum.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFunction | Callable[..., torch.Tensor],
+        *,
+        param_filter: ParamFilter | None = None,
+        num_batches: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        num_data: int | None = None,
+        check_deterministic: bool = False,
+        progress: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        self.model = model
+        self.process_group = process_group
+        self.loss_fn = as_loss_function(loss_fn)
+        self.params: dict[str, nn.Parameter] = select_parameters(model, param_filter)
+        self._shapes = [param.shape for param in self.params.values()]
+        self.batches = BatchSource(data, num_batches)
+        self.batch_size_fn = batch_size_fn
+        if num_data is not None and (not isinstance(num_data, int) or num_data < 1):
+            raise ValueError(f"num_data must be a positive int or None, got {num_data!r}")
+        self._num_data = num_data
+        self.progress = progress
+        first = next(iter(self.params.values()))
+        self.device: torch.device = first.device
+        self.torch_dtype: torch.dtype = first.dtype
+        size = sum(int(param.numel()) for param in self.params.values())
+        super().__init__(dtype=numpy_dtype_of(self.torch_dtype), shape=(size, size))
+        if check_deterministic:
+            self.check_deterministic()
+
+    # ----------------------------------------------------------------- data loop
+    @property
+    def num_data(self) -> int:
+        """Total number of samples N over the (possibly limited) data; counted once, lazily."""
+        if self._num_data is None:
+            total = sum(self._samples_in(batch) for batch in self._device_batches())
+            total = self._all_reduce_count(total)
+            if total <= 0:
+                raise ValueError(
+                    "the data holds no samples with a target (every label ignored?); "
+                    "check the labels or pass num_data"
+                )
+            self._num_data = total
+        return self._num_data
+
+    def _samples_in(self, batch: Any) -> int:
+        if self.batch_size_fn is not None:
+            return int(self.batch_size_fn(batch))
+        return int(self.loss_fn.num_samples(batch))
+
+    def _device_batches(self) -> Iterator[Any]:
+        for batch in self.batches:
+            yield move_to_device(batch, self.device)
+
+    def weighted_batches(self) -> Iterator[tuple[float, Any]]:
+        """Batches on the model's device with their weight ``n_b / N`` (or 1 for sums)."""
+        iterator: Iterable[Any] = self._device_batches()
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=type(self).__name__, leave=False)
+        for batch in iterator:
+            if self.loss_fn.reduction == "sum":
+                yield 1.0, batch
+                continue
+            count = self._samples_in(batch)
+            if count > 0:
+                yield count / self.num_data, batch
+
+    def check_deterministic(self, rtol: float = 1e-8) -> None:
+        """Raise if two passes over the data give different losses or batch sizes (dropout in
+        train mode, shuffling DataLoaders, ``drop_last`` with shuffling)."""
+        first_pass = [(self._samples_in(b), self._batch_loss(b)) for b in self._device_batches()]
+        second_pass = [(self._samples_in(b), self._batch_loss(b)) for b in self._device_batches()]
+        same = len(first_pass) == len(second_pass) and all(
+            n1 == n2 and torch.allclose(l1, l2, rtol=rtol, atol=0.0)
+            for (n1, l1), (n2, l2) in zip(first_pass, second_pass)
+        )
+        if not same:
+            raise RuntimeError(
+                "the model or data is not deterministic: two passes over the data gave different "
+                "losses or batch sizes. Likely causes: dropout or BatchNorm in train mode (call "
+                "model.eval()), a DataLoader with shuffle=True, or random data augmentation."
+            )
+
+    def _batch_loss(self, batch: Any) -> torch.Tensor:
+        with torch.no_grad(), self._product_context():
+            return self.loss_fn(self.model, batch).detach()
+
+    # ----------------------------------------------------------------- products
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-batch matrix times ``tangents`` (each ``(k, *param.shape)``). Subclasses override."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _product_context(self) -> Iterator[None]:
+        warn_if_tf32(self.device)
+        with differentiable_attention():
+            yield
+
+    def _apply(self, columns: torch.Tensor) -> torch.Tensor:
+        """Matrix times ``columns`` of shape ``(n, k)``, both torch on the model's device."""
+        tangents = split_vector(columns, self._shapes)
+        totals = [torch.zeros_like(tangent) for tangent in tangents]
+        with self._product_context():
+            for weight, batch in self.weighted_batches():
+                for total, product in zip(totals, self.batch_product(batch, tangents)):
+                    total.add_(product, alpha=weight)
+        return self._all_reduce_product(join_tensors(totals, batched=True))
+
+    # ----------------------------------------------------------------- data-parallel hooks
+    def _all_reduce_count(self, count: int) -> int:
+        """Total sample count over all ranks (identity without a process group)."""
+        return count
+
+    def _all_reduce_product(self, product: torch.Tensor) -> torch.Tensor:
+        """Sum of the ranks' weighted products (identity without a process group)."""
+        return product
+
+    def _check_tensor(self, tensor: torch.Tensor) -> None:
+        size = self.shape[1]
+        if tensor.dim() not in (1, 2) or tensor.shape[0] != size:
+            raise ValueError(
+                f"expected a vector of shape ({size},) or a matrix ({size}, k) — {size} is the "
+                f"number of selected parameters — got shape {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != self.torch_dtype:
+            raise TypeError(
+                f"tensor dtype {tensor.dtype} does not match the parameters' {self.torch_dtype}; "
+                f"convert it with t.to(H.torch_dtype)"
+            )
+        if tensor.device != self.device:
+            raise ValueError(
+                f"tensor is on {tensor.device}, the model on {self.device}; move it with "
+                "t.to(H.device) (ndarrays are moved automatically)"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError("the vector contains NaN or Inf; curvature products need finite input")
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Torch path: ``(n,)`` or ``(n, k)`` tensor in, the same shape out, on the model's device."""
+        self._check_tensor(tensor)
+        if tensor.dim() == 1:
+            return self._apply(tensor.unsqueeze(1)).squeeze(1)
+        if tensor.shape[1] == 0:
+            return torch.zeros_like(tensor)
+        return self._apply(tensor)
+
+    # ----------------------------------------------------------------- scipy protocol
+    def _apply_numpy(self, array: np.ndarray) -> np.ndarray:
+        array = np.asarray(array)
+        out_dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else self.dtype
+        if np.iscomplexobj(array):
+            raise TypeError("complex vectors are not supported; pass the real and imaginary parts")
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
+        tensor = tensor.to(device=self.device, dtype=self.torch_dtype)
+        result = self.apply(tensor)
+        return result.detach().to("cpu", torch.float64).numpy().astype(out_dtype, copy=False)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._apply_numpy(np.asarray(x).reshape(-1))
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        return self._apply_numpy(X)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
+        return self._matmat(X)
+
+    def _adjoint(self) -> CurvatureOperator:
+        return self
+
+    def _transpose(self) -> CurvatureOperator:
+        return self
+
+    def matvec(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 2 and x.shape[1] == 1:
+                return self.apply(x)
+            if x.dim() != 1:
+                raise ValueError(f"matvec expects a vector, got shape {tuple(x.shape)}")
+            return self.apply(x)
+        return super().matvec(x)
+
+    def rmatvec(self, x: Any) -> Any:
+        return self.matvec(x)
+
+    def matmat(self, X: Any) -> Any:
+        if isinstance(X, torch.Tensor):
+            if X.dim() != 2:
+                raise ValueError(f"matmat expects a 2-d (n, k) matrix, got shape {tuple(X.shape)}")
+            return self.apply(X)
+        return super().matmat(X)
+
+    def rmatmat(self, X: Any) -> Any:
+        return self.matmat(X)
+
+    def dot(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return self.apply(x)
+        return super().dot(x)
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, torch.Tensor):
+            return self.apply(other)
+        return super().__matmul__(other)
+
+    def to_scipy(self, dtype: Any = None) -> LinearOperator:
+        """The operator as a scipy ``LinearOperator``: itself, or a view in another ``dtype``."""
+        if dtype is None or np.dtype(dtype) == self.dtype:
+            return self
+        target = np.dtype(dtype)
+        return LinearOperator(
+            self.shape,
+            matvec=lambda x: self._matvec(x).astype(target, copy=False),
+            matmat=lambda X: self._matmat(X).astype(target, copy=False),
+            rmatvec=lambda x: self._matvec(x).astype(target, copy=False),
+            rmatmat=lambda X: self._matmat(X).astype(target, copy=False),
+            dtype=target,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} over {len(self.params)} "
+            f"parameter tensors, dtype={self.torch_dtype}, device={self.device}>"
+        )

@@ -1,0 +1,118 @@
+"""Which parameters a curvature matrix is taken over, and flat vector <-> per-parameter views."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+def match_names(*patterns: str) -> ParamFilter:
+    """Select parameters whose name matches any glob pattern, e.g. ``"blocks.*.attn.*"``."""
+    if not patterns:
+        raise ValueError("match_names() needs at least one glob pattern, e.g. match_names('fc1.*')")
+
+    def _filter(name: str, _param: nn.Parameter) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+    return _filter
+
+
+def match_regex(*patterns: str) -> ParamFilter:
+    """Select parameters whose name contains a match of any regular expression."""
+    if not patterns:
+        raise ValueError("match_regex() needs at least one pattern, e.g. match_regex(r'^h\\.0\\.')")
+    compiled = [re.compile(pattern) for pattern in patterns]
+
+    def _filter(name: str, _param: nn.Parameter) -> bool:
+        return any(regex.search(name) is not None for regex in compiled)
+
+    return _filter
+
+
+def select_parameters(
+    model: nn.Module, param_filter: ParamFilter | None = None
+) -> dict[str, nn.Parameter]:
+    """Trainable parameters passing ``param_filter``, in ``named_parameters()`` order.
+
+    Frozen parameters (``requires_grad=False``) are never selected. Raises if nothing is left,
+    if the parameters live on several devices, or if they have several dtypes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    selected: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param_filter is not None and not param_filter(name, param):
+            continue
+        selected[name] = param
+    if not selected:
+        all_names = [name for name, _ in model.named_parameters()]
+        if not all_names:
+            raise ValueError("the model has no parameters, so there is no curvature to compute")
+        raise ValueError(
+            "no parameter selected: every parameter is frozen or rejected by param_filter. "
+            f"The model's parameters are {all_names[:8]}{' ...' if len(all_names) > 8 else ''}; "
+            "check the patterns given to match_names/match_regex, or set requires_grad=True."
+        )
+    devices = {param.device for param in selected.values()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"selected parameters live on several devices {sorted(map(str, devices))}; move the "
+            "model to one device (model.to(device)) or select one device's parameters with "
+            "param_filter. Sharded models: see the distributed how-to."
+        )
+    dtypes = {param.dtype for param in selected.values()}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"selected parameters have several dtypes {sorted(map(str, dtypes))}; cast the model "
+            "to one dtype (model.to(torch.float32)) or select parameters of one dtype."
+        )
+    return selected
+
+
+def split_vector(vector: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Views of a flat ``(n,)`` or column-stacked ``(n, k)`` vector, one per parameter shape.
+
+    A ``(n, k)`` input gives tensors of shape ``(k, *shape)`` (columns first), the layout that
+    batched products use.
+    """
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    if vector.shape[0] != sum(sizes):
+        raise ValueError(f"vector has {vector.shape[0]} entries, the parameters have {sum(sizes)}")
+    chunks = torch.split(vector, sizes, dim=0)
+    if vector.dim() == 1:
+        return [chunk.view(shape) for chunk, shape in zip(chunks, shapes)]
+    num_columns = vector.shape[1]
+    return [chunk.T.reshape(num_columns, *shape) for chunk, shape in zip(chunks, shapes)]
+
+
+def join_tensors(tensors: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:
+    """Inverse of :func:`split_vector`: ``(n,)`` from per-parameter tensors, or ``(n, k)`` when
+    ``batched`` and each tensor has a leading column axis ``k``."""
+    if not tensors:
+        raise ValueError("join_tensors needs at least one tensor")
+    if not batched:
+        return torch.cat([tensor.reshape(-1) for tensor in tensors])
+    num_columns = tensors[0].shape[0]
+    return torch.cat([tensor.reshape(num_columns, -1) for tensor in tensors], dim=1).T
+
+
+def parameters_to_vector(params: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate parameters (or any per-parameter tensors) into one flat vector."""
+    values = list(params.values()) if isinstance(params, dict) else list(params)
+    return join_tensors([value.detach() for value in values])
+
+
+def vector_to_parameters(
+    vector: torch.Tensor, params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Split a flat vector into a dict shaped like ``params`` (views, no copy)."""
+    pieces = split_vector(vector, [param.shape for param in params.values()])
+    return dict(zip(params.keys(), pieces))
