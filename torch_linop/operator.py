@@ -61,7 +61,7 @@ class CurvatureOperator(LinearOperator):
         self.model = model
         self.process_group = process_group
         self.loss_fn = as_loss_function(loss_fn)
-        self.params: dict[str, nn.Parameter] = select_parameters(model, param_filter)
+        self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
         self._shapes = [param.shape for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
         self.batch_size_fn = batch_size_fn
@@ -76,6 +76,13 @@ class CurvatureOperator(LinearOperator):
         super().__init__(dtype=numpy_dtype_of(self.torch_dtype), shape=(size, size))
         if check_deterministic:
             self.check_deterministic()
+
+    def _select_params(
+        self, model: nn.Module, param_filter: ParamFilter | None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors the matrix is taken over, by parameter name. Hook: a subclass may return
+        other values than the model's own (products evaluate the model at ``self.params``)."""
+        return select_parameters(model, param_filter)
 
     # ----------------------------------------------------------------- data loop
     @property
