@@ -18,6 +18,7 @@ from torch import nn
 
 from torch_linop._context import differentiable_attention, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
+from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, join_tensors, select_parameters, split_vector
 
@@ -58,8 +59,9 @@ class CurvatureOperator(LinearOperator):
         progress: bool = False,
         process_group: Any = None,
     ) -> None:
+        model = data_parallel.unwrap_model(model)  # DDP: differentiate the wrapped module
         self.model = model
-        self.process_group = process_group
+        self.process_group = data_parallel.check_process_group(process_group)
         self.loss_fn = as_loss_function(loss_fn)
         self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
         self._shapes = [param.shape for param in self.params.values()]
@@ -158,20 +160,29 @@ class CurvatureOperator(LinearOperator):
         """Matrix times ``columns`` of shape ``(n, k)``, both torch on the model's device."""
         tangents = split_vector(columns, self._shapes)
         totals = [torch.zeros_like(tangent) for tangent in tangents]
-        with self._product_context():
-            for weight, batch in self.weighted_batches():
-                for total, product in zip(totals, self.batch_product(batch, tangents)):
-                    total.add_(product, alpha=weight)
+        try:
+            with self._product_context():
+                for weight, batch in self.weighted_batches():
+                    for total, product in zip(totals, self.batch_product(batch, tangents)):
+                        total.add_(product, alpha=weight)
+        except Exception as error:
+            self._share_failure(error, columns.shape[1])
+            raise
         return self._all_reduce_product(join_tensors(totals, batched=True))
 
     # ----------------------------------------------------------------- data-parallel hooks
+    # ``process_group``: None = the default group if initialised, False = off (distributed how-to)
     def _all_reduce_count(self, count: int) -> int:
         """Total sample count over all ranks (identity without a process group)."""
-        return count
+        return data_parallel.all_reduce_count(self, count)
 
     def _all_reduce_product(self, product: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' weighted products (identity without a process group)."""
-        return product
+        return data_parallel.all_reduce_product(self, product)
+
+    def _share_failure(self, error: BaseException, num_columns: int) -> None:
+        """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
+        data_parallel.share_failure(self, error, num_columns)
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
         size = self.shape[1]

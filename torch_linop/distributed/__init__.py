@@ -1,0 +1,48 @@
+"""Curvature products on ``torch.distributed``.
+
+Data-parallel (replicated parameters, each rank its own data shard): every operator takes
+``process_group=`` and detects an initialised default group; see ``data_parallel``.
+Model-sharded (FSDP2 ``fully_shard``, DTensor parameters): ``FSDPHessianOperator``,
+``FSDPGGNOperator`` and ``sharded_lanczos`` in ``fsdp`` / ``sharded_lanczos`` (imported lazily:
+``torch.distributed.fsdp`` takes about a second to import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch_linop.distributed.data_parallel import (
+    DataParallel,
+    RankFailedError,
+    same_on_all_ranks,
+    shared_seed,
+)
+
+_LAZY = {
+    "FSDPHessianOperator": "torch_linop.distributed.fsdp",
+    "FSDPGGNOperator": "torch_linop.distributed.fsdp",
+    "ShardedOperator": "torch_linop.distributed.fsdp",
+    "sharded_lanczos": "torch_linop.distributed.sharded_lanczos",
+    "ShardedEigenResult": "torch_linop.distributed.sharded_lanczos",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'torch_linop.distributed' has no attribute {name!r}")
+
+
+__all__ = [
+    "DataParallel",
+    "FSDPGGNOperator",
+    "FSDPHessianOperator",
+    "RankFailedError",
+    "ShardedEigenResult",
+    "ShardedOperator",
+    "same_on_all_ranks",
+    "shared_seed",
+    "sharded_lanczos",
+]
