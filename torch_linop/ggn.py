@@ -56,12 +56,15 @@ def finite_difference_sandwich(
     tangents: list[torch.Tensor],
     middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> list[torch.Tensor]:
-    """``J^T M J V`` with a central-difference JVP (norm-scaled step) and an exact VJP."""
+    """``J^T M J V`` with a central-difference JVP (norm-scaled step) and an exact VJP.
+
+    The step is sized for the parameters' dtype (see ``hessian_product_finite_difference``)."""
     from torch_linop._autodiff import make_leaves, vjp_columns
 
     theta = {name: p.detach() for name, p in params.items()}
-    acc = torch.float64 if next(iter(theta.values())).dtype == torch.float64 else torch.float32
-    eps = torch.finfo(acc).eps
+    param_dtype = next(iter(theta.values())).dtype
+    acc = torch.float64 if param_dtype == torch.float64 else torch.float32
+    eps = torch.finfo(param_dtype).eps
     theta_norm = float(torch.sqrt(sum((t.to(acc) ** 2).sum() for t in theta.values())))
     leaves = make_leaves(params)
     with reparametrized(model, leaves):
