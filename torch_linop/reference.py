@@ -41,9 +41,10 @@ def _weights(loss: LossFunction, batches: list[Any]) -> list[float]:
 
 
 def _call(model: nn.Module, values: dict[str, torch.Tensor], fn: Callable[[], Any]) -> Any:
-    from torch_linop._context import reparametrized
+    from torch_linop._context import differentiable_attention, reparametrized
 
-    with reparametrized(model, values):
+    # torch.func.hessian is forward-over-reverse: the fused SDPA kernels have no forward-mode AD
+    with differentiable_attention(), reparametrized(model, values):
         return fn()
 
 
