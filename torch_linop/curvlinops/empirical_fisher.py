@@ -1,0 +1,49 @@
+"""``EFLinearOperator``: our empirical Fisher with curvlinops' normalisation (see
+:meth:`CriterionLoss.ef_scale`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torch_linop.curvlinops._base import CurvlinopsInterface
+from torch_linop.curvlinops._loss import BatchSizeFn, require_supported
+from torch_linop.empirical_fisher import EmpiricalFisherOperator
+
+
+class EFLinearOperator(CurvlinopsInterface, EmpiricalFisherOperator):
+    """Uncentered gradient covariance ("empirical Fisher") ``c sum_n g_n g_n^T`` of MSE,
+    cross-entropy or BCE-with-logits losses, with outputs of any rank flattened into rows."""
+
+    def __init__(
+        self,
+        model_func: torch.nn.Module,
+        loss_func: torch.nn.Module,
+        params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        data: Iterable[Any],
+        *,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+    ) -> None:
+        require_supported(loss_func, "EFLinearOperator")
+        model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
+        EmpiricalFisherOperator.__init__(
+            self, model, data, loss, num_data=num_data, progress=progressbar
+        )
+        if check_deterministic:
+            self.check_deterministic()
+
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``J^T (s J V)`` with J the Jacobian of the row losses and s curvlinops' factor."""
+
+        def row_losses() -> torch.Tensor:
+            return self.loss_fn.per_sample_losses(self.loss_fn.forward(self.model, batch), batch)
+
+        def middle(losses: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+            return vectors * self.loss_fn.ef_scale(batch, losses.numel())
+
+        return self._sandwich(self.model, row_losses, self.params, tangents, middle)

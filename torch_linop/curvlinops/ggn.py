@@ -1,0 +1,65 @@
+"""``GGNLinearOperator``: our GGN (``mc_samples=0``) or Monte-Carlo Fisher (``mc_samples > 0``)
+with curvlinops' arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from torch_linop.curvlinops._base import CurvlinopsInterface
+from torch_linop.curvlinops._loss import BatchSizeFn, require_supported
+from torch_linop.ggn import GGNOperator
+from torch_linop.mc_fisher import MCFisherOperator
+
+DEFAULT_SEED = 2147483647
+
+
+class GGNLinearOperator(CurvlinopsInterface, MCFisherOperator):
+    """Generalized Gauss-Newton ``c sum_n J_n^T H_n J_n`` (c = 1/N or 1).
+
+    ``mc_samples > 0`` replaces the loss Hessian ``H_n`` by the average of ``mc_samples`` outer
+    products of gradients at targets drawn from the model's predictive distribution (MSE,
+    cross-entropy, BCE with logits), re-seeded from ``seed`` at every product: a fixed matrix
+    per instance that converges to the GGN as ``mc_samples`` grows.
+    """
+
+    def __init__(
+        self,
+        model_func: torch.nn.Module,
+        loss_func: torch.nn.Module,
+        params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        data: Iterable[Any],
+        *,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+        mc_samples: int = 0,
+        seed: int = DEFAULT_SEED,
+    ) -> None:
+        if not isinstance(mc_samples, int) or mc_samples < 0:
+            raise ValueError(f"mc_samples must be a non-negative int, got {mc_samples!r}")
+        if mc_samples > 0:
+            require_supported(loss_func, "the Monte-Carlo GGN (mc_samples > 0)")
+            self.FIXED_DATA_ORDER = True
+        model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
+        MCFisherOperator.__init__(
+            self,
+            model,
+            data,
+            loss,
+            mc_samples=max(mc_samples, 1),
+            seed=seed,
+            num_data=num_data,
+            progress=progressbar,
+        )
+        self.mc_samples = mc_samples
+        if check_deterministic:
+            self.check_deterministic()
+
+    def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if self.mc_samples == 0:
+            return GGNOperator.middle(self, batch)
+        return super().middle(batch)
