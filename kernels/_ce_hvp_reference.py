@@ -132,5 +132,7 @@ def ce_hvp_compiled(
             _compiled_core = torch.compile(_ce_hvp_core, fullgraph=True, dynamic=None)
     if isinstance(scale, float):
         # A Python float would be baked into the graph and recompile for every batch size.
-        scale = torch.full((), scale, dtype=accumulation_dtype(logits.dtype, u.dtype), device=logits.device)
+        scale = torch.full(
+            (), scale, dtype=accumulation_dtype(logits.dtype, u.dtype), device=logits.device
+        )
     return _compiled_core(logits, u, mask, scale, out_dtype)
