@@ -124,13 +124,16 @@ class CurvlinopsInterface:
         leaves = make_leaves(self.params)
         leaf_list = list(leaves.values())
         for batch in self._device_batches():
+            # never yield inside the context: two interleaved passes would nest it wrongly
             with self._product_context(), reparametrized(self.model, leaves):  # type: ignore[attr-defined]
                 prediction = self.loss_fn.forward(self.model, batch)
-                if self.loss_fn.criterion is None:
-                    yield batch, prediction.detach(), None, None
-                    continue
-                factor = self.loss_fn.batch_factor(batch, self.num_data)  # type: ignore[attr-defined]
-                loss = self.loss_fn.loss(prediction, batch) * factor
+                loss = None
+                if self.loss_fn.criterion is not None:
+                    factor = self.loss_fn.batch_factor(batch, self.num_data)  # type: ignore[attr-defined]
+                    loss = self.loss_fn.loss(prediction, batch) * factor
+            if loss is None:
+                yield batch, prediction.detach(), None, None
+                continue
             grads = torch.autograd.grad(loss, leaf_list, allow_unused=True)
             yield batch, prediction.detach(), loss.detach(), grads_or_zeros(grads, leaf_list)
 
