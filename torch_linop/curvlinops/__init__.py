@@ -1,13 +1,33 @@
-"""Drop-in for curvlinops: ``import torch_linop.curvlinops as curvlinops``."""
+"""Drop-in for curvlinops: ``import torch_linop.curvlinops as curvlinops``.
+
+The operators are our curvature operators (scipy ``LinearOperator``s that also multiply torch
+tensors and tensor lists) built with curvlinops' arguments and conventions.
+"""
 
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
 from torch_linop.curvlinops.fisher import FisherMCLinearOperator
 from torch_linop.curvlinops.ggn import GGNLinearOperator
 from torch_linop.curvlinops.hessian import HessianLinearOperator
+from torch_linop.curvlinops.inverse import (
+    CGInverseLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+)
+from torch_linop.curvlinops.jacobian import (
+    JacobianLinearOperator,
+    TransposedJacobianLinearOperator,
+)
+from torch_linop.curvlinops.submatrix import SubmatrixLinearOperator
 
 __all__ = [
+    "CGInverseLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
+    "JacobianLinearOperator",
+    "LSMRInverseLinearOperator",
+    "NeumannInverseLinearOperator",
+    "SubmatrixLinearOperator",
+    "TransposedJacobianLinearOperator",
 ]
