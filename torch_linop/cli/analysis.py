@@ -1,0 +1,200 @@
+"""Build the requested curvature operator and run the requested solvers on it."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from torch_linop.cli.arguments import Options
+from torch_linop.cli.errors import UsageError
+from torch_linop.cli.workload import Workload
+from torch_linop.empirical_fisher import EmpiricalFisherOperator
+from torch_linop.ggn import GGNOperator
+from torch_linop.hessian import HessianOperator
+from torch_linop.mc_fisher import MCFisherOperator
+from torch_linop.operator import CurvatureOperator
+from torch_linop.params import match_names, split_vector
+
+CURVATURE_NAMES = {
+    "hessian": "Hessian",
+    "ggn": "GGN",
+    "ef": "empirical Fisher",
+    "mc-fisher": "Monte-Carlo Fisher",
+}
+
+
+@dataclass
+class Analysis:
+    """Everything one run computed; solver results are ``None`` when not requested."""
+
+    curvature: str
+    num_parameters: int
+    num_data: int
+    parameter_names: list[str]
+    eigen: Any = None
+    trace: Any = None
+    density: Any = None
+    diagonal: Any = None
+    diagonal_blocks: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_operator(workload: Workload, options: Options) -> CurvatureOperator:
+    """The operator for ``--curvature`` over the ``--param-filter`` parameters; configuration
+    problems (no parameter matched, a loss without the split the GGN needs, a model that does not
+    run on the data) become usage errors, found with one trial product."""
+    param_filter = match_names(*options.param_filter) if options.param_filter else None
+    common: dict[str, Any] = {"param_filter": param_filter}
+    try:
+        if options.curvature == "hessian":
+            operator: CurvatureOperator = HessianOperator(
+                workload.model, workload.data, workload.loss, **common
+            )
+        elif options.curvature == "ggn":
+            operator = GGNOperator(workload.model, workload.data, workload.loss, **common)
+        elif options.curvature == "ef":
+            operator = EmpiricalFisherOperator(
+                workload.model, workload.data, workload.loss, **common
+            )
+        else:
+            operator = MCFisherOperator(
+                workload.model,
+                workload.data,
+                workload.loss,
+                mc_samples=options.mc_samples,
+                seed=options.seed,
+                **common,
+            )
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"cannot build the {options.curvature} operator: {error}") from None
+    _trial_product(operator, options.curvature)
+    return operator
+
+
+def _trial_product(operator: CurvatureOperator, curvature: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(operator.shape[0], generator=generator, dtype=torch.float64)
+    try:
+        operator @ vector.to(operator.device, operator.torch_dtype)
+    except (ValueError, TypeError, NotImplementedError, KeyError, IndexError) as error:
+        raise UsageError(
+            f"a trial {curvature} product on the model and data failed with "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def _stage(message: str, options: Options) -> None:
+    if options.progress:
+        print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _timed(analysis: Analysis, name: str, function: Any) -> Any:
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = function()
+    analysis.seconds[name] = time.perf_counter() - start
+    analysis.warnings.extend(str(w.message) for w in caught if w.category is RuntimeWarning)
+    return result
+
+
+def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
+    """Run ``options.quantities`` on ``operator`` in the order eigs, trace, density, diag."""
+    num_parameters = operator.shape[0]
+    analysis = Analysis(
+        curvature=options.curvature,
+        num_parameters=num_parameters,
+        num_data=operator.num_data,
+        parameter_names=list(operator.params),
+    )
+    quantities = options.quantities
+    if "eigs" in quantities:
+        k = min(options.top_k, num_parameters - 1)
+        if k < 1:
+            raise UsageError("the operator is 1x1; select more parameters to compute eigenvalues")
+        _stage(f"top-{k} eigenvalues (Lanczos)", options)
+        from torch_linop.solvers import lanczos
+
+        analysis.eigen = _timed(
+            analysis,
+            "eigs",
+            lambda: lanczos(operator, k, which="LA", seed=options.seed, progress=options.progress),
+        )
+    if "trace" in quantities:
+        _stage(f"trace (Hutch++, {options.num_matvecs} products)", options)
+        from torch_linop.solvers import trace
+
+        analysis.trace = _timed(
+            analysis,
+            "trace",
+            lambda: trace(
+                operator,
+                num_matvecs=options.num_matvecs,
+                seed=options.seed,
+                progress=options.progress,
+            ),
+        )
+    if "density" in quantities:
+        steps = min(options.slq_steps, num_parameters)
+        _stage(f"spectral density (SLQ, {options.slq_runs} runs x {steps} steps)", options)
+        from torch_linop.solvers import spectral_density
+
+        analysis.density = _timed(
+            analysis,
+            "density",
+            lambda: spectral_density(
+                operator,
+                num_runs=options.slq_runs,
+                lanczos_steps=steps,
+                seed=options.seed,
+                progress=options.progress,
+            ),
+        )
+    if "diag" in quantities:
+        _stage(f"diagonal ({options.num_matvecs} products)", options)
+        from torch_linop.solvers import diagonal
+
+        analysis.diagonal = _timed(
+            analysis,
+            "diag",
+            lambda: diagonal(
+                operator,
+                num_matvecs=options.num_matvecs,
+                seed=options.seed,
+                progress=options.progress,
+            ),
+        )
+        analysis.diagonal_blocks = diagonal_blocks(operator, analysis.diagonal)
+    return analysis
+
+
+def diagonal_blocks(operator: CurvatureOperator, result: Any) -> list[dict[str, Any]]:
+    """Per parameter tensor: its diagonal's sum (the block's trace), mean and largest entry."""
+    estimate = torch.as_tensor(np.asarray(_to_numpy(result.estimate)), dtype=torch.float64)
+    shapes = [param.shape for param in operator.params.values()]
+    blocks = []
+    for name, piece in zip(operator.params, split_vector(estimate, shapes)):
+        values = piece.reshape(-1)
+        blocks.append(
+            {
+                "name": name,
+                "size": int(values.numel()),
+                "sum": float(values.sum()),
+                "mean": float(values.mean()),
+                "max": float(values.max()),
+            }
+        )
+    return blocks
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values, dtype=np.float64)

@@ -1,0 +1,175 @@
+"""The terminal report and the JSON file: the same numbers, for people and for programs."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torch_linop.cli.analysis import CURVATURE_NAMES, Analysis
+
+
+def spectral_mass(density: Any) -> dict[str, float]:
+    """From SLQ quadrature: the fraction of eigenvalues that are negative, and that lie within 1%
+    of the largest |eigenvalue| of zero (the 'bulk'), averaged over the runs."""
+    nodes = np.asarray(density.nodes, dtype=np.float64)
+    weights = np.asarray(density.weights, dtype=np.float64)
+    scale = float(np.max(np.abs(nodes[weights > 0]))) if np.any(weights > 0) else 0.0
+    runs = max(nodes.shape[0], 1)
+    negative = float(np.sum(weights * (nodes < 0)) / runs)
+    near_zero = float(np.sum(weights * (np.abs(nodes) <= 0.01 * scale)) / runs)
+    return {"negative_fraction": negative, "near_zero_fraction": near_zero, "scale": scale}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s"
+
+
+def format_report(analysis: Analysis, header: dict[str, str]) -> str:
+    """A plain-text report: a header block, then one section per computed quantity."""
+    name = CURVATURE_NAMES[analysis.curvature]
+    lines = [f"torch-linop: {name} of {header['model']}"]
+    width = max(len(key) for key in header)
+    for key, value in header.items():
+        if key != "model":
+            lines.append(f"  {key.ljust(width)}  {value}")
+
+    eigen = analysis.eigen
+    if eigen is not None:
+        k = len(eigen.eigenvalues)
+        restarts = f", {eigen.num_restarts} restart{'s' * (eigen.num_restarts != 1)}"
+        lines += [
+            "",
+            f"Top {k} eigenvalues of the {name} (Lanczos, {eigen.num_matvecs} products"
+            f"{restarts}, tolerance {eigen.tol:.0e} x ||H|| = {eigen.tol * eigen.norm_estimate:.1e})",
+            f"  {'#':>3}  {'eigenvalue':>14}  {'residual':>9}  converged",
+        ]
+        kind = "" if eigen.residuals_are_true else " (Ritz estimate)"
+        for index, (value, residual, converged) in enumerate(
+            zip(eigen.eigenvalues, eigen.residuals, eigen.converged), start=1
+        ):
+            lines.append(
+                f"  {index:>3}  {value:>14.6e}  {residual:>9.1e}  {'yes' if converged else 'NO'}"
+            )
+        lines.append(f"  residual = ||H v - lambda v|| for unit v{kind}")
+
+    if analysis.trace is not None:
+        estimate = analysis.trace
+        lines += [
+            "",
+            f"Trace ({estimate.method}, {estimate.num_matvecs} products): "
+            f"{estimate.estimate:.6e} +/- {estimate.stderr:.1e} (standard error)",
+        ]
+        if eigen is not None and estimate.estimate > 0:
+            share = float(np.sum(eigen.eigenvalues)) / estimate.estimate
+            lines.append(
+                f"  the top {len(eigen.eigenvalues)} eigenvalues hold {100 * share:.1f}% of it"
+            )
+
+    if analysis.density is not None:
+        density = analysis.density
+        mass = spectral_mass(density)
+        runs, steps = np.asarray(density.nodes).shape
+        lines += [
+            "",
+            f"Spectral density (SLQ, {runs} runs x {steps} steps, {density.num_matvecs} products, "
+            f"smoothing sigma {density.sigma:.2e})",
+            f"  Ritz values span [{np.min(density.nodes):.4e}, {np.max(density.nodes):.4e}]",
+            f"  {100 * mass['near_zero_fraction']:.1f}% of the eigenvalues lie within 1% of "
+            f"max|lambda| of zero; {100 * mass['negative_fraction']:.1f}% are negative",
+        ]
+
+    if analysis.diagonal is not None:
+        result = analysis.diagonal
+        name_width = max(len(block["name"]) for block in analysis.diagonal_blocks)
+        lines += [
+            "",
+            f"Diagonal ({result.method}, {result.num_matvecs} products), per parameter tensor",
+            f"  {'parameter'.ljust(name_width)}  {'size':>9}  {'sum':>11}  {'mean':>11}  {'max':>11}",
+        ]
+        for block in analysis.diagonal_blocks:
+            lines.append(
+                f"  {block['name'].ljust(name_width)}  {block['size']:>9,}  {block['sum']:>11.3e}"
+                f"  {block['mean']:>11.3e}  {block['max']:>11.3e}"
+            )
+
+    for message in analysis.warnings:
+        lines += ["", f"warning: {message}"]
+    return "\n".join(lines)
+
+
+def _array(values: Any) -> list[Any]:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(values).tolist()
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def analysis_to_dict(analysis: Analysis, header: dict[str, str], meta: dict[str, Any]) -> dict:
+    """Every number of the run as JSON-ready Python objects (eigenvectors are left out)."""
+    record: dict[str, Any] = {
+        **meta,
+        "curvature": analysis.curvature,
+        "description": header,
+        "num_parameters": analysis.num_parameters,
+        "num_data": analysis.num_data,
+        "parameters": analysis.parameter_names,
+        "seconds": analysis.seconds,
+        "warnings": analysis.warnings,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if analysis.eigen is not None:
+        eigen = analysis.eigen
+        record["eigenvalues"] = {
+            "which": "largest algebraic",
+            "values": _array(eigen.eigenvalues),
+            "residuals": _array(eigen.residuals),
+            "residuals_are_true": bool(eigen.residuals_are_true),
+            "converged": [bool(flag) for flag in eigen.converged],
+            "tol": eigen.tol,
+            "norm_estimate": eigen.norm_estimate,
+            "num_matvecs": eigen.num_matvecs,
+            "num_iterations": eigen.num_iterations,
+            "num_restarts": eigen.num_restarts,
+        }
+    if analysis.trace is not None:
+        record["trace"] = {
+            "estimate": _finite(analysis.trace.estimate),
+            "stderr": _finite(analysis.trace.stderr),
+            "method": analysis.trace.method,
+            "num_matvecs": analysis.trace.num_matvecs,
+        }
+    if analysis.density is not None:
+        density = analysis.density
+        record["spectral_density"] = {
+            "grid": _array(density.grid),
+            "density": _array(density.density),
+            "sigma": density.sigma,
+            "nodes": _array(density.nodes),
+            "weights": _array(density.weights),
+            "num_matvecs": density.num_matvecs,
+            **spectral_mass(density),
+        }
+    if analysis.diagonal is not None:
+        record["diagonal"] = {
+            "method": analysis.diagonal.method,
+            "num_matvecs": analysis.diagonal.num_matvecs,
+            "blocks": analysis.diagonal_blocks,
+        }
+    return record
+
+
+def write_json(record: dict, path: Path) -> Path:
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
