@@ -16,7 +16,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
-from torch_linop._context import differentiable_attention, warn_if_tf32
+from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
@@ -142,7 +142,8 @@ class CurvatureOperator(LinearOperator):
             )
 
     def _batch_loss(self, batch: Any) -> torch.Tensor:
-        with torch.no_grad(), self._product_context():
+        # under reparametrized: train-mode BatchNorm updates clones, not the model's statistics
+        with torch.no_grad(), self._product_context(), reparametrized(self.model, self.params):
             return self.loss_fn(self.model, batch).detach()
 
     # ----------------------------------------------------------------- products
@@ -207,11 +208,16 @@ class CurvatureOperator(LinearOperator):
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
         """Torch path: ``(n,)`` or ``(n, k)`` tensor in, the same shape out, on the model's device."""
         self._check_tensor(tensor)
-        if tensor.dim() == 1:
-            return self._apply(tensor.unsqueeze(1)).squeeze(1)
-        if tensor.shape[1] == 0:
+        if tensor.dim() == 2 and tensor.shape[1] == 0:
             return torch.zeros_like(tensor)
-        return self._apply(tensor)
+        result = self._apply(tensor.unsqueeze(1) if tensor.dim() == 1 else tensor)
+        if not bool(torch.isfinite(result).all()):
+            raise ValueError(
+                f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
+                "the model's output or loss is non-finite on some batch (check the data for "
+                "NaN/Inf and the model for overflow; for half precision, try float32)"
+            )
+        return result.squeeze(1) if tensor.dim() == 1 else result
 
     # ----------------------------------------------------------------- scipy protocol
     def _apply_numpy(self, array: np.ndarray) -> np.ndarray:
