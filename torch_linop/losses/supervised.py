@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,22 +22,32 @@ class CriterionKind:
     family: str  # "mse" | "cross_entropy" | "bce_logits" | "generic"
     reduction: Reduction
     ignore_index: int = -100
+    label_smoothing: float = 0.0
 
 
 def classify_criterion(criterion: Callable[..., torch.Tensor]) -> CriterionKind:
-    """Recognise MSE, cross-entropy and BCE-with-logits (function or module) for closed forms."""
-    reduction = getattr(criterion, "reduction", "mean")
+    """Recognise MSE, cross-entropy and BCE-with-logits (function or module, also wrapped in
+    ``functools.partial``) for closed forms."""
+    keywords: dict[str, Any] = {}
+    while isinstance(criterion, functools.partial):  # partial(F.mse_loss, reduction="sum")
+        keywords = {**criterion.keywords, **keywords}
+        criterion = criterion.func
+    reduction = keywords.get("reduction", getattr(criterion, "reduction", "mean"))
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"criterion reduction={reduction!r} is not supported: the loss must be a scalar; "
             "use reduction='mean' or 'sum'"
         )
+    if set(keywords) - {"reduction", "ignore_index", "label_smoothing"}:
+        return CriterionKind("generic", reduction)  # weights etc.: autograd, not a closed form
     if criterion is F.mse_loss or isinstance(criterion, nn.MSELoss):
         return CriterionKind("mse", reduction)
     if criterion is F.cross_entropy or (
         isinstance(criterion, nn.CrossEntropyLoss) and criterion.weight is None
     ):
-        return CriterionKind("cross_entropy", reduction, getattr(criterion, "ignore_index", -100))
+        ignore_index = keywords.get("ignore_index", getattr(criterion, "ignore_index", -100))
+        smoothing = keywords.get("label_smoothing", getattr(criterion, "label_smoothing", 0.0))
+        return CriterionKind("cross_entropy", reduction, ignore_index, smoothing)
     if criterion is F.binary_cross_entropy_with_logits or (
         isinstance(criterion, nn.BCEWithLogitsLoss)
         and criterion.weight is None
@@ -80,7 +91,13 @@ class SupervisedLoss(LossFunction):
         return model(inputs)
 
     def loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
-        return self.criterion(output, self._split(batch)[1])
+        targets = self._split(batch)[1]
+        if self.kind.family == "mse" and self.reduction == "mean":
+            # the same number, but F.mse_loss(reduction="mean") breaks forward-over-reverse AD
+            # (PyTorch issue #123996: "ZeroTensors are immutable"), which method="forward" needs
+            count = torch.broadcast_shapes(output.shape, targets.shape).numel()
+            return F.mse_loss(output, targets, reduction="sum") / count
+        return self.criterion(output, targets)
 
     def _valid_targets(self, targets: torch.Tensor) -> torch.Tensor | None:
         if self.kind.family != "cross_entropy" or targets.is_floating_point():
@@ -110,13 +127,13 @@ class SupervisedLoss(LossFunction):
         targets = self._split(batch)[1]
         family = self.kind.family
         if family == "cross_entropy":
-            kwargs = {}
-            if isinstance(self.criterion, nn.CrossEntropyLoss):
-                kwargs = {
-                    "ignore_index": self.criterion.ignore_index,
-                    "label_smoothing": self.criterion.label_smoothing,
-                }
-            losses = F.cross_entropy(output, targets, reduction="none", **kwargs).reshape(-1)
+            losses = F.cross_entropy(
+                output,
+                targets,
+                reduction="none",
+                ignore_index=self.kind.ignore_index,
+                label_smoothing=self.kind.label_smoothing,
+            ).reshape(-1)
             valid = self._valid_targets(targets)
             return losses[valid.reshape(-1)] if valid is not None else losses
         if family == "bce_logits":
