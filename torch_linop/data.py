@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import UserDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True) if batch.device != device else batch
     if isinstance(batch, (Mapping, UserDict)):
         moved = {key: move_to_device(value, device) for key, value in batch.items()}
-        if isinstance(batch, dict) and type(batch) is not dict:
+        if type(batch) is not dict:  # OrderedDict, HF BatchEncoding (a UserDict): keep the type
             try:
                 return type(batch)(moved)
             except Exception:
@@ -81,6 +81,8 @@ class BatchSource:
             )
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+        if isinstance(data, Sized) and _length_or_none(data) == 0:
+            raise ValueError(f"data is empty ({type(data).__name__} of length 0): {_EMPTY_FIX}")
         self.data = data
         self.num_batches = num_batches
 
@@ -93,7 +95,18 @@ class BatchSource:
             empty = False
             yield batch
         if empty:
-            raise ValueError(
-                "data yielded no batches; pass a non-empty list of batches or DataLoader "
-                "(a DataLoader with drop_last=True and fewer samples than batch_size is empty)"
-            )
+            raise ValueError(f"data yielded no batches: {_EMPTY_FIX}")
+
+
+_EMPTY_FIX = (
+    "pass a non-empty list of batches or DataLoader (a DataLoader with drop_last=True and "
+    "fewer samples than batch_size is empty)"
+)
+
+
+def _length_or_none(data: Sized) -> int | None:
+    """``len(data)``, or None where it cannot be computed (DataLoader over an IterableDataset)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
