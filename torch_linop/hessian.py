@@ -185,4 +185,14 @@ class HessianOperator(CurvatureOperator):
                 if _is_oom(error):
                     raise
                 self._batched_ok = False  # this model cannot vmap its backward: loop instead
-        return product(self.model, self.loss_fn, self.params, batch, tangents, batched=False)
+        try:
+            return product(self.model, self.loss_fn, self.params, batch, tangents, batched=False)
+        except RuntimeError as error:
+            if self.method == "forward" and "ZeroTensors are immutable" in str(error):
+                raise RuntimeError(
+                    "method='forward' hit a PyTorch forward-over-reverse bug in the loss (for "
+                    "example F.mse_loss(reduction='mean'), PyTorch issue #123996): use "
+                    "method='autograd', supervised_loss(F.mse_loss) (which avoids it), or "
+                    "write the loss as ((output - target) ** 2).mean()"
+                ) from error
+            raise
