@@ -125,7 +125,9 @@ class SandwichProduct:
             )
         self.jvp_method = jvp_method
         self._forward_ok = jvp_method in ("auto", "forward")
-        self._batched_ok = True
+        # vmap over forward-mode JVPs and batched VJPs can fail independently: two flags
+        self._batched_jvp_ok = True
+        self._batched_vjp_ok = True
 
     def __call__(
         self,
@@ -158,35 +160,41 @@ class SandwichProduct:
         return self._vjp(output, leaf_list, middle(output.detach(), jvps))
 
     def _vjp(self, output, leaf_list, cotangents):
-        if self._batched_ok and cotangents.shape[0] > 1:
+        if self._batched_vjp_ok and cotangents.shape[0] > 1:
             try:
                 return vjp_columns(output, leaf_list, cotangents, batched=True)
             except RuntimeError as error:
                 if _is_oom(error):
                     raise
-                self._batched_ok = False
+                self._batched_vjp_ok = False  # no vmap over this backward: loop over columns
         return vjp_columns(output, leaf_list, cotangents, batched=False)
 
     def _forward_mode(self, model, forward, leaves, tangents, middle):
-        if tangents[0].shape[0] > 1 and self._batched_ok:
+        jvps = None
+        if tangents[0].shape[0] > 1 and self._batched_jvp_ok:
             try:
-                return self._forward_mode_batched(model, forward, leaves, tangents, middle)
+                jvps = self._batched_jvps(model, forward, leaves, tangents)
             except RuntimeError as error:
                 if _is_oom(error):
                     raise
-                self._batched_ok = False  # vmap unsupported here: loop over columns instead
-        leaf_list = list(leaves.values())
-        names = list(leaves)
-        columns = []
-        for j in range(tangents[0].shape[0]):
-            tangent = {name: t[j] for name, t in zip(names, tangents)}
-            output, jvp = forward_with_tangent(forward, model, leaves, tangent)
-            cotangent = middle(output.detach(), jvp.unsqueeze(0))
-            columns.append(vjp_columns(output, leaf_list, cotangent, batched=False))
-        return [torch.cat(per_param) for per_param in zip(*columns)]
+                self._batched_jvp_ok = False  # vmap unsupported here: loop over columns instead
+        if jvps is None:  # one dual forward per column; the first one's graph serves the VJP
+            names = list(leaves)
+            columns = []
+            output = None
+            for j in range(tangents[0].shape[0]):
+                tangent = {name: t[j] for name, t in zip(names, tangents)}
+                primal, jvp = forward_with_tangent(forward, model, leaves, tangent)
+                output = primal if output is None else output
+                columns.append(jvp)
+            jvps = torch.stack(columns)
+        else:
+            with reparametrized(model, leaves):
+                output = forward()
+        return self._vjp(output, list(leaves.values()), middle(output.detach(), jvps))
 
-    def _forward_mode_batched(self, model, forward, leaves, tangents, middle):
-        """k JVPs in one vmapped forward-mode pass, then one batched VJP."""
+    def _batched_jvps(self, model, forward, leaves, tangents):
+        """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass."""
         primals = {name: leaf.detach() for name, leaf in leaves.items()}
         tangent_dict = dict(zip(leaves, tangents))
 
@@ -197,8 +205,4 @@ class SandwichProduct:
         def jvp_of(tangent: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.jvp(output_of, (primals,), (tangent,))[1]
 
-        jvps = torch.func.vmap(jvp_of, randomness="same")(tangent_dict)
-        with reparametrized(model, leaves):
-            output = forward()
-        leaf_list = list(leaves.values())
-        return vjp_columns(output, leaf_list, middle(output.detach(), jvps), batched=True)
+        return torch.func.vmap(jvp_of, randomness="same")(tangent_dict)
