@@ -35,7 +35,13 @@ import triton
 import triton.language as tl
 import triton.testing
 
-__all__ = ["KernelConfig", "ce_hvp_triton", "is_interpreter", "tuned_configs"]
+__all__ = [
+    "KernelConfig",
+    "ce_hvp_triton",
+    "is_interpreter",
+    "tuned_configs",
+    "tuning_timings",
+]
 
 _POLLS_BEFORE_CLAIMING = (
     1 << 17
@@ -69,9 +75,12 @@ def _load_chunk(
     x = tl.load(x_ptrs, mask=in_row, other=-float("inf"), eviction_policy="evict_first")
     u = tl.load(u_ptrs, mask=in_row, other=0.0, eviction_policy="evict_first")
     if ACC_FP64:
-        return x.to(tl.float64), u.to(tl.float64)
+        x = x.to(tl.float64)
+        u = u.to(tl.float64)
     else:
-        return x.to(tl.float32), u.to(tl.float32)
+        x = x.to(tl.float32)
+        u = u.to(tl.float32)
+    return x, u
 
 
 @triton.jit
@@ -94,6 +103,7 @@ def _publish(stats_ptr, count_ptr, row, slot, chunk_max, chunk_norm, chunk_dot):
 
 @triton.jit
 def _row_stats(
+    was_claimed,
     own_max,
     own_norm,
     own_dot,
@@ -115,9 +125,11 @@ def _row_stats(
     ACC_FP64: tl.constexpr,
     MAX_SPIN: tl.constexpr,
 ):
-    """Row max, softmax normaliser and sum exp(x - max) * u, merged over the row's chunks."""
+    """Row max, softmax normaliser and sum exp(x - max) * u, merged over the row's chunks.
+
+    ``was_claimed`` is the old value of this chunk's claim flag (0: this program publishes it).
+    """
     first_slot = row * num_chunks
-    was_claimed = tl.atomic_cas(claim_ptr + first_slot + chunk, 0, 1)
     if was_claimed == 0:
         _publish(stats_ptr, count_ptr, row, first_slot + chunk, own_max, own_norm, own_dot)
     published = tl.load(count_ptr + row, volatile=True)
@@ -242,6 +254,9 @@ def _ce_hvp_kernel(
     if has_target:
         x_row_ptr = x_ptr + batch_index * x_stride_b + position * x_stride_t
         u_row_ptr = u_ptr + batch_index * u_stride_b + position * u_stride_t
+        if CHUNKS_POW2 > 1:
+            # Claim the own chunk first: the atomic's latency hides behind the loads below.
+            was_claimed = tl.atomic_cas(claim_ptr + row * num_chunks + chunk, 0, 1)
         x, u = _load_chunk(
             x_row_ptr,
             u_row_ptr,
@@ -264,6 +279,7 @@ def _ce_hvp_kernel(
             prob_dot_u = own_dot / own_norm
         else:
             row_max, row_norm, row_dot = _row_stats(
+                was_claimed,
                 own_max,
                 own_norm,
                 own_dot,
@@ -328,12 +344,18 @@ def _default_config(vocab: int) -> KernelConfig:
 
 
 _tuned: dict[tuple, KernelConfig] = {}
+_tuning_timings: dict[tuple, dict[KernelConfig, float]] = {}
 _tune_lock = threading.Lock()
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
     """The configs picked so far by the autotuner, keyed by problem signature (for benchmarks)."""
     return dict(_tuned)
+
+
+def tuning_timings() -> dict[tuple, dict[KernelConfig, float]]:
+    """Median milliseconds of every candidate timed by the autotuner (on the leading rows)."""
+    return {key: dict(timings) for key, timings in _tuning_timings.items()}
 
 
 def _is_inner_contiguous(tensor: torch.Tensor) -> bool:
@@ -423,6 +445,7 @@ def _tune(
     ignore_index: int,
     shift: bool,
     scale: torch.Tensor | float,
+    timings: dict[KernelConfig, float],
 ) -> KernelConfig:
     """Time every candidate config on the leading rows (about 256 MB of logits) and keep the best.
 
@@ -441,7 +464,6 @@ def _tune(
         sub_out = torch.empty(sub_u.shape, dtype=out.dtype, device=out.device)
     else:
         sub_out = _leading_rows(out, tune_rows)
-    timings = {}
     for config in candidates:
 
         def run(config: KernelConfig = config) -> None:
@@ -502,6 +524,7 @@ def ce_hvp_triton(
             )
             with _tune_lock:
                 if key not in _tuned:
+                    _tuning_timings[key] = {}
                     _tuned[key] = _tune(
                         logits,
                         u,
@@ -510,6 +533,7 @@ def ce_hvp_triton(
                         ignore_index=ignore_index,
                         shift=shift,
                         scale=scale,
+                        timings=_tuning_timings[key],
                     )
                 config = _tuned[key]
     _launch(
