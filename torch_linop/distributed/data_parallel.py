@@ -11,6 +11,7 @@ path.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +112,10 @@ def unwrap_model(model: Any) -> nn.Module:
 
 
 def _has_dtensor_parameters(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None:  # never imported, so no DTensor exists (importing costs ~1 s)
         return False
-    return any(isinstance(param, DTensor) for param in model.parameters())
+    return any(isinstance(param, dtensor_module.DTensor) for param in model.parameters())
 
 
 def _comm_device(group: Any, device: torch.device) -> torch.device:

@@ -1,0 +1,278 @@
+"""Data-parallel products on gloo: 2 and 4 ranks, each with its own shard of the batches, give the
+same matrix, eigenvalues and trace as one process on the union of the data (float64, 1e-10).
+
+The ranks are separate Python processes running this file as a script (``python
+test_data_parallel.py products RANK WORLD STORE OUT``); they rendezvous through a FileStore and
+write their results with ``torch.save``; the assertions run in the pytest process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_linop import GGNOperator, HessianOperator, supervised_loss
+from torch_linop.reference import dense_ggn, dense_hessian
+
+BATCH_SIZES = (3, 5, 2, 4, 6, 1, 5)
+IGNORED_BATCH = 3  # every label ignored: with 4 ranks, rank 3 holds no sample with a target
+TOP_K = 3
+TOL = 1e-10
+LAUNCH_TIMEOUT_S = 60.0
+
+
+# ----------------------------------------------------------------------------- the problem
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def classification_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for index, size in enumerate(BATCH_SIZES):
+        inputs = torch.randn(size, 4, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 3, (size,), generator=generator)
+        if index == IGNORED_BATCH:
+            labels = torch.full_like(labels, -100)
+        batches.append((inputs, labels))
+    return batches
+
+
+def regression_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    return [
+        (
+            torch.randn(size, 4, generator=generator, dtype=torch.float64),
+            torch.randn(size, 3, generator=generator, dtype=torch.float64),
+        )
+        for size in BATCH_SIZES
+    ]
+
+
+def shard(batches: list[Any], rank: int, world: int) -> list[Any]:
+    """Round-robin: unequal sample and batch counts per rank."""
+    return batches[rank::world]
+
+
+CROSS_ENTROPY = supervised_loss(F.cross_entropy)
+MSE_SUM = supervised_loss(nn.MSELoss(reduction="sum"))
+
+
+def build(name: str, rank: int, world: int, distributed: bool) -> Any:
+    """Operator ``name`` on rank ``rank``'s shard (or on all data when ``world == 1``)."""
+    from torch_linop.distributed import DataParallel
+
+    model: nn.Module = make_model()
+    if name.endswith("_ddp") and distributed:
+        model = nn.parallel.DistributedDataParallel(model)
+    classification = shard(classification_batches(), rank, world)
+    regression = shard(regression_batches(), rank, world)
+    if name.startswith("hessian_ce"):
+        return HessianOperator(model, classification, CROSS_ENTROPY)
+    if name == "hessian_fd":
+        return HessianOperator(model, classification, CROSS_ENTROPY, method="finite_difference")
+    if name == "hessian_mse_sum":
+        return HessianOperator(model, regression, MSE_SUM)
+    if name == "ggn_bucketed":  # 43 x 43 float64 product in 15 buckets of 1 KiB
+        group = DataParallel(bucket_bytes=1024) if distributed else None
+        return GGNOperator(model, classification, CROSS_ENTROPY, process_group=group)
+    if name.startswith("ggn_ce"):
+        return GGNOperator(model, classification, CROSS_ENTROPY)
+    if name == "local_only":  # process_group=False: the matrix of this rank's shard alone
+        return HessianOperator(model, classification, CROSS_ENTROPY, process_group=False)
+    raise ValueError(name)
+
+
+CONFIGS = (
+    "hessian_ce",
+    "hessian_ce_ddp",
+    "hessian_fd",
+    "hessian_mse_sum",
+    "ggn_bucketed",
+    "ggn_ce_ddp",
+)
+
+
+def probe_vector(size: int) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def summarize(op: Any) -> dict[str, Any]:
+    """Dense matrix (one matmat of the identity), one matvec, top eigenvalues, trace."""
+    size = op.shape[0]
+    matrix = op @ torch.eye(size, dtype=torch.float64)
+    eigenvalues = np.linalg.eigvalsh(matrix.numpy())
+    return {
+        "matrix": matrix,
+        "matvec": op @ probe_vector(size),
+        "top": eigenvalues[::-1][:TOP_K].copy(),
+        "trace": float(torch.trace(matrix)),
+        "num_data": op.num_data,
+    }
+
+
+def has_targets(batches: list[Any]) -> bool:
+    return any(bool((labels != -100).any()) for _, labels in batches)
+
+
+def lanczos_or_none() -> Any:
+    try:
+        from torch_linop.solvers.lanczos import lanczos
+    except ImportError:
+        return None
+    return lanczos
+
+
+# ----------------------------------------------------------------------------- worker side
+def init_gloo(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def worker_products(rank: int, world: int, out: Path) -> None:
+    from torch_linop.distributed import same_on_all_ranks
+
+    results: dict[str, Any] = {}
+    for name in CONFIGS:
+        op = build(name, rank, world, distributed=True)
+        summary = summarize(op)
+        summary["same_on_all_ranks"] = same_on_all_ranks(summary["matrix"])
+        results[name] = summary
+    if has_targets(shard(classification_batches(), rank, world)):
+        results["local_only"] = summarize(build("local_only", rank, world, distributed=True))
+    lanczos = lanczos_or_none()
+    if lanczos is not None:
+        op = build("hessian_ce_ddp", rank, world, distributed=True)
+        eig = lanczos(op, TOP_K, which="LA", seed=0)
+        vectors = eig.eigenvectors
+        results["lanczos"] = {
+            "eigenvalues": eig.eigenvalues,
+            "num_matvecs": eig.num_matvecs,
+            "same_vectors": same_on_all_ranks(vectors),
+            "same_values": same_on_all_ranks(torch.from_numpy(eig.eigenvalues)),
+        }
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+# ----------------------------------------------------------------------------- parent side
+def launch(mode: str, world: int, tmp_path: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``world`` ranks of this file in ``mode``; returns when all exited (bounded time)."""
+    store = tmp_path / "store"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, mode, str(rank), str(world), str(store), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    finished = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"{mode} with {world} ranks did not finish in {LAUNCH_TIMEOUT_S} s")
+        finished.append(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        )
+    return finished
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, Any]:
+    """Single process on the union of the data, plus the dense torch.func truths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CI machine
+    try:
+        refs = {name: summarize(build(name, 0, 1, distributed=False)) for name in CONFIGS}
+    finally:
+        torch.set_num_threads(threads)
+    model = make_model()
+    refs["dense_hessian"] = dense_hessian(model, classification_batches(), CROSS_ENTROPY)
+    refs["dense_ggn"] = dense_ggn(model, classification_batches(), CROSS_ENTROPY)
+    refs["dense_hessian_mse_sum"] = dense_hessian(model, regression_batches(), MSE_SUM)
+    return refs
+
+
+def test_single_process_references_match_dense_truths(references: dict[str, Any]) -> None:
+    truths = {
+        "hessian_ce": "dense_hessian",
+        "ggn_bucketed": "dense_ggn",
+        "hessian_mse_sum": "dense_hessian_mse_sum",
+    }
+    for name, truth in truths.items():
+        torch.testing.assert_close(
+            references[name]["matrix"], references[truth], rtol=TOL, atol=TOL
+        )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_match_one_process_on_the_union(
+    world: int, tmp_path: Path, references: dict[str, Any]
+) -> None:
+    runs = launch("products", world, tmp_path)
+    for rank, run in enumerate(runs):
+        assert run.returncode == 0, f"rank {rank} failed:\n{run.stderr}"
+    per_rank = [
+        torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)
+    ]
+    for rank, results in enumerate(per_rank):
+        for name in CONFIGS:
+            got, want = results[name], references[name]
+            where = f"{name} on rank {rank} of {world}"
+            assert got["num_data"] == want["num_data"], where
+            torch.testing.assert_close(got["matrix"], want["matrix"], rtol=TOL, atol=TOL, msg=where)
+            torch.testing.assert_close(got["matvec"], want["matvec"], rtol=TOL, atol=TOL, msg=where)
+            np.testing.assert_allclose(got["top"], want["top"], rtol=TOL, atol=TOL, err_msg=where)
+            assert abs(got["trace"] - want["trace"]) <= TOL * max(1.0, abs(want["trace"])), where
+            assert got["same_on_all_ranks"], f"{where}: ranks hold different products"
+        # process_group=False: the matrix of the rank's own shard, not of the union
+        own_data = shard(classification_batches(), rank, world)
+        if has_targets(own_data):
+            local = summarize(HessianOperator(make_model(), own_data, CROSS_ENTROPY))
+            torch.testing.assert_close(results["local_only"]["matrix"], local["matrix"])
+            assert not torch.allclose(local["matrix"], references["hessian_ce"]["matrix"])
+        else:  # rank 3 of 4 holds only ignored labels
+            assert "local_only" not in results
+    # the solver sees identical products, so its vectors and control flow agree bitwise
+    if lanczos_or_none() is None:
+        return
+    for rank, results in enumerate(per_rank):
+        got = results["lanczos"]
+        assert got["same_vectors"] and got["same_values"], f"rank {rank}: Lanczos diverged"
+        assert got["num_matvecs"] == per_rank[0]["lanczos"]["num_matvecs"]
+        np.testing.assert_allclose(
+            got["eigenvalues"], references["hessian_ce"]["top"], rtol=TOL, atol=TOL
+        )
+
+
+if __name__ == "__main__":
+    _mode, _rank, _world, _store, _out = sys.argv[1:6]
+    torch.set_num_threads(1)  # several ranks share the CI machine's cores
+    init_gloo(int(_rank), int(_world), _store)
+    {"products": worker_products}[_mode](int(_rank), int(_world), Path(_out))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
