@@ -24,8 +24,39 @@ def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Itera
         for name, buffer in module.named_buffers():
             if buffer is not None and name not in replacement:
                 replacement[name] = buffer.clone()
-    with _reparametrize_module(module, replacement, tie_weights=True, strict=False):
+    with (
+        _reparametrize_module(module, replacement, tie_weights=True, strict=False),
+        differentiable_hf_attention(module),
+    ):
         yield
+
+
+# HF attention implementations without forward-mode AD or double backward: FlashAttention,
+# flex attention and hub kernels ("kernels-community/...").
+_FUSED_HF_ATTENTION = ("flash", "flex", "/")
+
+
+@contextlib.contextmanager
+def differentiable_hf_attention(module: nn.Module) -> Iterator[None]:
+    """Switch HuggingFace models inside ``module`` whose attention kernel cannot be
+    differentiated twice or in forward mode (FlashAttention, flex attention, hub kernels) to
+    SDPA (eager where the model has no SDPA) for the duration; the user's setting is restored.
+    SDPA itself then runs on the math backend under :func:`differentiable_attention`."""
+    switched: dict[int, tuple[object, str]] = {}
+    for submodule in module.modules():
+        config = getattr(submodule, "config", None)
+        implementation = getattr(config, "_attn_implementation_internal", None)
+        if id(config) in switched or not isinstance(implementation, str):
+            continue
+        if any(marker in implementation for marker in _FUSED_HF_ATTENTION):
+            switched[id(config)] = (config, implementation)
+            target = "sdpa" if getattr(submodule, "_supports_sdpa", True) else "eager"
+            config._attn_implementation_internal = target  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        for config, implementation in switched.values():
+            config._attn_implementation_internal = implementation  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,352 @@
+"""Losses for HuggingFace language models: causal LMs (``hf_lm_loss``) and encoder-decoders
+(``hf_seq2seq_loss``), plus the seed library's split names (``hf_lm_forward``,
+``hf_lm_loss_of_output``).
+
+One object drives the Hessian, GGN, empirical Fisher and MC Fisher: the forward pass returns the
+logits (the model is called without labels, so HF computes no loss of its own), the loss is HF's
+token-level cross-entropy averaged over the tokens that have a target, and the GGN's middle
+factor is the closed-form cross-entropy Hessian computed by the fused kernel
+:func:`torch_linop.kernels.ce_hvp.ce_hvp`. Nothing here imports ``transformers``: batches are
+duck-typed mappings (``dict`` or ``BatchEncoding``).
+"""
+
+from __future__ import annotations
+
+from collections import UserDict
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_linop.losses import closed_form
+from torch_linop.losses.base import LossFunction
+
+FUSED_BACKENDS = ("auto", "triton", "compile", "eager")
+
+
+def check_fused(fused: str) -> str:
+    """Validate the ``fused=`` choice of CE Hessian backend."""
+    if fused not in FUSED_BACKENDS:
+        raise ValueError(
+            f"fused={fused!r} is not a cross-entropy Hessian backend; use one of {FUSED_BACKENDS} "
+            "('auto': Triton on CUDA, else torch.compile, else eager)"
+        )
+    return fused
+
+
+def as_mapping(batch: Any, helper: str, required: str) -> Mapping[str, Any]:
+    """The batch as a mapping (``dict`` or ``BatchEncoding``), or a TypeError naming the fix."""
+    if isinstance(batch, (Mapping, UserDict)):
+        if required not in batch:
+            raise ValueError(
+                f"{helper} batches need an {required!r} entry, got keys {sorted(batch.keys())}"
+            )
+        return batch
+    raise TypeError(
+        f"{helper} expects batches that are dicts or BatchEncodings with {required!r} (as a "
+        f"tokenizer returns them), got {type(batch).__name__}; wrap token tensors as "
+        f"{{{required!r}: tokens}}"
+    )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model output: ``ModelOutput.logits``, a tuple's first entry, or a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in the model output of type {type(output).__name__}; the model must "
+        "return a tensor, a tuple starting with the logits, or an object with .logits"
+    )
+
+
+def shifted_targets(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Targets aligned with the logits under HF's causal shift: position t is scored against
+    ``labels[..., t + 1]``; the last position gets ``ignore_index``. Shape of ``labels``."""
+    targets = torch.full_like(labels, ignore_index)
+    targets[..., :-1] = labels[..., 1:]
+    return targets
+
+
+class TokenCrossEntropyLoss(LossFunction):
+    """Mean cross-entropy over the tokens that have a target, for (B, T, V) logits.
+
+    Subclasses say how to run the model (``forward``) and where the labels come from
+    (``labels``); ``shift=True`` is the causal-LM convention (logit t predicts label t + 1). The
+    dataset matrix is the token-weighted mean: ``num_samples`` counts the tokens with a target.
+    """
+
+    reduction = "mean"
+    shift: bool = True
+    helper_name: str = "TokenCrossEntropyLoss"
+
+    def __init__(self, *, fused: str = "auto", ignore_index: int = -100) -> None:
+        self.fused = check_fused(fused)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def labels(self, batch: Any) -> torch.Tensor:
+        """Unshifted (B, T) integer labels, ``ignore_index`` where there is no target."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ targets and counts
+    def targets(self, batch: Any) -> torch.Tensor:
+        """(B, T) targets aligned with the logits rows (shifted for causal LMs)."""
+        labels = self.labels(batch)
+        return shifted_targets(labels, self.ignore_index) if self.shift else labels
+
+    def num_samples(self, batch: Any) -> int:
+        """Number of tokens with a target (after the shift): the loss averages over these."""
+        return int((self.targets(batch) != self.ignore_index).sum())
+
+    def _check_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if logits.dim() != labels.dim() + 1 or logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"{self.helper_name}: logits of shape {tuple(logits.shape)} do not match labels "
+                f"of shape {tuple(labels.shape)}; the model must return logits for every position "
+                "(do not pass logits_to_keep / num_logits_to_keep)"
+            )
+
+    def _flat_logits(self, output: torch.Tensor) -> torch.Tensor:
+        # a view for contiguous logits; half precision is upcast as HF's own loss does
+        flat = output.reshape(-1, output.shape[-1])
+        return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """HF's causal-LM loss: summed token cross-entropy over valid targets / their number."""
+        targets = self.targets(batch)
+        self._check_logits(output, targets)
+        total = F.cross_entropy(
+            self._flat_logits(output),
+            targets.reshape(-1),
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
+        count = (targets != self.ignore_index).sum().clamp(min=1)
+        return total / count.to(total.dtype)
+
+    def per_sample_losses(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Cross-entropy of every token with a target, shape ``(num_samples,)``."""
+        targets = self.targets(batch)
+        self._check_logits(output, targets)
+        flat_targets = targets.reshape(-1)
+        losses = F.cross_entropy(
+            self._flat_logits(output),
+            flat_targets,
+            ignore_index=self.ignore_index,
+            reduction="none",
+        )
+        # index with precomputed positions (not a boolean mask) so vmap over the output works
+        positions = (flat_targets != self.ignore_index).nonzero().squeeze(1)
+        return losses.index_select(0, positions)
+
+    # ------------------------------------------------------------------ closed-form Hessians
+    def output_hessian_vector_product(
+        self, output: torch.Tensor, batch: Any, vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy Hessian w.r.t. the logits times each of the k ``vectors``
+        (``(k, B, T, V)``), by the fused kernel; the shift and the mask stay inside it."""
+        labels = self.labels(batch)
+        self._check_logits(output, labels)
+        return ce_hvp_columns(
+            output,
+            vectors,
+            labels,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            backend=self.fused,
+        )
+
+    def sampled_output_hessian_vector_product(
+        self,
+        output: torch.Tensor,
+        batch: Any,
+        vectors: torch.Tensor,
+        generator: torch.Generator,
+        mc_samples: int,
+    ) -> torch.Tensor:
+        """MC Fisher: tokens drawn from each row's softmax (CPU generator), per valid row
+        ``g <g, v> / n_valid`` with ``g = p - onehot(sample)``, averaged over ``mc_samples``."""
+        targets = self.targets(batch)
+        self._check_logits(output, targets)
+        valid = targets != self.ignore_index
+        scale = 1.0 / max(int(valid.sum()), 1)
+        return closed_form.softmax_ce_rows_sampled_hvp(
+            output.detach(), vectors, valid, scale, generator, mc_samples
+        )
+
+
+def ce_hvp_columns(
+    logits: torch.Tensor,
+    vectors: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+) -> torch.Tensor:
+    """``ce_hvp`` (mean reduction) applied to each of the k columns of ``vectors``
+    (``(k, *logits.shape)``); returns ``(k, *logits.shape)``."""
+    try:
+        from torch_linop.kernels.ce_hvp import ce_hvp
+    except ImportError:  # kernel not shipped in this checkout: the closed form in plain torch
+        return _ce_hvp_columns_closed_form(
+            logits.detach(), vectors, labels, ignore_index=ignore_index, shift=shift
+        )
+    logits = logits.detach()
+    columns = [
+        ce_hvp(
+            logits,
+            column,
+            labels,
+            ignore_index=ignore_index,
+            shift=shift,
+            reduction="mean",
+            backend=backend,
+        )
+        for column in vectors
+    ]
+    return torch.stack(columns).to(vectors.dtype)
+
+
+def _ce_hvp_columns_closed_form(
+    logits: torch.Tensor,
+    vectors: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+) -> torch.Tensor:
+    targets = shifted_targets(labels, ignore_index) if shift else labels
+    valid = targets != ignore_index
+    scale = 1.0 / max(int(valid.sum()), 1)
+    return closed_form.softmax_ce_rows_hvp(logits, vectors, valid, scale)
+
+
+# ---------------------------------------------------------------------------- HF causal LMs
+_NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
+
+
+def hf_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for the HF model: the batch without its labels, no KV cache."""
+    inputs = {key: value for key, value in batch.items() if key not in _NOT_MODEL_INPUTS}
+    inputs["use_cache"] = False
+    return inputs
+
+
+class HFCausalLMLoss(TokenCrossEntropyLoss):
+    """HF causal-LM cross-entropy on dict / ``BatchEncoding`` batches with ``input_ids``,
+    optional ``attention_mask`` and optional ``labels``.
+
+    Without ``labels`` the labels are ``input_ids`` with padding (``attention_mask == 0``) set
+    to ``ignore_index``; given ``labels`` are used as they are, as HF does. The loss equals
+    ``model(**batch, labels=labels).loss``.
+    """
+
+    shift = True
+    helper_name = "hf_lm_loss"
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        mapping = as_mapping(batch, self.helper_name, "input_ids")
+        return logits_of(model(**hf_model_inputs(mapping)))
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        mapping = as_mapping(batch, self.helper_name, "input_ids")
+        input_ids = mapping["input_ids"]
+        labels = mapping.get("labels")
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"{self.helper_name}: labels of shape {tuple(labels.shape)} do not match "
+                    f"input_ids of shape {tuple(input_ids.shape)}"
+                )
+            return labels
+        attention_mask = mapping.get("attention_mask")
+        if attention_mask is None:
+            return input_ids
+        return input_ids.masked_fill(attention_mask == 0, self.ignore_index)
+
+
+class _HFCausalLMLossOfOutput(HFCausalLMLoss):
+    """``loss_of_output_fn(logits, batch)`` form of :class:`HFCausalLMLoss`; it carries the
+    closed-form output Hessian, the token count and the per-token losses."""
+
+    def __call__(self, output: torch.Tensor, batch: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.loss(output, batch)
+
+
+class _HFForward:
+    """``forward_fn(model, batch)`` returning the logits of an HF model (labels dropped)."""
+
+    def __init__(self, helper_name: str = "hf_lm_forward") -> None:
+        self.helper_name = helper_name
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        mapping = as_mapping(batch, self.helper_name, "input_ids")
+        return logits_of(model(**hf_model_inputs(mapping)))
+
+
+def hf_lm_loss(*, fused: str = "auto", ignore_index: int = -100) -> HFCausalLMLoss:
+    """Loss for HuggingFace causal LMs: shifted token cross-entropy, mean over valid targets.
+
+    Example: ``GGNOperator(model, [tokenizer(texts, return_tensors="pt", padding=True)],
+    hf_lm_loss())``. ``fused`` picks the CE Hessian backend of the GGN ("auto", "triton",
+    "compile", "eager"). Also callable as ``loss_fn(model, batch)`` (seed style).
+    """
+    return HFCausalLMLoss(fused=fused, ignore_index=ignore_index)
+
+
+def hf_lm_forward() -> _HFForward:
+    """Seed-compatible ``forward_fn`` for HF causal LMs: the logits, without HF's loss."""
+    return _HFForward()
+
+
+def hf_lm_loss_of_output(
+    fused: str = "auto", *, ignore_index: int = -100
+) -> _HFCausalLMLossOfOutput:
+    """Seed-compatible ``loss_of_output_fn(logits, batch)``; it carries the closed-form CE
+    Hessian, so ``GGNOperator(model, data, hf_lm_forward(), hf_lm_loss_of_output())`` uses it."""
+    return _HFCausalLMLossOfOutput(fused=fused, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------- HF encoder-decoders
+class HFSeq2SeqLoss(TokenCrossEntropyLoss):
+    """Decoder cross-entropy of HF encoder-decoder models (T5, BART): batches with
+    ``input_ids``, ``labels`` (not shifted: decoder position t predicts ``labels[:, t]``),
+    optional ``attention_mask`` / ``decoder_attention_mask`` / ``decoder_input_ids``. Without
+    ``decoder_input_ids`` the model makes them from the labels
+    (``prepare_decoder_input_ids_from_labels``), as it does when it computes its own loss."""
+
+    shift = False
+    helper_name = "hf_seq2seq_loss"
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        return as_mapping(batch, self.helper_name, "labels")["labels"]
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        mapping = as_mapping(batch, self.helper_name, "labels")
+        inputs = hf_model_inputs(mapping)
+        if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+            prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+            if prepare is None:
+                raise TypeError(
+                    f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels(); "
+                    "put decoder_input_ids (the labels shifted right) in the batch"
+                )
+            inputs["decoder_input_ids"] = prepare(labels=mapping["labels"])
+        return logits_of(model(**inputs))
+
+
+def hf_seq2seq_loss(*, fused: str = "auto", ignore_index: int = -100) -> HFSeq2SeqLoss:
+    """Loss for HuggingFace encoder-decoder models: decoder token cross-entropy, mean over
+    labels that are not ``ignore_index``; equals ``model(**batch).loss``."""
+    return HFSeq2SeqLoss(fused=fused, ignore_index=ignore_index)
