@@ -153,8 +153,8 @@ class CurvlinopsInterface:
 
     # ------------------------------------------------------------------ determinism
     def check_deterministic(self, rtol: float = RTOL) -> None:  # noqa: ARG002
-        """curvlinops' check: two passes give the same total loss and gradient (and, for
-        operators that need a fixed data order, the same batches, predictions, losses and
+        """curvlinops' check: two passes give the same batch losses, total loss and gradient
+        (and, for operators that need a fixed data order, the same batches, predictions and
         gradients), and two products with one random vector agree."""
         passes = itertools.zip_longest(
             self.data_prediction_loss_gradient(), self.data_prediction_loss_gradient()
@@ -165,6 +165,9 @@ class CurvlinopsInterface:
                 self._nondeterministic("number of batches")
             if self.FIXED_DATA_ORDER:
                 self._compare_batches(first, second)
+            elif not _close(first[2], second[2]):
+                # curvlinops compares the last batch's loss (in effect: rejects shuffling)
+                self._nondeterministic("batch loss")
             for index, (_, _, loss, grads) in enumerate((first, second)):
                 if loss is None:
                     continue

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_linop.losses import closed_form
 from torch_linop.losses.base import LossFunction
 from torch_linop.losses.supervised import SupervisedLoss
 
@@ -98,7 +99,19 @@ class CriterionLoss(LossFunction):
         generator: torch.Generator,
         mc_samples: int,
     ) -> torch.Tensor:
-        require_supported(self.criterion, "the Monte-Carlo Fisher")
+        criterion = require_supported(self.criterion, "the Monte-Carlo Fisher")
+        if isinstance(criterion, nn.MSELoss) and output.dim() > 2:
+            # curvlinops draws one Gaussian per output row (batch, ..., C) -> (batch*..., C)
+            columns = output.shape[-1]
+            scale = 1.0 / output.numel() if self.reduction == "mean" else 1.0
+            rows = closed_form.mse_sampled_hvp(
+                output.reshape(-1, columns),
+                vectors.reshape(vectors.shape[0], -1, columns),
+                scale,
+                generator,
+                mc_samples,
+            )
+            return rows.reshape(vectors.shape)
         return self._supervised().sampled_output_hessian_vector_product(
             output, batch, vectors, generator, mc_samples
         )
