@@ -111,3 +111,56 @@ def padded_data():
         {"input_ids": ids_a, "attention_mask": mask_a},
         {"input_ids": ids_b, "labels": labels_b},
     ]
+
+
+def jacrev_ce_ggn(model, data, logits_fn, valid_fn, param_filter=None) -> torch.Tensor:
+    """Token-weighted cross-entropy GGN from explicit logit Jacobians (``jacrev``) and per-row
+    softmax Hessians ``diag(p) - p p^T``, sharing no code with the library's products.
+    ``logits_fn(model, batch)`` runs the model; ``valid_fn(batch)`` is the (B, T) mask of
+    logit rows that have a target."""
+    from torch.func import functional_call, jacrev
+
+    from torch_linop._context import differentiable_attention
+    from torch_linop.params import select_parameters
+
+    params = select_parameters(model, param_filter)
+    names, shapes = list(params), [p.shape for p in params.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    wrapper = _CallWith(model, logits_fn)
+    total = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
+    count = 0
+    for batch in data:
+
+        def logits_at(vector: torch.Tensor, batch=batch) -> torch.Tensor:
+            values = {
+                f"model.{n}": c.view(s) for n, c, s in zip(names, vector.split(sizes), shapes)
+            }
+            return functional_call(wrapper, values, (batch,))
+
+        with differentiable_attention():
+            logits = logits_at(flat).detach()
+            jacobian = jacrev(logits_at)(flat)  # (B, T, V, n)
+        for b, t in valid_fn(batch).nonzero().tolist():
+            probs = torch.softmax(logits[b, t], dim=-1)
+            row_hessian = torch.diag(probs) - torch.outer(probs, probs)
+            total += jacobian[b, t].T @ row_hessian @ jacobian[b, t]
+            count += 1
+    return total / count
+
+
+class _CallWith(torch.nn.Module):
+    """``logits_fn(model, batch)`` as a module, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model, logits_fn) -> None:
+        super().__init__()
+        self.model = model
+        self.logits_fn = logits_fn
+
+    def forward(self, batch):
+        return self.logits_fn(self.model, batch)
+
+
+@pytest.fixture
+def ce_ggn_oracle():
+    return jacrev_ce_ggn
