@@ -1,1 +1,24 @@
-"""Matrix-free solvers on curvature operators (shipped as ``torch_linop.solvers``)."""
+"""Matrix-free solvers on curvature operators (shipped as ``torch_linop.solvers``).
+
+Every solver takes a scipy ``LinearOperator`` / numpy array / scipy sparse matrix (numpy path) or
+a torch operator with ``device``, ``torch_dtype`` and ``shape`` / a square ``torch.Tensor`` (torch
+path, run on the operator's device), and returns a frozen result record.
+"""
+
+from .estimators import diagonal, trace
+from .lanczos import lanczos
+from .power_iteration import power_iteration
+from .results import DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
+from .slq import spectral_density
+
+__all__ = [
+    "DiagonalResult",
+    "EigenResult",
+    "SpectralDensityResult",
+    "TraceResult",
+    "diagonal",
+    "lanczos",
+    "power_iteration",
+    "spectral_density",
+    "trace",
+]

@@ -1,0 +1,151 @@
+"""``trace`` and ``diagonal``: validate the request, then hand it to the paper-named estimator."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from . import epperly2024xtrace, meyer2021hutchpp
+from ._operator import as_operator
+from ._progress import progress_bar
+from ._random import Distribution, check_distribution, make_generator
+from ._sampling import EstimatorState, mean_and_stderr
+from .epperly2024xtrace import xdiag, xtrace
+from .hutchinson import hutchinson_samples
+from .meyer2021hutchpp import hutchpp
+from .results import DiagonalResult, TraceResult
+
+TraceMethod = Literal["hutch++", "hutchinson", "xtrace"]
+DiagonalMethod = Literal["hutchinson", "xdiag"]
+# The fewest products with which each method gives an estimate and a standard error.
+_MIN_MATVECS = {
+    "hutch++": meyer2021hutchpp.MIN_MATVECS,
+    "hutchinson": 2,
+    "xtrace": epperly2024xtrace.MIN_MATVECS,
+    "xdiag": epperly2024xtrace.MIN_MATVECS,
+}
+# Products that go into a sketch whose size may not exceed n.
+_SKETCH_FRACTION = {"hutch++": 3, "xtrace": 2, "xdiag": 2}
+
+
+def trace(
+    op: Any,
+    num_matvecs: int,
+    *,
+    method: TraceMethod = "hutch++",
+    distribution: Distribution = "rademacher",
+    seed: int | torch.Generator | None = None,
+    block_size: int | None = None,
+    progress: bool | None = None,
+) -> TraceResult:
+    """Estimate ``tr(op)`` with about ``num_matvecs`` products, with a standard error.
+
+    "hutch++" (default) and "hutchinson" spend exactly ``num_matvecs``; "xtrace" spends the
+    largest even number not above it (``result.num_matvecs`` says). Products are taken
+    ``block_size`` columns at a time (default: all at once); Hutchinson and the Hutchinson part of
+    Hutch++ also draw their probes block by block, so a block bounds their memory (the streaming
+    variants), while XTrace keeps its whole sketch.
+    """
+    operator = as_operator(op)
+    _check_request(method, ("hutch++", "hutchinson", "xtrace"), num_matvecs, operator.size)
+    check_distribution(distribution)
+    _check_block_size(block_size)
+    state = EstimatorState(make_generator(seed))
+    with progress_bar(f"trace ({method})", num_matvecs, progress) as bar:
+        if method == "hutch++":
+            estimate, stderr = hutchpp(
+                operator,
+                num_matvecs,
+                state,
+                distribution=distribution,
+                block_size=block_size,
+                bar=bar,
+            )
+        elif method == "xtrace":
+            estimate, stderr = xtrace(
+                operator,
+                num_matvecs,
+                state,
+                distribution=distribution,
+                block_size=block_size,
+                bar=bar,
+            )
+        else:
+            hutchinson_samples(
+                operator,
+                num_matvecs,
+                state,
+                diagonal=False,
+                distribution=distribution,
+                block_size=block_size,
+                bar=bar,
+            )
+            mean, standard_error = mean_and_stderr(state)
+            estimate, stderr = float(mean), float(standard_error)
+    return TraceResult(estimate, stderr, state.num_matvecs, method)
+
+
+def diagonal(
+    op: Any,
+    num_matvecs: int,
+    *,
+    method: DiagonalMethod = "hutchinson",
+    seed: int | torch.Generator | None = None,
+    block_size: int | None = None,
+    progress: bool | None = None,
+) -> DiagonalResult:
+    """Estimate ``diag(op)`` from Rademacher probes, with an entrywise standard error.
+
+    "hutchinson" averages ``z * (H z)`` over ``num_matvecs`` probes (streamed in blocks of
+    ``block_size``); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
+    is exact in the span of its sketch, far better when the spectrum decays. The result is numpy
+    for numpy-path operators and a torch tensor on the operator's device otherwise.
+    """
+    operator = as_operator(op)
+    _check_request(method, ("hutchinson", "xdiag"), num_matvecs, operator.size)
+    _check_block_size(block_size)
+    state = EstimatorState(make_generator(seed))
+    with progress_bar(f"diagonal ({method})", num_matvecs, progress) as bar:
+        if method == "xdiag":
+            mean, stderr = xdiag(operator, num_matvecs, state, block_size=block_size, bar=bar)
+        else:
+            hutchinson_samples(
+                operator,
+                num_matvecs,
+                state,
+                diagonal=True,
+                distribution="rademacher",
+                block_size=block_size,
+                bar=bar,
+            )
+            mean, stderr = mean_and_stderr(state)
+    return DiagonalResult(operator.output(mean), operator.output(stderr), state.num_matvecs, method)
+
+
+def _check_request(method: str, methods: tuple[str, ...], num_matvecs: Any, size: int) -> None:
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+    minimum = _MIN_MATVECS[method]
+    if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < minimum:
+        raise ValueError(
+            f"method {method!r} needs num_matvecs >= {minimum} (for an estimate and a standard "
+            f"error), got {num_matvecs!r}"
+        )
+    fraction = _SKETCH_FRACTION.get(method)
+    if fraction is not None and num_matvecs // fraction > size:
+        raise ValueError(
+            f"num_matvecs={num_matvecs} gives method {method!r} a sketch of "
+            f"{num_matvecs // fraction} vectors, more than the operator size n={size}; use at "
+            f"most {fraction * size + fraction - 1} products (n products give the exact value "
+            "from the unit vectors)"
+        )
+
+
+def _check_block_size(block_size: Any) -> None:
+    if block_size is not None and (
+        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+    ):
+        raise ValueError(
+            f"block_size must be None (all at once) or an integer >= 1, got {block_size!r}"
+        )

@@ -1,0 +1,53 @@
+"""Hutchinson's estimators of the trace and the diagonal.
+
+Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian smoothing
+splines", Communications in Statistics - Simulation and Computation, 1989: for probes ``z`` with
+``E[z z^T] = I``, ``E[z^T H z] = tr(H)`` and ``E[z * (H z)] = diag(H)`` (Bekas, Kokiopoulou and
+Saad, 2007, for the diagonal). Probes are streamed in blocks, so memory stays at one block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from ._operator import Operator
+from ._random import Distribution, draw_probes
+from ._sampling import EstimatorState, accumulate, apply
+
+
+def hutchinson_samples(
+    operator: Operator,
+    num_probes: int,
+    state: EstimatorState,
+    *,
+    diagonal: bool,
+    distribution: Distribution,
+    block_size: int | None,
+    bar: Any,
+    project: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Accumulate ``num_probes`` samples ``z^T H z`` (or ``z * H z``) into ``state``.
+
+    ``project`` (symmetric, e.g. ``I - Q Q^T`` for Hutch++) is applied to each probe, so the
+    samples estimate the trace (or diagonal) of ``P H P`` instead.
+    """
+    remaining = num_probes
+    while remaining > 0:
+        count = min(remaining, block_size or remaining)
+        probes = draw_probes(
+            count,
+            operator.size,
+            state.generator,
+            distribution=distribution,
+            dtype=operator.dtype,
+            device=operator.device,
+        )
+        if project is not None:
+            probes = project(probes)
+        products = apply(operator, probes, state, block_size, bar)
+        samples = probes * products
+        accumulate(state, samples.T if diagonal else samples.sum(dim=0).double())
+        remaining -= count

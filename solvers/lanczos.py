@@ -1,0 +1,276 @@
+"""Top-k eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation, run until
+the k pairs converge, with thick restart when the basis would outgrow ``max_basis``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import krylov
+from ._operator import Operator, as_operator, check_finite
+from ._progress import progress_bar
+from ._random import draw_probes, make_generator
+from .results import EigenResult
+
+Which = Literal["LM", "LA", "SA", "BE"]
+WHICH = ("LM", "LA", "SA", "BE")
+_MAX_CHECK_INTERVAL = 16
+
+
+def default_tol(eps: float) -> float:
+    """Default residual tolerance for an operator with machine epsilon ``eps``: ``eps**(2/3)``
+    (2.4e-5 for float32, 0.04 for bf16), but 1e-10 for float64, safely above rounding noise."""
+    return max(1e-10, eps ** (2 / 3))
+
+
+def lanczos(
+    op: Any,
+    k: int,
+    *,
+    which: Which = "LM",
+    tol: float | None = None,
+    max_matvecs: int | None = None,
+    max_basis: int | None = None,
+    max_basis_bytes: int | None = None,
+    block_size: int = 1,
+    seed: int | torch.Generator | None = None,
+    return_eigenvectors: bool = True,
+    basis_device: str | torch.device | None = None,
+    basis_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> EigenResult:
+    """The ``k`` eigenpairs of symmetric ``op`` selected by ``which``, converged to ``tol``.
+
+    ``which``: "LM" largest magnitude, "LA" largest algebraic, "SA" smallest algebraic, "BE"
+    both ends (``k // 2`` from the bottom, the rest from the top). A pair is converged when
+    ``||H v - lambda v|| <= tol * ||H||`` (``||H||`` estimated by the largest |Ritz value|), which
+    bounds the eigenvalue error by the same amount; the default ``tol`` is ``1e-10`` in float64
+    and ``eps**(2/3)`` in lower precisions (of the operator or the basis, whichever is coarser). With ``return_eigenvectors`` the residuals are
+    measured with one extra product per pair (counted in ``num_matvecs`` and
+    ``num_residual_matvecs``); without, they are the Ritz estimates and no vectors are formed.
+
+    The basis holds at most ``max_basis`` vectors (default ``min(n, max(100, 4 k))``, further
+    capped by ``max_basis_bytes``); beyond it the run thick-restarts. ``basis_device`` /
+    ``basis_dtype`` store it elsewhere (e.g. "cpu") or in another precision; the projected problem
+    is always solved in float64. ``max_matvecs`` caps the Krylov products (default
+    ``max(1000, 20 * max_basis)``); an unconverged result warns. Single-vector Lanczos (like
+    ARPACK) finds one copy of a repeated eigenvalue per start vector unless the basis becomes
+    invariant: use ``block_size >= multiplicity`` when eigenvalues may repeat.
+    """
+    operator = as_operator(op)
+    n = operator.size
+    _check_int("k", k, 1)
+    if k >= n:
+        raise ValueError(
+            f"k={k} must be smaller than the operator size n={n}; for all eigenvalues of a small "
+            "operator form the matrix and call numpy.linalg.eigh"
+        )
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    _check_int("block_size", block_size, 1)
+    basis_device = operator.device if basis_device is None else torch.device(basis_device)
+    basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
+    if not (isinstance(basis_dtype, torch.dtype) and basis_dtype.is_floating_point):
+        raise TypeError(f"basis_dtype must be a floating torch.dtype, got {basis_dtype!r}")
+    if tol is None:
+        tol = default_tol(max(operator.eps, torch.finfo(basis_dtype).eps))
+    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
+    if max_matvecs is None:
+        max_matvecs = max(1000, 20 * capacity)
+    _check_int("max_matvecs", max_matvecs, k)
+
+    generator = make_generator(seed)
+    acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
+    start_block = draw_probes(
+        block_size, n, generator, distribution="gaussian", dtype=acc_dtype, device=basis_device
+    )
+    state = krylov.start(
+        operator,
+        start_block,
+        capacity=capacity,
+        generator=generator,
+        basis_device=basis_device,
+        basis_dtype=basis_dtype,
+    )
+    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors)
+    with progress_bar(f"lanczos top-{k} {which}", None, progress) as bar:
+        run.bar = bar
+        result = run.solve()
+    if not result.converged.all():
+        warnings.warn(
+            f"lanczos: {int(result.converged.sum())} of {k} eigenpairs converged to "
+            f"tol={tol:g} within {result.num_matvecs} matvecs (largest residual "
+            f"{result.residuals.max():.3g}, threshold {tol * result.norm_estimate:.3g}); raise "
+            "max_matvecs (or max_basis), or loosen tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+class _Run:
+    """The convergence loop: step without host syncs, check at predicted intervals, restart."""
+
+    def __init__(
+        self,
+        operator: Operator,
+        state: krylov.KrylovState,
+        k: int,
+        which: str,
+        tol: float,
+        max_matvecs: int,
+        return_eigenvectors: bool,
+    ) -> None:
+        self.operator, self.state, self.k, self.which, self.tol = operator, state, k, which, tol
+        self.max_matvecs, self.return_eigenvectors = max_matvecs, return_eigenvectors
+        self.num_residual_matvecs = 0
+        self.verify_after = 0  # Krylov matvecs before the next true-residual check is allowed
+        self.history: list[tuple[int, float]] = []  # (steps, log of worst residual / threshold)
+        self.bar: Any = None
+
+    def solve(self) -> EigenResult:
+        state, block_size = self.state, self.state.block_size
+        steps_until_check = max(1, math.ceil((self.k + 1) / block_size))
+        while True:
+            budget_left = state.num_matvecs + block_size <= self.max_matvecs
+            if krylov.can_step(state) and budget_left and steps_until_check > 0:
+                krylov.step(state, self.operator)
+                self.bar.update(block_size)
+                steps_until_check -= 1
+                continue
+            krylov.validate(state)
+            values, coordinates, estimates = krylov.ritz(state)
+            if len(values) < self.k:  # too few vectors yet (e.g. after a breakdown)
+                steps_until_check = math.ceil((self.k - len(values)) / block_size)
+                continue
+            order = _target_order(values, self.which)
+            wanted = order[: self.k]
+            norm = float(np.abs(values).max())
+            threshold = self.tol * norm
+            worst = float(estimates[wanted].max())
+            self.bar.set_postfix(
+                converged=f"{int((estimates[wanted] <= threshold).sum())}/{self.k}"
+            )
+            finished = state.complete or not budget_left
+            if worst <= threshold and state.num_matvecs >= self.verify_after or finished:
+                result = self._result(values, coordinates, estimates, wanted, norm)
+                if result.converged.all() or finished:
+                    return result
+                self.verify_after = state.num_matvecs + block_size * max(self.k, 8)
+            if not krylov.can_step(state):
+                num_keep = self.k + (state.capacity - self.k - 2 * block_size) // 2
+                keep = order[:num_keep]
+                krylov.thick_restart(state, coordinates[:, keep], values[keep])
+            steps_until_check = self._next_interval(worst, threshold)
+
+    def _next_interval(self, worst: float, threshold: float) -> int:
+        """Steps until the next check: half the steps the recent convergence rate predicts."""
+        state = self.state
+        if worst <= threshold:
+            return max(1, math.ceil((self.verify_after - state.num_matvecs) / state.block_size))
+        log_ratio = math.log(worst / threshold) if threshold > 0 else math.inf
+        self.history.append((state.num_steps, log_ratio))
+        if len(self.history) < 2 or not math.isfinite(log_ratio):
+            return 4
+        (previous_steps, previous_ratio), _ = self.history[-2], self.history[-1]
+        rate = (previous_ratio - log_ratio) / max(1, state.num_steps - previous_steps)
+        if rate <= 0:
+            return _MAX_CHECK_INTERVAL
+        return int(min(_MAX_CHECK_INTERVAL, max(1, math.ceil(log_ratio / rate / 2))))
+
+    def _result(
+        self,
+        values: np.ndarray,
+        coordinates: np.ndarray,
+        estimates: np.ndarray,
+        wanted: np.ndarray,
+        norm: float,
+    ) -> EigenResult:
+        state, operator = self.state, self.operator
+        if self.which == "BE":
+            wanted = wanted[np.argsort(values[wanted], kind="stable")]
+        eigenvalues = values[wanted]
+        eigenvectors: Any = None
+        residuals = estimates[wanted]
+        if self.return_eigenvectors:
+            vectors = krylov.ritz_vectors(state, coordinates[:, wanted]).to(operator.device)
+            vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            product = operator.matmat(vectors.T.to(operator.dtype))
+            check_finite(product, state.num_matvecs + self.num_residual_matvecs)
+            self.num_residual_matvecs += self.k
+            self.bar.update(self.k)
+            theta = torch.from_numpy(eigenvalues).to(vectors.device, vectors.dtype)
+            residual_rows = product.T.to(vectors.dtype) - theta[:, None] * vectors
+            residuals = torch.linalg.vector_norm(residual_rows, dim=1).cpu().double().numpy()
+            eigenvectors = operator.output(vectors)
+        return EigenResult(
+            eigenvalues=eigenvalues.copy(),
+            eigenvectors=eigenvectors,
+            residuals=residuals.copy(),
+            converged=residuals <= self.tol * norm,
+            num_matvecs=state.num_matvecs + self.num_residual_matvecs,
+            num_residual_matvecs=self.num_residual_matvecs,
+            num_iterations=state.num_steps,
+            num_restarts=state.num_restarts,
+            tol=self.tol,
+            norm_estimate=norm,
+            residuals_are_true=self.return_eigenvectors,
+        )
+
+
+def _target_order(values: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ascending ``values`` from most to least wanted."""
+    if which == "LA":
+        return np.arange(len(values))[::-1].copy()
+    if which == "SA":
+        return np.arange(len(values))
+    if which == "LM":
+        return np.argsort(-np.abs(values), kind="stable")
+    high = np.arange(len(values))[::-1]
+    low = np.arange(len(values))
+    alternating = np.empty(2 * len(values), dtype=int)
+    alternating[0::2], alternating[1::2] = high, low
+    _, first = np.unique(alternating, return_index=True)
+    return alternating[np.sort(first)]
+
+
+def _capacity(
+    n: int,
+    k: int,
+    block_size: int,
+    max_basis: int | None,
+    max_basis_bytes: int | None,
+    basis_dtype: torch.dtype,
+) -> int:
+    """Basis rows to allocate; too small a basis for k pairs is an error naming the minimum."""
+    minimum = k + 2 * block_size
+    if max_basis is None:
+        max_basis = max(100, 4 * k, k + 4 * block_size)
+    else:
+        _check_int("max_basis", max_basis, 1)
+    capacity = min(n, max_basis)
+    if capacity == n:
+        capacity -= n % block_size  # a basis of n vectors must hold whole blocks
+    if max_basis_bytes is not None:
+        row_bytes = n * torch.finfo(basis_dtype).bits // 8
+        capacity = min(capacity, max_basis_bytes // row_bytes)
+    if capacity < minimum and capacity < n:
+        raise ValueError(
+            f"the basis can hold {capacity} vectors (max_basis={max_basis}, "
+            f"max_basis_bytes={max_basis_bytes}), but k={k} pairs with block_size={block_size} "
+            f"need at least k + 2 * block_size = {minimum}; raise max_basis/max_basis_bytes or "
+            "store the basis on the host (basis_device='cpu') or in a cheaper basis_dtype"
+        )
+    return capacity
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
