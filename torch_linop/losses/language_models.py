@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_linop.kernels.ce_hvp import ce_hvp
 from torch_linop.losses import closed_form
 from torch_linop.losses.base import LossFunction
 
@@ -196,40 +197,24 @@ def ce_hvp_columns(
 ) -> torch.Tensor:
     """``ce_hvp`` (mean reduction) applied to each of the k columns of ``vectors``
     (``(k, *logits.shape)``); returns ``(k, *logits.shape)``."""
-    try:
-        from torch_linop.kernels.ce_hvp import ce_hvp
-    except ImportError:  # kernel not shipped in this checkout: the closed form in plain torch
-        return _ce_hvp_columns_closed_form(
-            logits.detach(), vectors, labels, ignore_index=ignore_index, shift=shift
-        )
     logits = logits.detach()
-    columns = [
+    result = torch.empty(
+        vectors.shape,
+        dtype=torch.promote_types(logits.dtype, vectors.dtype),
+        device=logits.device,
+    )
+    for j in range(vectors.shape[0]):  # each column written into its slot: no stacked copy
         ce_hvp(
             logits,
-            column,
+            vectors[j],
             labels,
             ignore_index=ignore_index,
             shift=shift,
             reduction="mean",
             backend=backend,
+            out=result[j],
         )
-        for column in vectors
-    ]
-    return torch.stack(columns).to(vectors.dtype)
-
-
-def _ce_hvp_columns_closed_form(
-    logits: torch.Tensor,
-    vectors: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int,
-    shift: bool,
-) -> torch.Tensor:
-    targets = shifted_targets(labels, ignore_index) if shift else labels
-    valid = targets != ignore_index
-    scale = 1.0 / max(int(valid.sum()), 1)
-    return closed_form.softmax_ce_rows_hvp(logits, vectors, valid, scale)
+    return result.to(vectors.dtype)
 
 
 # ---------------------------------------------------------------------------- HF causal LMs
