@@ -172,6 +172,20 @@ def worker_products(rank: int, world: int, out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+def exit_cleanly() -> None:
+    """Barrier, destroy the group, and skip C++ static destructors: gloo's threads otherwise
+    sometimes abort the interpreter at exit ("terminate called without an active exception")."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 # ----------------------------------------------------------------------------- parent side
 def launch(mode: str, world: int, tmp_path: Path) -> list[subprocess.CompletedProcess]:
     """Run ``world`` ranks of this file in ``mode``; returns when all exited (bounded time)."""
@@ -273,6 +287,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # several ranks share the CI machine's cores
     init_gloo(int(_rank), int(_world), _store)
     {"products": worker_products}[_mode](int(_rank), int(_world), Path(_out))
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    exit_cleanly()

@@ -3,7 +3,7 @@
 Data-parallel (replicated parameters, each rank its own data shard): every operator takes
 ``process_group=`` and detects an initialised default group; see ``data_parallel``.
 Model-sharded (FSDP2 ``fully_shard``, DTensor parameters): ``FSDPHessianOperator``,
-``FSDPGGNOperator`` and ``sharded_lanczos`` in ``fsdp`` / ``sharded_lanczos`` (imported lazily:
+``FSDPGGNOperator`` and ``sharded_lanczos`` in ``fsdp`` / ``sharded_solvers`` (imported lazily:
 ``torch.distributed.fsdp`` takes about a second to import).
 """
 
@@ -22,8 +22,8 @@ _LAZY = {
     "FSDPHessianOperator": "torch_linop.distributed.fsdp",
     "FSDPGGNOperator": "torch_linop.distributed.fsdp",
     "ShardedOperator": "torch_linop.distributed.fsdp",
-    "sharded_lanczos": "torch_linop.distributed.sharded_lanczos",
-    "ShardedEigenResult": "torch_linop.distributed.sharded_lanczos",
+    "sharded_lanczos": "torch_linop.distributed.sharded_solvers",
+    "ShardedEigenResult": "torch_linop.distributed.sharded_solvers",
 }
 
 

@@ -1,0 +1,185 @@
+"""FSDP2-sharded products on gloo (2 ranks, uneven shards, unequal batch counts): the sharded
+finite-difference Hessian and GGN equal the single-process finite-difference operators on the
+union of the data (same step rule, so to rounding), approximate the exact matrices, leave the
+model and its gradients untouched; sharded Lanczos finds the top eigenvalues on every rank.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_linop import GGNOperator, HessianOperator, supervised_loss
+from torch_linop.reference import dense_ggn, dense_hessian
+
+WORLD = 2
+BATCH_SIZES = (3, 5, 2, 4, 6)  # rank 0: 3 batches, rank 1: 2 (padding steps on rank 1)
+TOP_K = 3
+LAUNCH_TIMEOUT_S = 60.0
+SAME_APPROXIMATION = 1e-9  # sharded vs single-process finite differences (same step rule)
+EXACT = 1e-8  # finite differences vs exact matrices, relative to the largest entry (~5e-10)
+LOSS = supervised_loss(F.cross_entropy)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(size, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (size,), generator=generator),
+        )
+        for size in BATCH_SIZES
+    ]
+
+
+# ----------------------------------------------------------------------------- worker side
+def worker(rank: int, out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_linop.distributed import (
+        FSDPGGNOperator,
+        FSDPHessianOperator,
+        same_on_all_ranks,
+        sharded_lanczos,
+    )
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    own = batches()[rank::WORLD]
+    before = {name: p.to_local().clone() for name, p in model.named_parameters()}
+    user_grads = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        param.grad = user_grads[name]
+
+    results: dict[str, Any] = {}
+    for name, op in (
+        ("hessian", FSDPHessianOperator(model, own, LOSS)),
+        ("ggn", FSDPGGNOperator(model, own, LOSS)),
+    ):
+        size = op.shape[0]
+        identity = torch.eye(size, dtype=torch.float64)
+        local_product = op @ op.shard_vector(identity)
+        results[name] = {
+            "matrix": op.full_vector(local_product),
+            "local_size": op.local_size,
+            "num_data": op.num_data,
+        }
+        eig = sharded_lanczos(op, TOP_K, seed=0)
+        results[name]["lanczos"] = eig.eigenvalues
+        results[name]["lanczos_same"] = same_on_all_ranks(torch.from_numpy(eig.eigenvalues))
+        results[name]["eigenvectors"] = op.full_vector(eig.eigenvectors)
+    results["params_restored"] = all(
+        torch.equal(before[name], p.to_local()) for name, p in model.named_parameters()
+    )
+    results["grads_restored"] = all(
+        p.grad is user_grads[name] for name, p in model.named_parameters()
+    )
+    torch.save(results, out / f"rank{rank}.pt")
+    exit_cleanly()
+
+
+def exit_cleanly() -> None:
+    """Barrier, destroy the group, and skip C++ static destructors: gloo's threads otherwise
+    sometimes abort the interpreter at exit ("terminate called without an active exception")."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- parent side
+def run_ranks(tmp_path: Path) -> list[dict[str, Any]]:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    for rank, process in enumerate(processes):
+        try:
+            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"FSDP ranks did not finish in {LAUNCH_TIMEOUT_S} s")
+        assert process.returncode == 0, f"rank {rank} failed:\n{stderr}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
+    per_rank = run_ranks(tmp_path)
+    model, data = make_model(), batches()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        identity = torch.eye(43, dtype=torch.float64)
+        fd = {
+            "hessian": HessianOperator(model, data, LOSS, method="finite_difference") @ identity,
+            "ggn": GGNOperator(model, data, LOSS, jvp_method="finite_difference") @ identity,
+        }
+        exact = {"hessian": dense_hessian(model, data, LOSS), "ggn": dense_ggn(model, data, LOSS)}
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(r["hessian"]["local_size"] for r in per_rank) == 43  # vectors stay sharded
+    for rank, results in enumerate(per_rank):
+        assert results["params_restored"], f"rank {rank}: parameters changed"
+        assert results["grads_restored"], f"rank {rank}: the user's .grad was not restored"
+        for name in ("hessian", "ggn"):
+            got = results[name]
+            where = f"{name} on rank {rank}"
+            assert got["num_data"] == sum(BATCH_SIZES), where
+            scale = float(exact[name].abs().max())
+            torch.testing.assert_close(
+                got["matrix"], fd[name], rtol=0, atol=SAME_APPROXIMATION * scale, msg=where
+            )
+            torch.testing.assert_close(
+                got["matrix"], exact[name], rtol=0, atol=EXACT * scale, msg=where
+            )
+            top = np.linalg.eigvalsh(exact[name].numpy())[::-1][:TOP_K]
+            np.testing.assert_allclose(
+                got["lanczos"], top, rtol=0, atol=EXACT * scale, err_msg=where
+            )
+            assert got["lanczos_same"], f"{where}: ranks disagree on the eigenvalues"
+            vectors = got["eigenvectors"]
+            residual = exact[name] @ vectors - vectors * torch.from_numpy(top.copy())
+            assert float(residual.norm(dim=0).max()) < 1e-6 * scale, where
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    worker(int(sys.argv[1]), Path(sys.argv[2]))
