@@ -4,6 +4,7 @@ The operators are our curvature operators (scipy ``LinearOperator``s that also m
 tensors and tensor lists) built with curvlinops' arguments and conventions.
 """
 
+from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
 from torch_linop.curvlinops.fisher import FisherMCLinearOperator
 from torch_linop.curvlinops.ggn import GGNLinearOperator
@@ -17,7 +18,17 @@ from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from torch_linop.curvlinops.norm import hutchinson_squared_fro
+from torch_linop.curvlinops.spectrum import (
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    approximate_boundaries,
+    approximate_boundaries_abs,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
+)
 from torch_linop.curvlinops.submatrix import SubmatrixLinearOperator
+from torch_linop.curvlinops.trace import hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [
     "CGInverseLinearOperator",
@@ -30,4 +41,16 @@ __all__ = [
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
     "TransposedJacobianLinearOperator",
+    "LanczosApproximateLogSpectrumCached",
+    "LanczosApproximateSpectrumCached",
+    "approximate_boundaries",
+    "approximate_boundaries_abs",
+    "hutchinson_diag",
+    "hutchinson_squared_fro",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos_approximate_log_spectrum",
+    "lanczos_approximate_spectrum",
+    "xdiag",
+    "xtrace",
 ]
