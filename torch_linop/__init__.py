@@ -14,6 +14,13 @@ from torch_linop.losses import (
     supervised_loss,
     supervised_loss_of_output,
 )
+from torch_linop.losses.language_models import (
+    hf_lm_forward,
+    hf_lm_loss,
+    hf_lm_loss_of_output,
+    hf_seq2seq_loss,
+)
+from torch_linop.losses.transformer_lens import tlens_forward, tlens_loss, tlens_loss_of_output
 from torch_linop.mc_fisher import MCFisherOperator
 from torch_linop.operator import CurvatureOperator
 from torch_linop.params import (
@@ -23,11 +30,38 @@ from torch_linop.params import (
     select_parameters,
     vector_to_parameters,
 )
+from torch_linop.solvers import (
+    DiagonalResult,
+    EigenResult,
+    SpectralDensityResult,
+    TraceResult,
+    diagonal,
+    lanczos,
+    power_iteration,
+    spectral_density,
+    trace,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "DiagonalResult",
+    "EigenResult",
+    "SpectralDensityResult",
+    "TraceResult",
+    "diagonal",
+    "hf_lm_forward",
+    "hf_lm_loss",
+    "hf_lm_loss_of_output",
+    "hf_seq2seq_loss",
+    "lanczos",
+    "power_iteration",
+    "spectral_density",
+    "tlens_forward",
+    "tlens_loss",
+    "tlens_loss_of_output",
+    "trace",
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
