@@ -274,3 +274,35 @@ def test_rejects_bad_arguments() -> None:
         ours.EFLinearOperator(model, nn.L1Loss(), list(model.parameters()), data)
     with pytest.raises(TypeError, match="nn.Module"):
         ours.HessianLinearOperator(lambda x: x, loss, list(model.parameters()), data)
+
+
+CRITERION_OPTIONS = {
+    "ignore_index": lambda: nn.CrossEntropyLoss(ignore_index=-100),
+    "label_smoothing": lambda: nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=-100),
+    "class_weights": lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]).double()),
+    "class_weights_sum": lambda: nn.CrossEntropyLoss(
+        weight=torch.tensor([1.0, 2.0, 0.5]).double(), reduction="sum"
+    ),
+    "bce_pos_weight_soft_targets": lambda: nn.BCEWithLogitsLoss(
+        pos_weight=torch.tensor([1.0, 2.0, 3.0]).double()
+    ),
+}
+
+
+@pytest.mark.parametrize("option", sorted(CRITERION_OPTIONS))
+@pytest.mark.parametrize("name", EXACT)
+def test_criterion_options(option: str, name: str) -> None:
+    """Ignored labels, label smoothing, class weights and pos_weight keep curvlinops' factors."""
+    loss = CRITERION_OPTIONS[option]()
+    generator = torch.Generator().manual_seed(8)
+    inputs = torch.randn(9, 3, generator=generator, dtype=torch.float64)
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        targets = torch.rand(9, 3, generator=generator, dtype=torch.float64)
+    else:
+        targets = torch.randint(0, 3, (9,), generator=generator)
+        targets[[1, 4]] = -100 if option in ("ignore_index", "label_smoothing") else targets[[1, 4]]
+    model, data = mlp(3), batches(inputs, targets, [4, 5])
+    params = list(model.parameters())
+    reference = getattr(curvlinops, name)(model, loss, params, data)
+    operator = getattr(ours, name)(model, loss, params, data)
+    assert_close(dense(operator), dense(reference))
