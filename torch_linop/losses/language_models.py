@@ -280,13 +280,30 @@ class _HFForward:
         return logits_of(model(**hf_model_inputs(mapping)))
 
 
-def hf_lm_loss(*, fused: str = "auto", ignore_index: int = -100) -> HFCausalLMLoss:
+def hf_lm_loss(
+    *,
+    fused: str = "auto",
+    ignore_index: int = -100,
+    fused_head: bool = False,
+    head_tile: tuple[int, int] = (1024, 8192),
+) -> HFCausalLMLoss:
     """Loss for HuggingFace causal LMs: shifted token cross-entropy, mean over valid targets.
 
     Example: ``GGNOperator(model, [tokenizer(texts, return_tensors="pt", padding=True)],
     hf_lm_loss())``. ``fused`` picks the CE Hessian backend of the GGN ("auto", "triton",
-    "compile", "eager"). Also callable as ``loss_fn(model, batch)`` (seed style).
+    "compile", "eager"). ``fused_head=True`` (models with a linear LM head) fuses the head with
+    the CE Hessian so GGN and MC Fisher products never build the (N, V) logits; ``head_tile`` is
+    its (rows, vocabulary) tile. Also callable as ``loss_fn(model, batch)`` (seed style).
     """
+    if fused_head:
+        from torch_linop.losses.fused_lm_head import HFFusedHeadLoss
+
+        if not (isinstance(head_tile, tuple) and len(head_tile) == 2):
+            raise ValueError(f"head_tile must be a (rows, vocab) pair of ints, got {head_tile!r}")
+        check_fused(fused)
+        return HFFusedHeadLoss(
+            ignore_index=ignore_index, row_tile=head_tile[0], vocab_tile=head_tile[1]
+        )
     return HFCausalLMLoss(fused=fused, ignore_index=ignore_index)
 
 
