@@ -42,7 +42,8 @@ class Case:
     reduction: str = "mean"
     layout: str = "contiguous"  # "contiguous" | "vocab_strided" | "permuted" | "padded_rows"
     spike: bool = False
-    block: tuple[int, int] | None = None  # force a Triton (chunk, warps) config
+    masked_vocab: int = 0  # logits[..., :masked_vocab] = -inf (whole chunks of zero probability)
+    block: tuple | None = None  # force a Triton (chunk, warps[, pipelined]) config
     write: str = "new"  # "new" | "out" | "inplace"
 
 
@@ -67,6 +68,18 @@ CASES = [
     Case("odd_rows_multi_chunk", (37,), 100, block=(32, 1)),
     Case("multi_chunk_shift_bf16", (2, 3), 1000, torch.bfloat16, shift=True, block=(128, 1)),
     Case("multi_chunk_strided", (2, 3), 1000, layout="vocab_strided", block=(256, 2)),
+    Case("pipelined_shift_bf16", (2, 5), 1000, torch.bfloat16, shift=True, block=(128, 1, True)),
+    Case("pipelined_odd_rows", (37,), 100, block=(32, 1, True)),
+    Case(
+        "pipelined_inplace_strided",
+        (2, 3),
+        1000,
+        layout="vocab_strided",
+        block=(256, 2, True),
+        write="inplace",
+    ),
+    Case("masked_vocab", (2, 3), 1000, shift=True, masked_vocab=300, block=(128, 1)),
+    Case("masked_vocab_pipelined", (2, 3), 1000, masked_vocab=300, block=(128, 1, True)),
     Case("fp64", (2, 3), 100, torch.float64, shift=True),
     Case("bf16_logits_fp32_u", (2, 3), 100, torch.bfloat16, u_dtype=torch.float32),
     Case("out_buffer", (2, 3), 1000, shift=True, write="out"),
@@ -112,6 +125,8 @@ def make_inputs(
     logits = draw(case.dtype, 3.0)
     if case.spike:
         logits[(0,) * len(rows) + (3,)] += 50.0
+    if case.masked_vocab:
+        logits[..., : case.masked_vocab] = float("-inf")
     u = draw(case.u_dtype or case.dtype, 1.0)
     if case.labels == "none":
         return logits, u, None
@@ -284,7 +299,10 @@ def check_against_oracle(case: Case, result: torch.Tensor, logits, u, labels) ->
     if not mask.any():
         return
     diff = (result.double() - expected)[mask]
-    relative = (diff.norm() / expected[mask].norm()).item()
+    # The error of the best answer representable in the result dtype (fp16 results of large-V
+    # rows are subnormal) is allowed on top.
+    unavoidable = (expected.to(result.dtype).double() - expected)[mask]
+    relative = ((diff.norm() - 2 * unavoidable.norm()) / expected[mask].norm()).item()
     assert relative < tolerance(case), f"relative error {relative:.2e}"
     # Per row, against the forward-error scale of p * (u - <p, u>), i.e. |p| * (|u| + max |u|): a
     # plain relative error is meaningless on a near-one-hot row (the +50 spike), whose product ~ 0.
@@ -292,7 +310,8 @@ def check_against_oracle(case: Case, result: torch.Tensor, logits, u, labels) ->
     probs = torch.softmax(logits.double(), dim=-1).to(result.device)[mask]
     u_abs = u.double().abs().to(result.device)[mask]
     error_scale = scale * (probs * (u_abs + u_abs.amax(-1, keepdim=True))).norm(dim=-1)
-    worst_row = (diff.norm(dim=-1) / error_scale).max().item()
+    row_excess = diff.norm(dim=-1) - 2 * unavoidable.norm(dim=-1)
+    worst_row = (row_excess / error_scale).max().item()
     assert worst_row < tolerance(case), f"worst row error {worst_row:.2e}"
 
 
@@ -441,13 +460,14 @@ def test_cuda_auto_uses_triton() -> None:
 @cuda_only
 @pytest.mark.parametrize("polls", [0, 2])
 @pytest.mark.parametrize("write", ["new", "inplace"])
-def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str) -> None:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str, pipelined: bool) -> None:
     """Programs give up waiting almost at once and claim late siblings' chunks: races on purpose."""
     from torch_linop.kernels import _ce_hvp_triton as launcher
 
     monkeypatch.setattr(launcher, "_POLLS_BEFORE_CLAIMING", polls)
     case = Case(f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True)
-    case = replace(case, block=(2048, 4), write=write)
+    case = replace(case, block=(2048, 4, pipelined), write=write)
     logits, u, labels = make_inputs(case, "cuda")
     for _ in range(2):
         check_against_oracle(case, run_triton(case, logits, u, labels), logits, u, labels)
