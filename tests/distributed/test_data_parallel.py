@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
+from torch_linop.distributed import same_on_all_ranks, shared_seed
 from torch_linop.reference import dense_ggn, dense_hessian
 
 BATCH_SIZES = (3, 5, 2, 4, 6, 1, 5)
@@ -126,14 +127,6 @@ def has_targets(batches: list[Any]) -> bool:
     return any(bool((labels != -100).any()) for _, labels in batches)
 
 
-def lanczos_or_none() -> Any:
-    try:
-        from torch_linop.solvers.lanczos import lanczos
-    except ImportError:
-        return None
-    return lanczos
-
-
 # ----------------------------------------------------------------------------- worker side
 def init_gloo(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
     import torch.distributed as dist
@@ -147,9 +140,22 @@ def init_gloo(rank: int, world: int, store: str, timeout_s: float = 60.0) -> Non
     )
 
 
-def worker_products(rank: int, world: int, out: Path) -> None:
-    from torch_linop.distributed import same_on_all_ranks
+def solver_results(op: Any) -> dict[str, Any]:
+    """Seeded Lanczos and Hutch++ on the operator (on every rank: rank-consistency data)."""
+    from torch_linop.solvers import lanczos, trace
 
+    eig = lanczos(op, TOP_K, which="LA", seed=0)
+    estimate = trace(op, 12, method="hutch++", seed=0)
+    return {
+        "eigenvalues": eig.eigenvalues,
+        "num_matvecs": eig.num_matvecs,
+        "trace": estimate.estimate,
+        "same_vectors": same_on_all_ranks(eig.eigenvectors),
+        "same_values": same_on_all_ranks(torch.from_numpy(eig.eigenvalues)),
+    }
+
+
+def worker_products(rank: int, world: int, out: Path) -> None:
     results: dict[str, Any] = {}
     for name in CONFIGS:
         op = build(name, rank, world, distributed=True)
@@ -158,17 +164,10 @@ def worker_products(rank: int, world: int, out: Path) -> None:
         results[name] = summary
     if has_targets(shard(classification_batches(), rank, world)):
         results["local_only"] = summarize(build("local_only", rank, world, distributed=True))
-    lanczos = lanczos_or_none()
-    if lanczos is not None:
-        op = build("hessian_ce_ddp", rank, world, distributed=True)
-        eig = lanczos(op, TOP_K, which="LA", seed=0)
-        vectors = eig.eigenvectors
-        results["lanczos"] = {
-            "eigenvalues": eig.eigenvalues,
-            "num_matvecs": eig.num_matvecs,
-            "same_vectors": same_on_all_ranks(vectors),
-            "same_values": same_on_all_ranks(torch.from_numpy(eig.eigenvalues)),
-        }
+    op = build("hessian_ce_ddp", rank, world, distributed=True)
+    results["solvers"] = solver_results(op)
+    seed = shared_seed()
+    results["shared_seed_same"] = same_on_all_ranks(torch.tensor([seed]))
     torch.save(results, out / f"rank{rank}.pt")
 
 
@@ -221,6 +220,7 @@ def references() -> dict[str, Any]:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CI machine
     try:
         refs = {name: summarize(build(name, 0, 1, distributed=False)) for name in CONFIGS}
+        refs["solvers"] = solver_results(build("hessian_ce", 0, 1, distributed=False))
     finally:
         torch.set_num_threads(threads)
     model = make_model()
@@ -270,16 +270,17 @@ def test_ranks_match_one_process_on_the_union(
             assert not torch.allclose(local["matrix"], references["hessian_ce"]["matrix"])
         else:  # rank 3 of 4 holds only ignored labels
             assert "local_only" not in results
-    # the solver sees identical products, so its vectors and control flow agree bitwise
-    if lanczos_or_none() is None:
-        return
+    # the solvers see identical products, so their vectors and control flow agree bitwise
     for rank, results in enumerate(per_rank):
-        got = results["lanczos"]
-        assert got["same_vectors"] and got["same_values"], f"rank {rank}: Lanczos diverged"
-        assert got["num_matvecs"] == per_rank[0]["lanczos"]["num_matvecs"]
+        got, want = results["solvers"], references["solvers"]
+        where = f"solvers on rank {rank} of {world}"
+        assert got["same_vectors"] and got["same_values"], f"{where}: Lanczos diverged"
+        assert got["num_matvecs"] == want["num_matvecs"], where
         np.testing.assert_allclose(
-            got["eigenvalues"], references["hessian_ce"]["top"], rtol=TOL, atol=TOL
+            got["eigenvalues"], references["hessian_ce"]["top"], rtol=TOL, atol=TOL, err_msg=where
         )
+        assert abs(got["trace"] - want["trace"]) <= TOL * abs(want["trace"]), where
+        assert results["shared_seed_same"], f"rank {rank}: shared_seed differs between ranks"
 
 
 if __name__ == "__main__":
