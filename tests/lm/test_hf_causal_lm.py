@@ -285,3 +285,27 @@ def test_bad_input_is_rejected_where_it_enters(make_gpt2, padded_data):
     logits = torch.zeros(2, 1, VOCAB, dtype=torch.float64)
     with pytest.raises(ValueError, match="logits_to_keep"):
         hf_lm_loss().loss(logits, padded_data[0])
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Not an HF model: takes input_ids and attention_mask, returns a logits tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(9)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB, 4, generator=generator).double())
+        self.mix = torch.nn.Parameter(torch.randn(4, 4, generator=generator).double())
+        self.unembed = torch.nn.Parameter(torch.randn(VOCAB, 4, generator=generator).double())
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = torch.tanh(self.embed[input_ids].cumsum(dim=1) @ self.mix)
+        return hidden @ self.unembed.T
+
+
+def test_plain_module_returning_a_tensor(make_gpt2, padded_data, ce_ggn_oracle):
+    """Any module taking the batch's keywords works; it gets no HF-only use_cache argument."""
+    model = TinyCausalLM()
+    loss_fn = hf_lm_loss(fused="eager")
+    ggn = dense_of(GGNOperator(model, padded_data, loss_fn))
+    independent = ce_ggn_oracle(model, padded_data, lambda m, b: m(b["input_ids"]), hf_valid, None)
+    torch.testing.assert_close(ggn, independent, rtol=0, atol=TOL)

@@ -103,7 +103,7 @@ class HFFusedHeadLoss(HFCausalLMLoss):
                 f"{type(model).__name__} has no separate base model to produce hidden states; "
                 "use hf_lm_loss() (materialised logits)"
             )
-        hidden = body(**hf_model_inputs(mapping)).last_hidden_state
+        hidden = body(**hf_model_inputs(mapping, body)).last_hidden_state
         weight, bias = head.weight, head.bias
         self._layout = HeadLayout(
             batch_shape=(int(hidden.shape[0]), int(hidden.shape[1])),

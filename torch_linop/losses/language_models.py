@@ -221,10 +221,12 @@ def ce_hvp_columns(
 _NOT_MODEL_INPUTS = ("labels", "num_items_in_batch")
 
 
-def hf_model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for the HF model: the batch without its labels, no KV cache."""
+def hf_model_inputs(batch: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments for the model: the batch without its labels, and no KV cache for HF
+    models (``use_cache=False``: a product never decodes)."""
     inputs = {key: value for key, value in batch.items() if key not in _NOT_MODEL_INPUTS}
-    inputs["use_cache"] = False
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        inputs.setdefault("use_cache", False)
     return inputs
 
 
@@ -242,7 +244,7 @@ class HFCausalLMLoss(TokenCrossEntropyLoss):
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         mapping = as_mapping(batch, self.helper_name, "input_ids")
-        return logits_of(model(**hf_model_inputs(mapping)))
+        return logits_of(model(**hf_model_inputs(mapping, model)))
 
     def labels(self, batch: Any) -> torch.Tensor:
         mapping = as_mapping(batch, self.helper_name, "input_ids")
@@ -277,7 +279,7 @@ class _HFForward:
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         mapping = as_mapping(batch, self.helper_name, "input_ids")
-        return logits_of(model(**hf_model_inputs(mapping)))
+        return logits_of(model(**hf_model_inputs(mapping, model)))
 
 
 def hf_lm_loss(
@@ -336,7 +338,7 @@ class HFSeq2SeqLoss(TokenCrossEntropyLoss):
 
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         mapping = as_mapping(batch, self.helper_name, "labels")
-        inputs = hf_model_inputs(mapping)
+        inputs = hf_model_inputs(mapping, model)
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
             if prepare is None:
