@@ -165,17 +165,9 @@ def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth
     del out
     for key, config in _ce_hvp_triton.tuned_configs().items():
         if key[1] == vocab and key[2] == dtype and key[5] == (labels is not None):
-            row["triton_config"] = [config.block, config.num_warps, config.pipelined]
+            row["triton_config"] = [config.block, config.num_warps]
             timings = _ce_hvp_triton.tuning_timings().get(key, {})
-            row["tuning_ms"] = {
-                f"{c.block}x{c.num_warps}{'-pipelined' if c.pipelined else ''}": t
-                for c, t in timings.items()
-            }
-    row["programs_per_sm"] = {
-        f"{key[1].block}x{key[1].num_warps}": value
-        for key, value in _ce_hvp_triton._programs_per_sm.items()
-        if key[2] == dtype
-    }
+            row["tuning_ms"] = {f"{c.block}x{c.num_warps}": t for c, t in timings.items()}
 
     backends = {
         "triton": lambda: ce_hvp(logits, u, labels, shift=shift, backend="triton"),

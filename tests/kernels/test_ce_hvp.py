@@ -43,7 +43,7 @@ class Case:
     layout: str = "contiguous"  # "contiguous" | "vocab_strided" | "permuted" | "padded_rows"
     spike: bool = False
     masked_vocab: int = 0  # logits[..., :masked_vocab] = -inf (whole chunks of zero probability)
-    block: tuple | None = None  # force a Triton (chunk, warps[, pipelined]) config
+    block: tuple[int, int] | None = None  # force a Triton (chunk, warps) config
     write: str = "new"  # "new" | "out" | "inplace"
 
 
@@ -68,18 +68,7 @@ CASES = [
     Case("odd_rows_multi_chunk", (37,), 100, block=(32, 1)),
     Case("multi_chunk_shift_bf16", (2, 3), 1000, torch.bfloat16, shift=True, block=(128, 1)),
     Case("multi_chunk_strided", (2, 3), 1000, layout="vocab_strided", block=(256, 2)),
-    Case("pipelined_shift_bf16", (2, 5), 1000, torch.bfloat16, shift=True, block=(128, 1, True)),
-    Case("pipelined_odd_rows", (37,), 100, block=(32, 1, True)),
-    Case(
-        "pipelined_inplace_strided",
-        (2, 3),
-        1000,
-        layout="vocab_strided",
-        block=(256, 2, True),
-        write="inplace",
-    ),
     Case("masked_vocab", (2, 3), 1000, shift=True, masked_vocab=300, block=(128, 1)),
-    Case("masked_vocab_pipelined", (2, 3), 1000, masked_vocab=300, block=(128, 1, True)),
     Case("fp64", (2, 3), 100, torch.float64, shift=True),
     Case("bf16_logits_fp32_u", (2, 3), 100, torch.bfloat16, u_dtype=torch.float32),
     Case("out_buffer", (2, 3), 1000, shift=True, write="out"),
@@ -460,14 +449,13 @@ def test_cuda_auto_uses_triton() -> None:
 @cuda_only
 @pytest.mark.parametrize("polls", [0, 2])
 @pytest.mark.parametrize("write", ["new", "inplace"])
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str, pipelined: bool) -> None:
+def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str) -> None:
     """Programs give up waiting almost at once and claim late siblings' chunks: races on purpose."""
     from torch_linop.kernels import _ce_hvp_triton as launcher
 
     monkeypatch.setattr(launcher, "_POLLS_BEFORE_CLAIMING", polls)
     case = Case(f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True)
-    case = replace(case, block=(2048, 4, pipelined), write=write)
+    case = replace(case, block=(2048, 4), write=write)
     logits, u, labels = make_inputs(case, "cuda")
     for _ in range(2):
         check_against_oracle(case, run_triton(case, logits, u, labels), logits, u, labels)
