@@ -8,6 +8,7 @@ device, plus solvers (Lanczos, trace, diagonal, spectral density) in ``torch_lin
 from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
+from torch_linop.kernels import ce_hvp
 from torch_linop.losses import (
     LossFunction,
     supervised_forward,
@@ -50,6 +51,7 @@ __all__ = [
     "EigenResult",
     "SpectralDensityResult",
     "TraceResult",
+    "ce_hvp",
     "diagonal",
     "hf_lm_forward",
     "hf_lm_loss",
