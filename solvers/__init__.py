@@ -5,9 +5,9 @@ a torch operator with ``device``, ``torch_dtype`` and ``shape`` / a square ``tor
 path, run on the operator's device), and returns a frozen result record.
 """
 
+from .desa2018power import power_iteration
+from .eigenpairs import lanczos
 from .estimators import diagonal, trace
-from .lanczos import lanczos
-from .power_iteration import power_iteration
 from .results import DiagonalResult, EigenResult, SpectralDensityResult, TraceResult
 from .slq import spectral_density
 

@@ -21,7 +21,7 @@ from . import krylov
 from ._operator import as_operator
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
-from .lanczos import _check_int
+from ._validation import check_int
 from .results import SpectralDensityResult
 
 
@@ -47,14 +47,14 @@ def spectral_density(
     """
     operator = as_operator(op)
     n = operator.size
-    _check_int("num_runs", num_runs, 1)
-    _check_int("lanczos_steps", lanczos_steps, 1)
+    check_int("num_runs", num_runs, 1)
+    check_int("lanczos_steps", lanczos_steps, 1)
     if lanczos_steps > n:
         raise ValueError(
             f"lanczos_steps={lanczos_steps} exceeds the operator size n={n}; use at most n steps "
             "(n steps give the exact spectrum)"
         )
-    _check_int("grid_size", grid_size, 2)
+    check_int("grid_size", grid_size, 2)
     if sigma is not None and not (
         isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0
     ):

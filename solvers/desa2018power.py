@@ -20,7 +20,8 @@ from torch import Tensor
 from ._operator import as_operator
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
-from .lanczos import _check_int, default_tol
+from ._validation import check_int, check_tol
+from .eigenpairs import default_tol
 from .results import EigenResult
 
 
@@ -44,13 +45,12 @@ def power_iteration(
     """
     operator = as_operator(op)
     n = operator.size
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     if k >= n:
         raise ValueError(f"k={k} must be smaller than the operator size n={n}")
-    _check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     tol = default_tol(operator.eps) if tol is None else tol
-    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    check_tol(tol)
     if not (isinstance(momentum, int | float) and math.isfinite(momentum) and momentum >= 0):
         raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
 

@@ -15,10 +15,12 @@ from . import krylov
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
+from ._validation import check_int, check_tol
 from .results import EigenResult
 
 Which = Literal["LM", "LA", "SA", "BE"]
 WHICH = ("LM", "LA", "SA", "BE")
+_FIRST_CHECK_INTERVAL = 4
 _MAX_CHECK_INTERVAL = 16
 
 
@@ -64,7 +66,7 @@ def lanczos(
     """
     operator = as_operator(op)
     n = operator.size
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     if k >= n:
         raise ValueError(
             f"k={k} must be smaller than the operator size n={n}; for all eigenvalues of a small "
@@ -72,19 +74,18 @@ def lanczos(
         )
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    _check_int("block_size", block_size, 1)
+    check_int("block_size", block_size, 1)
     basis_device = operator.device if basis_device is None else torch.device(basis_device)
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     if not (isinstance(basis_dtype, torch.dtype) and basis_dtype.is_floating_point):
         raise TypeError(f"basis_dtype must be a floating torch.dtype, got {basis_dtype!r}")
     if tol is None:
         tol = default_tol(max(operator.eps, torch.finfo(basis_dtype).eps))
-    if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    check_tol(tol)
     capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
     if max_matvecs is None:
         max_matvecs = max(1000, 20 * capacity)
-    _check_int("max_matvecs", max_matvecs, k)
+    check_int("max_matvecs", max_matvecs, k)
 
     generator = make_generator(seed)
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
@@ -171,19 +172,25 @@ class _Run:
             steps_until_check = self._next_interval(worst, threshold)
 
     def _next_interval(self, worst: float, threshold: float) -> int:
-        """Steps until the next check: half the steps the recent convergence rate predicts."""
+        """Steps until the next check: half of what the latest convergence rate predicts (so
+        checks close in on the converging step), doubling while there is no progress yet, and
+        at most an eighth of the steps so far."""
         state = self.state
         if worst <= threshold:
             return max(1, math.ceil((self.verify_after - state.num_matvecs) / state.block_size))
         log_ratio = math.log(worst / threshold) if threshold > 0 else math.inf
         self.history.append((state.num_steps, log_ratio))
         if len(self.history) < 2 or not math.isfinite(log_ratio):
-            return 4
+            return _FIRST_CHECK_INTERVAL
         (previous_steps, previous_ratio), _ = self.history[-2], self.history[-1]
-        rate = (previous_ratio - log_ratio) / max(1, state.num_steps - previous_steps)
+        interval = state.num_steps - previous_steps
+        rate = (previous_ratio - log_ratio) / max(1, interval)
+        # Lanczos convergence accelerates, so predictions run long: also never overshoot by
+        # more than about 1/8 of the steps taken
+        cap = min(_MAX_CHECK_INTERVAL, max(1, math.ceil(state.num_steps / 8)))
         if rate <= 0:
-            return _MAX_CHECK_INTERVAL
-        return int(min(_MAX_CHECK_INTERVAL, max(1, math.ceil(log_ratio / rate / 2))))
+            return min(cap, 2 * interval)
+        return int(min(cap, max(1, math.ceil(log_ratio / rate / 2))))
 
     def _result(
         self,
@@ -254,7 +261,7 @@ def _capacity(
     if max_basis is None:
         max_basis = max(100, 4 * k, k + 4 * block_size)
     else:
-        _check_int("max_basis", max_basis, 1)
+        check_int("max_basis", max_basis, 1)
     capacity = min(n, max_basis)
     if capacity == n:
         capacity -= n % block_size  # a basis of n vectors must hold whole blocks
@@ -269,8 +276,3 @@ def _capacity(
             "store the basis on the host (basis_device='cpu') or in a cheaper basis_dtype"
         )
     return capacity
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
