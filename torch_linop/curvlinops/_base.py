@@ -70,10 +70,10 @@ class CurvlinopsInterface:
     FIXED_DATA_ORDER: bool = False
     SUPPORTS_BLOCKS: bool = False
 
-    # set by our operator's constructor
+    # set by our operator's constructor (loss_fn is the CriterionLoss made by _prepare)
     model: nn.Module
     params: dict[str, torch.Tensor]
-    loss_fn: CriterionLoss
+    _criterion_loss: CriterionLoss
     device: torch.device
     torch_dtype: torch.dtype
     shape: tuple[int, int]
@@ -94,8 +94,8 @@ class CurvlinopsInterface:
         shapes = [tensor.shape for tensor in self._given_params.values()]
         self._in_shapes: list[torch.Size] = shapes
         self._out_shapes: list[torch.Size] = shapes
-        self._progressbar = False
-        return model, CriterionLoss(loss_func, batch_size_fn)
+        self._criterion_loss = CriterionLoss(loss_func, batch_size_fn)
+        return model, self._criterion_loss
 
     def _select_params(self, model: nn.Module, param_filter: Any) -> dict[str, torch.Tensor]:
         return self._given_params
@@ -126,11 +126,11 @@ class CurvlinopsInterface:
         for batch in self._device_batches():
             # never yield inside the context: two interleaved passes would nest it wrongly
             with self._product_context(), reparametrized(self.model, leaves):  # type: ignore[attr-defined]
-                prediction = self.loss_fn.forward(self.model, batch)
+                prediction = self._criterion_loss.forward(self.model, batch)
                 loss = None
-                if self.loss_fn.criterion is not None:
-                    factor = self.loss_fn.batch_factor(batch, self.num_data)  # type: ignore[attr-defined]
-                    loss = self.loss_fn.loss(prediction, batch) * factor
+                if self._criterion_loss.criterion is not None:
+                    factor = self._criterion_loss.batch_factor(batch, self.num_data)  # type: ignore[attr-defined]
+                    loss = self._criterion_loss.loss(prediction, batch) * factor
             if loss is None:
                 yield batch, prediction.detach(), None, None
                 continue
@@ -139,7 +139,7 @@ class CurvlinopsInterface:
 
     def gradient_and_loss(self) -> tuple[Any, torch.Tensor]:
         """Gradient and loss on the whole data (a list of tensors, or a dict for dict params)."""
-        if self.loss_fn.criterion is None:
+        if self._criterion_loss.criterion is None:
             raise ValueError("No loss function specified.")
         total_loss = torch.zeros((), device=self.device, dtype=self.torch_dtype)
         total_grad = [torch.zeros_like(tensor) for tensor in self.params.values()]
@@ -174,7 +174,7 @@ class CurvlinopsInterface:
                 if totals[index] is None:
                     totals[index] = (loss.clone(), [grad.clone() for grad in grads])
                     continue
-                total_loss, total_grad = totals[index]
+                total_loss, total_grad = totals[index]  # type: ignore[misc]
                 total_loss += loss
                 for total, grad in zip(total_grad, grads):
                     total += grad

@@ -3,14 +3,19 @@ from torch's global generator, and results in the caller's world (torch or numpy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse
 import torch
 from scipy.sparse.linalg import LinearOperator
 
-DISTRIBUTIONS = {"rademacher": "rademacher", "normal": "gaussian", "gaussian": "gaussian"}
+SolverDistribution = Literal["rademacher", "gaussian"]
+DISTRIBUTIONS: dict[str, SolverDistribution] = {
+    "rademacher": "rademacher",
+    "normal": "gaussian",
+    "gaussian": "gaussian",
+}
 
 
 class TorchOperand:
@@ -66,7 +71,7 @@ def check_num_matvecs(num_matvecs: int, size: int, divisor: int = 1) -> None:
         raise ValueError(f"num_matvecs ({num_matvecs}) must be divisible by {divisor}.")
 
 
-def solver_distribution(distribution: str) -> str:
+def solver_distribution(distribution: str) -> SolverDistribution:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"Unknown distribution {distribution!r}; use 'rademacher' or 'normal'.")
     return DISTRIBUTIONS[distribution]

@@ -13,14 +13,14 @@ output Hessians and their Monte-Carlo versions come from :class:`SupervisedLoss`
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torch_linop.losses import closed_form
-from torch_linop.losses.base import LossFunction
+from torch_linop.losses.base import LossFunction, Reduction
 from torch_linop.losses.supervised import SupervisedLoss
 
 SUPPORTED_CRITERIA = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
@@ -28,14 +28,14 @@ SUPPORTED_CRITERIA = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
 BatchSizeFn = Callable[[Any], int]
 
 
-def _check_reduction(criterion: Any) -> str:
+def _check_reduction(criterion: Any) -> Reduction:
     reduction = getattr(criterion, "reduction", None)
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"loss_func must have reduction 'mean' or 'sum', got {reduction!r} on "
             f"{type(criterion).__name__}; e.g. nn.CrossEntropyLoss(reduction='mean')"
         )
-    return reduction
+    return cast(Reduction, reduction)
 
 
 class CriterionLoss(LossFunction):
@@ -138,8 +138,8 @@ class CriterionLoss(LossFunction):
             elementwise = F.binary_cross_entropy_with_logits(
                 output,
                 targets,
-                weight=criterion.weight,
-                pos_weight=criterion.pos_weight,
+                weight=cast(torch.Tensor | None, criterion.weight),
+                pos_weight=cast(torch.Tensor | None, criterion.pos_weight),
                 reduction="none",
             )
         columns = elementwise.shape[-1] if elementwise.dim() > 1 else 1

@@ -41,9 +41,11 @@ class EFLinearOperator(CurvlinopsInterface, EmpiricalFisherOperator):
         """``J^T (s J V)`` with J the Jacobian of the row losses and s curvlinops' factor."""
 
         def row_losses() -> torch.Tensor:
-            return self.loss_fn.per_sample_losses(self.loss_fn.forward(self.model, batch), batch)
+            return self._criterion_loss.per_sample_losses(
+                self._criterion_loss.forward(self.model, batch), batch
+            )
 
         def middle(losses: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-            return vectors * self.loss_fn.ef_scale(batch, losses.numel())
+            return vectors * self._criterion_loss.ef_scale(batch, losses.numel())
 
         return self._sandwich(self.model, row_losses, self.params, tangents, middle)

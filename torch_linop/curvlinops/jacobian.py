@@ -66,12 +66,12 @@ class _JacobianBase(CurvlinopsInterface, CurvatureOperator):
         batch = next(iter(self._device_batches()))
         values = {name: tensor.detach() for name, tensor in self.params.items()}
         with torch.no_grad(), self._product_context(), reparametrized(self.model, values):
-            return self.loss_fn.forward(self.model, batch).shape
+            return self._criterion_loss.forward(self.model, batch).shape
 
     def _output_and_leaves(self, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         leaves = make_leaves(self.params)
         with reparametrized(self.model, leaves):
-            output = self.loss_fn.forward(self.model, batch)
+            output = self._criterion_loss.forward(self.model, batch)
         return output, list(leaves.values())
 
     # ------------------------------------------------------------------ adjoint and scipy
@@ -148,7 +148,7 @@ class JacobianLinearOperator(_JacobianBase):
         self, batch: Any, values: dict[str, torch.Tensor], tangents: list[torch.Tensor]
     ) -> torch.Tensor:
         def forward() -> torch.Tensor:
-            return self.loss_fn.forward(self.model, batch)
+            return self._criterion_loss.forward(self.model, batch)
 
         columns = []
         for j in range(tangents[0].shape[0]):

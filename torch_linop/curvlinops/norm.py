@@ -25,7 +25,8 @@ class _Gram:
     def __init__(self, A: Any, transpose: bool) -> None:
         self.torch_dtype, self.device = torch_dtype_and_device(A)
         adjoint = A.T if isinstance(A, torch.Tensor) else A.adjoint()
-        self._first, self._second = (adjoint, A) if transpose else (A, adjoint)
+        self._first: Any = adjoint if transpose else A
+        self._second: Any = A if transpose else adjoint
         size = A.shape[0] if transpose else A.shape[1]
         self.shape = (size, size)
 

@@ -10,7 +10,7 @@ Lanczos eigensolver.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch_linop.solvers import lanczos, spectral_density
 Boundaries = tuple[float | None, float | None] | None
 
 
-def _extreme(A: Any, which: str, tol: float) -> np.ndarray:
+def _extreme(A: Any, which: Literal["LM", "LA", "SA", "BE"], tol: float) -> np.ndarray:
     result = lanczos(
         solver_operand(A),
         2 if which == "BE" else 1,
@@ -45,10 +45,11 @@ def approximate_boundaries(
     """Smallest and largest eigenvalue (those given in ``boundaries`` are kept)."""
     low, high = (None, None) if boundaries is None else boundaries
     if low is None and high is None:
-        low, high = (float(value) for value in _extreme(A, "BE", tol))
-    elif low is None:
+        both = _extreme(A, "BE", tol)
+        return float(both[0]), float(both[-1])
+    if low is None:
         low = float(_extreme(A, "SA", tol)[0])
-    elif high is None:
+    if high is None:
         high = float(_extreme(A, "LA", tol)[0])
     return float(low), float(high)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch_linop.curvlinops._estimation import (
     check_num_matvecs,
@@ -14,8 +14,12 @@ from torch_linop.curvlinops._estimation import (
 )
 from torch_linop.solvers import trace
 
+TraceMethod = Literal["hutch++", "hutchinson", "xtrace"]
 
-def _estimate(A: Any, num_matvecs: int, method: str, distribution: str, seed: int | None) -> Any:
+
+def _estimate(
+    A: Any, num_matvecs: int, method: TraceMethod, distribution: str, seed: int | None
+) -> Any:
     result = trace(
         solver_operand(A),
         num_matvecs,
