@@ -57,6 +57,8 @@ def run(options: Options) -> int:
     from torch_linop.cli.training import train
 
     started = time.perf_counter()
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     device = resolve_device(options.device)
     workload, dtype = load_workload(options)
     workload = prepare(workload, dtype, device)

@@ -128,7 +128,9 @@ def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
             lambda: lanczos(operator, k, which="LA", seed=options.seed, progress=options.progress),
         )
     if "trace" in quantities:
-        _stage(f"trace (Hutch++, {options.num_matvecs} products)", options)
+        # Hutch++ spends a third of its budget on a sketch, which cannot exceed n
+        budget = min(options.num_matvecs, 3 * num_parameters)
+        _stage(f"trace (Hutch++, {budget} products)", options)
         from torch_linop.solvers import trace
 
         analysis.trace = _timed(
@@ -136,7 +138,7 @@ def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
             "trace",
             lambda: trace(
                 operator,
-                num_matvecs=options.num_matvecs,
+                num_matvecs=budget,
                 seed=options.seed,
                 progress=options.progress,
             ),

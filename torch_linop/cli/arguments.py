@@ -49,6 +49,7 @@ class Options:
     device: str
     dtype: torch.dtype | None
     seed: int
+    threads: int | None
     output_dir: Path
     json_path: Path | None
     train_steps: int | None
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-steps",
         type=_non_negative_int,
         default=None,
-        help="optimizer steps before the analysis (default: 300 for the built-in job, 0 otherwise)",
+        help="optimizer steps before the analysis (default: 200 for the built-in digits job, 300 for the synthetic one, 0 otherwise)",
     )
 
     run = parser.add_argument_group("how to run")
@@ -190,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         "float32 for --hf-config, the model's own dtype for --model)",
     )
     run.add_argument("--seed", type=int, default=0, help="seed for everything random (default: 0)")
+    run.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a "
+        "busy machine)",
+    )
     run.add_argument(
         "--output-dir",
         type=Path,
@@ -226,6 +234,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         device=args.device,
         dtype=None if args.dtype is None else DTYPES[args.dtype],
         seed=args.seed,
+        threads=args.threads,
         output_dir=args.output_dir,
         json_path=args.json_path,
         train_steps=args.train_steps,

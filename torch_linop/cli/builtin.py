@@ -12,7 +12,7 @@ from torch import nn
 from torch_linop.cli.workload import Workload
 from torch_linop.losses import supervised_loss
 
-BATCH_SIZE = 256
+BATCH_SIZE = 2048  # one batch: a product costs one forward/backward pass over the data
 
 
 def builtin_workload(seed: int, dtype: torch.dtype) -> Workload:
@@ -70,7 +70,7 @@ def digits_workload(seed: int, dtype: torch.dtype) -> Workload:
         loss=supervised_loss(F.cross_entropy),
         model_name="MLP 64-32-10 (tanh)",
         data_name=f"scikit-learn digits, {num_train:,} training images",
-        default_train_steps=300,
+        default_train_steps=200,
         learning_rate=1e-2,
         evaluate=evaluate,
     )

@@ -3,6 +3,8 @@ synthetic token sequences. Nothing is ever downloaded."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,29 @@ def _tiny_llama() -> Any:
 TINY_CONFIGS: dict[str, Callable[[], Any]] = {"gpt2": _tiny_gpt2, "llama": _tiny_llama}
 
 
+def hide_broken_torchvision() -> str | None:
+    """If torchvision is installed but cannot be imported (say a CUDA wheel next to a CPU-only
+    torch), make it look absent, as transformers would otherwise fail to import its models.
+    Returns the import error, or None when torchvision is fine or absent."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as error:  # a broken binary raises OSError, RuntimeError, ...
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.modules["torchvision"] = None  # type: ignore[assignment]  # find_spec -> None
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _transformers() -> Any:
+    broken = hide_broken_torchvision()
+    if broken is not None:
+        print(
+            f"torch-linop: torchvision is installed but broken ({broken}); continuing without it",
+            file=sys.stderr,
+        )
     try:
         import transformers
     except ImportError:

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import ticker
 
 from torch_linop.cli.analysis import CURVATURE_NAMES, Analysis
+from torch_linop.cli.report import METHOD_NAMES
 
 LOG_SCALE_RATIO = 1e3  # log-scale the density when its peak exceeds its median by this much
 EIGEN_COLOR = "#c0392b"
@@ -29,7 +31,7 @@ def _density_panel(ax: Any, analysis: Analysis) -> None:
     log = _use_log_scale(values)
     runs, steps = np.asarray(density.nodes).shape
     if log:
-        floor = float(values.max()) * 1e-7
+        floor = float(values.max()) * 1e-6
         shown = np.maximum(values, floor)
         ax.set_yscale("log")
         ax.set_ylim(floor, float(values.max()) * 3)
@@ -47,7 +49,7 @@ def _density_panel(ax: Any, analysis: Analysis) -> None:
                 color=EIGEN_COLOR,
                 linestyle="--",
                 linewidth=0.9,
-                alpha=0.75,
+                alpha=0.6,
                 label=f"top-{len(analysis.eigen.eigenvalues)} eigenvalues (Lanczos)"
                 if index == 0
                 else None,
@@ -57,18 +59,14 @@ def _density_panel(ax: Any, analysis: Analysis) -> None:
     ax.set_ylabel("density (log scale)" if log else "density")
     ax.set_title("Spectral density")
     if analysis.trace is not None:
-        ax.text(
-            0.98,
-            0.96,
-            f"trace = {analysis.trace.estimate:.4g} ± {analysis.trace.stderr:.2g}\n"
-            f"({analysis.trace.method}, {analysis.trace.num_matvecs} products)",
-            transform=ax.transAxes,
-            ha="right",
-            va="top",
-            fontsize=8.5,
-            bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "0.8"},
+        method = METHOD_NAMES.get(analysis.trace.method, analysis.trace.method)
+        ax.plot(
+            [],
+            [],
+            " ",
+            label=f"trace {analysis.trace.estimate:.4g} ± {analysis.trace.stderr:.2g} ({method})",
         )
-    ax.legend(loc="upper center", fontsize=8.5, frameon=False)
+    ax.legend(loc="upper right", fontsize=8.5, framealpha=0.9, edgecolor="0.8")
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -81,7 +79,7 @@ def _eigen_panel(ax: Any, analysis: Analysis) -> None:
     ax.scatter(
         index[converged], values[converged], color=EIGEN_COLOR, zorder=3, s=28, label="converged"
     )
-    if not converged.all():
+    if not converged.all():  # hollow markers: residual above the tolerance
         ax.scatter(
             index[~converged],
             values[~converged],
@@ -93,6 +91,10 @@ def _eigen_panel(ax: Any, analysis: Analysis) -> None:
         )
     if np.all(values > 0) and values.max() / values.min() > 5:
         ax.set_yscale("log")
+        if values.max() / values.min() < 100:  # few decades: plain numbers, not 6x10^-1
+            plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
     ax.set_xticks(index if len(index) <= 12 else index[:: max(1, len(index) // 10)])
     ax.set_xlabel("rank $i$")
     ax.set_ylabel(r"eigenvalue $\lambda_i$")
@@ -107,7 +109,8 @@ def _eigen_panel(ax: Any, analysis: Analysis) -> None:
         fontsize=8.5,
         bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "0.8"},
     )
-    ax.legend(loc="lower left", fontsize=8.5, frameon=False)
+    if not converged.all():
+        ax.legend(loc="lower left", fontsize=8.5, frameon=False)
     ax.grid(True, which="major", alpha=0.3)
 
 

@@ -13,17 +13,25 @@ import torch
 
 from torch_linop.cli.analysis import CURVATURE_NAMES, Analysis
 
+METHOD_NAMES = {"hutch++": "Hutch++", "hutchinson": "Hutchinson", "xtrace": "XTrace"}
+
 
 def spectral_mass(density: Any) -> dict[str, float]:
-    """From SLQ quadrature: the fraction of eigenvalues that are negative, and that lie within 1%
-    of the largest |eigenvalue| of zero (the 'bulk'), averaged over the runs."""
+    """From SLQ quadrature, averaged over the runs: the fraction of eigenvalues within 1% of the
+    largest |eigenvalue| of zero (the 'bulk'), negative, and below -1% of it (clearly negative)."""
     nodes = np.asarray(density.nodes, dtype=np.float64)
     weights = np.asarray(density.weights, dtype=np.float64)
     scale = float(np.max(np.abs(nodes[weights > 0]))) if np.any(weights > 0) else 0.0
     runs = max(nodes.shape[0], 1)
     negative = float(np.sum(weights * (nodes < 0)) / runs)
+    clearly_negative = float(np.sum(weights * (nodes < -0.01 * scale)) / runs)
     near_zero = float(np.sum(weights * (np.abs(nodes) <= 0.01 * scale)) / runs)
-    return {"negative_fraction": negative, "near_zero_fraction": near_zero, "scale": scale}
+    return {
+        "near_zero_fraction": near_zero,
+        "negative_fraction": negative,
+        "clearly_negative_fraction": clearly_negative,
+        "scale": scale,
+    }
 
 
 def _seconds(value: float) -> str:
@@ -62,7 +70,8 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
         estimate = analysis.trace
         lines += [
             "",
-            f"Trace ({estimate.method}, {estimate.num_matvecs} products): "
+            f"Trace ({METHOD_NAMES.get(estimate.method, estimate.method)}, "
+            f"{estimate.num_matvecs} products): "
             f"{estimate.estimate:.6e} +/- {estimate.stderr:.1e} (standard error)",
         ]
         if eigen is not None and estimate.estimate > 0:
@@ -81,7 +90,8 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
             f"smoothing sigma {density.sigma:.2e})",
             f"  Ritz values span [{np.min(density.nodes):.4e}, {np.max(density.nodes):.4e}]",
             f"  {100 * mass['near_zero_fraction']:.1f}% of the eigenvalues lie within 1% of "
-            f"max|lambda| of zero; {100 * mass['negative_fraction']:.1f}% are negative",
+            f"max|lambda| of zero; {100 * mass['negative_fraction']:.1f}% are negative, "
+            f"{100 * mass['clearly_negative_fraction']:.1f}% below -1% of max|lambda|",
         ]
 
     if analysis.diagonal is not None:
