@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_linop import GGNOperator, HessianOperator, supervised_loss
+from torch_linop import EmpiricalFisherOperator, GGNOperator, HessianOperator, supervised_loss
 from torch_linop.distributed import same_on_all_ranks, shared_seed
 from torch_linop.reference import dense_ggn, dense_hessian
 
@@ -90,6 +90,8 @@ def build(name: str, rank: int, world: int, distributed: bool) -> Any:
         return GGNOperator(model, classification, CROSS_ENTROPY, process_group=group)
     if name.startswith("ggn_ce"):
         return GGNOperator(model, classification, CROSS_ENTROPY)
+    if name == "empirical_fisher":
+        return EmpiricalFisherOperator(model, classification, CROSS_ENTROPY)
     if name == "local_only":  # process_group=False: the matrix of this rank's shard alone
         return HessianOperator(model, classification, CROSS_ENTROPY, process_group=False)
     raise ValueError(name)
@@ -102,6 +104,7 @@ CONFIGS = (
     "hessian_mse_sum",
     "ggn_bucketed",
     "ggn_ce_ddp",
+    "empirical_fisher",
 )
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_linop import HessianOperator, supervised_loss
+from torch_linop.distributed import DataParallel
 
 WORLD = 2
 FAILING_RANK = 1
@@ -84,6 +85,11 @@ def worker(rank: int, out: Path) -> None:
     # 2: a bad batch in the product (the others wait in the product all-reduce)
     op = HessianOperator(make_model(), batches(rank, True), ce_mean)
     results["product_mean"] = outcome(lambda: op @ vector)
+    # 2b: the same for a 26-column matmat reduced in 6 buckets of 1 KiB
+    op = HessianOperator(
+        make_model(), batches(rank, True), ce_mean, process_group=DataParallel(bucket_bytes=1024)
+    )
+    results["product_bucketed"] = outcome(lambda: op @ torch.eye(26, dtype=torch.float64))
     # 3: the same with a summed loss (no count all-reduce at all)
     op = HessianOperator(make_model(), batches(rank, True), ce_sum)
     results["product_sum"] = outcome(lambda: op @ vector)
@@ -135,7 +141,7 @@ def test_a_failing_rank_fails_every_rank(tmp_path: Path) -> None:
     assert "cannot count this batch" in failing["count"]["message"]
     assert healthy["count"]["type"] == "RankFailedError"
     assert f"rank {FAILING_RANK} raised ValueError: cannot count" in healthy["count"]["message"]
-    for case in ("product_mean", "product_sum"):
+    for case in ("product_mean", "product_bucketed", "product_sum"):
         assert failing[case]["type"] == "RuntimeError" and shape_error in failing[case]["message"]
         assert (
             healthy[case]["type"] == "RankFailedError" and shape_error in healthy[case]["message"]

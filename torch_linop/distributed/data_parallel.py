@@ -166,7 +166,7 @@ def all_reduce_product(op: Any, product: torch.Tensor) -> torch.Tensor:
         return product
     if op.loss_fn.reduction == "mean" and op._num_data is None:
         op.num_data  # noqa: B018  (joins the count all-reduce the other ranks are in)
-    return _reduce_product(spec, product, failure=None)
+    return _reduce_product(spec, product)
 
 
 def _bucket_bounds(numel: int, element_size: int, bucket_bytes: int) -> list[tuple[int, int]]:
@@ -174,9 +174,7 @@ def _bucket_bounds(numel: int, element_size: int, bucket_bytes: int) -> list[tup
     return [(start, min(numel, start + per_bucket)) for start in range(0, numel, per_bucket)]
 
 
-def _reduce_product(
-    spec: DataParallel, product: torch.Tensor, failure: BaseException | None
-) -> torch.Tensor:
+def _reduce_product(spec: DataParallel, product: torch.Tensor) -> torch.Tensor:
     """All-reduce ``product`` in buckets; the last bucket carries one extra element, the error
     flag, so the healthy path runs exactly one collective per bucket."""
     home = product.device
@@ -186,7 +184,7 @@ def _reduce_product(
     last_start, last_stop = bounds[-1]
     tail = torch.empty(last_stop - last_start + 1, dtype=flat.dtype, device=device)
     tail[:-1].copy_(flat[last_start:last_stop])
-    tail[-1] = float(failure is not None)
+    tail[-1] = 0.0  # the error flag: a failing rank sends 1
     handles = [
         dist.all_reduce(flat[start:stop], group=spec.group, async_op=True)
         for start, stop in bounds[:-1]
@@ -195,9 +193,27 @@ def _reduce_product(
     for handle in handles:
         handle.wait()
     if float(tail[-1]) > 0.0:
-        _raise_shared(spec, failure)
+        _raise_shared(spec, None)
     flat[last_start:last_stop].copy_(tail[:-1])
     return flat.to(home).view(product.shape)
+
+
+def _flag_failed_product(
+    spec: DataParallel, numel: int, dtype: torch.dtype, home: torch.device, failure: BaseException
+) -> None:
+    """The failing rank's side of ``_reduce_product``: the same buckets, in the same order, with
+    the flag set. Every rank discards the sums, so one scratch bucket serves all buckets (bounded
+    memory even when the failure was an out-of-memory error)."""
+    device = _comm_device(spec.group, home)
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    bounds = _bucket_bounds(numel, element_size, spec.bucket_bytes)
+    scratch = torch.zeros(bounds[0][1] - bounds[0][0], dtype=dtype, device=device)
+    for start, stop in bounds[:-1]:
+        dist.all_reduce(scratch[: stop - start], group=spec.group)
+    tail = torch.zeros(bounds[-1][1] - bounds[-1][0] + 1, dtype=dtype, device=device)
+    tail[-1] = 1.0
+    dist.all_reduce(tail, group=spec.group)
+    _raise_shared(spec, failure)
 
 
 # --------------------------------------------------------------------------- failures
@@ -221,8 +237,8 @@ def share_failure(op: Any, error: BaseException, num_columns: int) -> None:
         if op.loss_fn.reduction == "mean" and op._num_data is None:
             _reduce_count(spec, op.device, 0, failure=error)
         else:
-            zeros = torch.zeros(op.shape[0], num_columns, dtype=op.torch_dtype, device=op.device)
-            _reduce_product(spec, zeros, failure=error)
+            numel = op.shape[0] * num_columns
+            _flag_failed_product(spec, numel, op.torch_dtype, op.device, error)
     except _OwnFailure:
         return
     except Exception as collective_error:  # the group itself broke (timeout, dead peer)
