@@ -1,0 +1,288 @@
+"""LLM scale on one GPU: top eigenpairs, trace and spectral density of a ~1B Llama-style LM.
+
+Runs every phase of issue 10 in one process and prints one table (time, matvecs, peak memory per
+phase), with the seed library (hessian-eigenthings) measured in the same run when installed.
+
+    python benchmarks/llm_scale.py --out results/          # the 0.95B model on one GPU
+    python benchmarks/llm_scale.py --smoke                 # a tiny model, CPU is fine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torch_linop import GGNOperator, HessianOperator
+from torch_linop.losses.language_models import hf_lm_loss
+from torch_linop.solvers import lanczos, spectral_density, trace
+
+FULL = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    vocab_size=32000,
+)
+SMOKE = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=97
+)
+
+
+def build_model(sizes: dict[str, int], dtype: torch.dtype, device: torch.device, seed: int):
+    """A Llama-style causal LM from its config, random weights (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**sizes, max_position_embeddings=1024)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def make_batches(vocab: int, batch: int, seq: int, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return [{"input_ids": tokens.to(device)}]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def gradient_fn(model, batches, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> None:
+        value = loss(model, batches[0])
+        torch.autograd.grad(value, params)
+
+    return run
+
+
+class Phases:
+    """Collects one row per phase: seconds, matvecs, peak GiB above the model, notes."""
+
+    def __init__(self, device: torch.device, model_gib: float) -> None:
+        self.device = device
+        self.model_gib = model_gib
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        reset_peak(self.device)
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            info = fn()
+        except Exception as error:  # a failed phase is reported, not hidden
+            info = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            traceback.print_exc()
+        synchronize(self.device)
+        row = {
+            "phase": name,
+            "seconds": time.perf_counter() - start,
+            "peak_gib_above_model": peak_gib(self.device) - self.model_gib,
+            **info,
+        }
+        self.rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        return row
+
+
+def basis_budget(device: torch.device, fraction: float = 0.6) -> int | None:
+    """Bytes the Lanczos basis may use: a fraction of the free device memory now."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * fraction)
+
+
+def eig_phase(op, k: int, tol: float, seed: int, budget: int | None, which: str = "LA"):
+    def run() -> dict[str, Any]:
+        result = lanczos(
+            op, k=k, which=which, tol=tol, seed=seed, max_basis_bytes=budget, progress=True
+        )
+        relative = result.residuals / max(abs(result.eigenvalues).max(), 1e-30)
+        return {
+            "matvecs": result.num_matvecs,
+            "restarts": result.num_restarts,
+            "converged": int(result.converged.sum()),
+            "eigenvalues": [float(x) for x in result.eigenvalues],
+            "max_relative_residual": float(relative.max()),
+        }
+
+    return run
+
+
+def seed_library_phase(model, batches, k: int, device: torch.device):
+    """hessian-eigenthings' own lanczos on the same model and data (it may run out of memory)."""
+
+    def run() -> dict[str, Any]:
+        import hessian_eigenthings as he
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def loss_fn(model, batch):
+            return hf_lm_loss()(model, batch)
+
+        operator = he.HessianOperator(model, batches, loss_fn)
+        vector = torch.randn(operator.size, device=device, dtype=next(model.parameters()).dtype)
+        # its products need a double-backward attention path: the math SDPA backend (= eager)
+        with sdpa_kernel([SDPBackend.MATH]):
+            seconds = median_seconds(lambda: operator.matvec(vector), device, repeats=2)
+            result = he.lanczos(operator, k=k, seed=0)
+        return {
+            "hvp_seconds": seconds,
+            "eigenvalues": [float(x) for x in getattr(result, "eigenvalues", [])],
+        }
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="tiny model (CPU is fine)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--trace-matvecs", type=int, default=99)
+    parser.add_argument("--slq-steps", type=int, default=90)
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip")
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    sizes = SMOKE if args.smoke else FULL
+    seq = 16 if args.smoke else args.seq
+    skip = set(filter(None, args.skip.split(",")))
+
+    model = build_model(sizes, torch.float32, device, seed=0)
+    batches = make_batches(sizes["vocab_size"], args.batch, seq, device, seed=1)
+    num_params = sum(p.numel() for p in model.parameters())
+    model_gib = num_params * 4 / 2**30
+    print(f"model: {num_params / 1e9:.3f}B parameters, {model_gib:.1f} GiB fp32; device {device}")
+    phases = Phases(device, model_gib)
+    loss = hf_lm_loss()
+    hessian = HessianOperator(model, batches, loss)
+    ggn = GGNOperator(model, batches, loss)
+    vector = torch.randn(hessian.shape[0], device=device, generator=None)
+
+    gradient_seconds = median_seconds(gradient_fn(model, batches, loss), device)
+    phases.run("gradient", lambda: {"median_s": gradient_seconds})
+    for name, op in (("hessian matvec", hessian), ("ggn matvec", ggn)):
+        phases.run(
+            name,
+            lambda op=op: {
+                "median_s": (s := median_seconds(lambda: op @ vector, device)),
+                "x_gradient": s / gradient_seconds,
+            },
+        )
+    budget = basis_budget(device)
+    if "hessian_eigs" not in skip:
+        phases.run("hessian top-10", eig_phase(hessian, args.k, args.tol, 0, budget))
+    if "ggn_eigs" not in skip:
+        phases.run("ggn top-10", eig_phase(ggn, args.k, args.tol, 0, basis_budget(device)))
+    if "trace" not in skip:
+        phases.run(
+            "hutch++ trace",
+            lambda: (
+                lambda r: {"estimate": r.estimate, "stderr": r.stderr, "matvecs": r.num_matvecs}
+            )(trace(hessian, num_matvecs=args.trace_matvecs, seed=0, progress=True)),
+        )
+    if "slq" not in skip:
+        phases.run(
+            "slq density",
+            lambda: (
+                lambda r: {
+                    "matvecs": args.slq_steps,
+                    "support": [float(r.nodes.min()), float(r.nodes.max())],
+                }
+            )(spectral_density(hessian, num_runs=1, lanczos_steps=args.slq_steps, seed=0)),
+        )
+    fp32_top = next((r for r in phases.rows if r["phase"] == "hessian top-10"), {})
+    if "bf16" not in skip:
+        del hessian, ggn
+        model = model.to(torch.bfloat16)
+        bf16_hessian = HessianOperator(model, batches, loss)
+        phases.model_gib = num_params * 2 / 2**30
+        row = phases.run(
+            "bf16 hessian top-10",
+            eig_phase(bf16_hessian, args.k, max(args.tol, 1e-2), 0, basis_budget(device)),
+        )
+        if "eigenvalues" in row and "eigenvalues" in fp32_top:
+            diffs = [
+                abs(a - b) / max(abs(b), 1e-30)
+                for a, b in zip(row["eigenvalues"], fp32_top["eigenvalues"])
+            ]
+            row["max_rel_diff_vs_fp32"] = max(diffs)
+            print(f"bf16 vs fp32 top-{args.k}: max relative difference {max(diffs):.3g}")
+        del bf16_hessian
+        model = model.to(torch.float32)
+    if "seed_library" not in skip:
+        phases.run(
+            "hessian-eigenthings lanczos", seed_library_phase(model, batches, args.k, device)
+        )
+
+    print()
+    print("| phase | seconds | matvecs | x gradient | peak GiB above model | notes |")
+    print("|---|---|---|---|---|---|")
+    for row in phases.rows:
+        notes = row.get("error") or (
+            f"converged {row['converged']}/{args.k}, max rel residual "
+            f"{row['max_relative_residual']:.2e}, restarts {row['restarts']}"
+            if "converged" in row
+            else ""
+        )
+        if "max_rel_diff_vs_fp32" in row:
+            notes += f"; vs fp32 {row['max_rel_diff_vs_fp32']:.2e}"
+        ratio = row.get("x_gradient")
+        print(
+            f"| {row['phase']} | {row['seconds']:.1f} | {row.get('matvecs', '')} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | "
+            f"{row['peak_gib_above_model']:.1f} | {notes} |"
+        )
+    if args.out:
+        import os
+
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "llm_scale.json"), "w") as handle:
+            json.dump({"params": num_params, "rows": phases.rows}, handle, indent=1, default=str)
+    if not math.isfinite(gradient_seconds):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
