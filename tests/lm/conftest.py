@@ -81,6 +81,15 @@ def tiny_tlens(seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two, and robust on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_gpt2():
     return tiny_gpt2
