@@ -141,9 +141,10 @@ def _from_numpy(op: Any) -> Operator:
         _check_real(op.dtype, "the numpy array operator")
         # a dense array multiplies in torch: same float64 numbers, and no second BLAS thread
         # pool contending with torch's on small machines
+        size = _square_size(op.shape, "the numpy array operator")
         matrix = torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64))
         return Operator(
-            matrix.__matmul__, op.shape[0], torch.float64, matrix.device, True, _eps(torch.float64)
+            matrix.__matmul__, size, torch.float64, matrix.device, True, _eps(torch.float64)
         )
     linear_op = scipy.sparse.linalg.aslinearoperator(op)
     size = _square_size(linear_op.shape, f"the operator {type(op).__name__}")
@@ -156,12 +157,17 @@ def _from_numpy(op: Any) -> Operator:
     return Operator(matmat, size, torch.float64, torch.device("cpu"), True, _eps(torch.float64))
 
 
+def non_finite_error(matvec: int) -> FloatingPointError:
+    """The error for nan/inf operator output first seen in product number ``matvec``."""
+    return FloatingPointError(
+        f"the operator returned non-finite values (nan/inf) at matvec {matvec}; check the "
+        "model/loss for overflow (a lower-precision operator may need float32) or for nan "
+        "parameters"
+    )
+
+
 def check_finite(block: Tensor, first_matvec: int) -> None:
     """Raise FloatingPointError if an operator output block holds nan/inf (one host sync)."""
     if not bool(torch.isfinite(block).all()):
         bad_column = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
-        raise FloatingPointError(
-            f"the operator returned non-finite values (nan/inf) at matvec {first_matvec + bad_column + 1}; "
-            "check the model/loss for overflow (a lower-precision operator may need float32) "
-            "or for nan parameters"
-        )
+        raise non_finite_error(first_matvec + bad_column + 1)

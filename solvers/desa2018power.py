@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._operator import as_operator
+from ._operator import as_operator, non_finite_error
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
 from ._validation import check_int, check_tol
@@ -75,10 +75,7 @@ def power_iteration(
                 rayleigh = float(iterate @ product)
                 residual = float(torch.linalg.vector_norm(product - rayleigh * iterate))
                 if not (math.isfinite(rayleigh) and math.isfinite(residual)):
-                    raise FloatingPointError(
-                        f"the operator returned non-finite values (nan/inf) at matvec "
-                        f"{num_matvecs}; check the model/loss for overflow or nan parameters"
-                    )
+                    raise non_finite_error(num_matvecs)
                 norm_estimate = max(norm_estimate, abs(rayleigh))
                 if residual <= tol * norm_estimate:
                     break

@@ -140,7 +140,10 @@ class _Run:
         state, block_size = self.state, self.state.block_size
         steps_until_check = max(1, math.ceil((self.k + 1) / block_size))
         while True:
-            budget_left = state.num_matvecs + block_size <= self.max_matvecs
+            # fewer than k Ritz pairs (breakdowns wasted products) overrides the budget
+            budget_left = (
+                state.num_matvecs + block_size <= self.max_matvecs or state.num_multiplied < self.k
+            )
             if krylov.can_step(state) and budget_left and steps_until_check > 0:
                 krylov.step(state, self.operator)
                 self.bar.update(block_size)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._operator import Operator
+from ._operator import Operator, non_finite_error
 from ._random import draw_probes
 
 _ROW_CHUNK = 32  # basis rows converted at a time when the basis is stored in a cheaper dtype
@@ -159,12 +159,7 @@ def validate(state: KrylovState) -> bool:
     finite = np.isfinite(new_columns).all(axis=0)
     first_bad = int(np.argmin(finite)) if not finite.all() else m - first
     if first_bad < m - first:
-        matvec = state.num_matvecs - (m - first - first_bad) + 1
-        raise FloatingPointError(
-            f"the operator returned non-finite values (nan/inf) at matvec {matvec}; check the "
-            "model/loss for overflow (a lower-precision operator may need float32) or for nan "
-            "parameters"
-        )
+        raise non_finite_error(state.num_matvecs - (m - first - first_bad) + 1)
     state.norm_estimate = max(state.norm_estimate, float(np.abs(new_columns).max(initial=0.0)))
     threshold = 64 * torch.finfo(state.coefficients.dtype).eps * state.norm_estimate
     for column in range(first, m, block_size):

@@ -57,13 +57,14 @@ def test_float64_numpy_path_matches_eigvalsh(test_matrices, name, which):
 
 
 @pytest.mark.parametrize("name", ["wishart", "negative"])
+@pytest.mark.parametrize("which", ["LA", "SA", "BE"])
 @pytest.mark.parametrize("dense", [True, False])
-def test_float64_torch_path_matches_eigvalsh(test_matrices, torch_operator, name, dense):
+def test_float64_torch_path_matches_eigvalsh(test_matrices, torch_operator, name, which, dense):
     matrix = test_matrices[name]
     tensor = torch.from_numpy(matrix)
     op = tensor if dense else torch_operator(tensor)
-    result = lanczos(op, 5, which="LA", seed=0)
-    assert_eigenvalues(result, expected(matrix, 5, "LA"), matrix, rtol=1e-8)
+    result = lanczos(op, 5, which=which, seed=0)
+    assert_eigenvalues(result, expected(matrix, 5, which), matrix, rtol=1e-8)
     assert isinstance(result.eigenvectors, torch.Tensor)
     assert result.eigenvectors.shape == (5, 120) and result.eigenvectors.dtype == torch.float64
     if not dense:
