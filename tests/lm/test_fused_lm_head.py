@@ -113,3 +113,23 @@ def test_fused_head_rejects_what_it_cannot_fuse(make_gpt2, padded_data):
         HFFusedHeadLoss().output_hessian_vector_product(
             torch.zeros(3), padded_data[0], torch.zeros(1, 3)
         )
+
+
+def test_fused_head_single_vector_and_float32(make_gpt2, padded_data):
+    """The one-column path (dual numbers, no vmap), and a float32 model accumulating in
+    float32, against the float64 plain product."""
+    model = untied_with_bias(make_gpt2)
+    loss = hf_lm_loss(fused_head=True, head_tile=(4, 6))
+    vector = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    expected = GGNOperator(model, padded_data, hf_lm_loss(fused="eager")).matvec(vector)
+    torch.testing.assert_close(
+        GGNOperator(model, padded_data, loss).matvec(vector), expected, rtol=0, atol=TOL
+    )
+    single = model.float()
+    result = GGNOperator(single, padded_data, loss).matvec(vector.float())
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-5)
