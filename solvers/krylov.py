@@ -71,23 +71,24 @@ def start(
     basis_device: torch.device,
     basis_dtype: torch.dtype,
 ) -> KrylovState:
-    """A state whose pending block is ``start_block`` (``(n, b)``) orthonormalised."""
-    size, block_size = start_block.shape
+    """A state with room for ``capacity`` basis vectors whose pending block is ``start_block``
+    (``(n, b)``) orthonormalised."""
+    n, block_size = start_block.shape
     acc_dtype = accumulation_dtype(basis_dtype, operator.dtype)
-    basis = torch.zeros(capacity, size, dtype=basis_dtype, device=basis_device)
-    start_rows = start_block.to(basis_device, acc_dtype).T
-    basis[:block_size] = _orthonormal_rows(start_rows).to(basis_dtype)
+    basis = torch.zeros(capacity, n, dtype=basis_dtype, device=basis_device)
     coefficients = torch.zeros(capacity, capacity, dtype=acc_dtype, device=basis_device)
-    return KrylovState(basis, coefficients, block_size, block_size, generator)
+    state = KrylovState(basis, coefficients, block_size, block_size, generator)
+    reset(state, start_block)
+    return state
 
 
 def reset(state: KrylovState, start_block: Tensor) -> None:
-    """Reuse ``state``'s buffers for a new run from ``start_block`` (one basis alive at a time)."""
+    """Start a new run from ``start_block`` in ``state``'s buffers (one basis alive at a time);
+    the product counter keeps counting."""
     block_size = start_block.shape[1]
     state.basis.zero_()
     state.coefficients.zero_()
-    acc_dtype = state.coefficients.dtype
-    start_rows = start_block.to(state.basis.device, acc_dtype).T
+    start_rows = start_block.to(state.basis.device, state.coefficients.dtype).T
     state.basis[:block_size] = _orthonormal_rows(start_rows).to(state.basis.dtype)
     state.size = state.block_size = block_size
     state.validated_columns = 0
@@ -144,9 +145,9 @@ def validate(state: KrylovState) -> bool:
 
     Raises FloatingPointError on non-finite operator output. On a breakdown (the basis spans an
     invariant subspace: a coupling below ``64 * eps * ||H||`` in the accumulation dtype, where the
-    next vector could not be orthogonalised reliably) it rolls back the
-    steps taken after it (their matvecs stay counted), sets the coupling to zero and refills the
-    pending block with random directions orthogonal to the basis. Returns whether it did.
+    next vector could not be orthogonalised reliably) it rolls back the steps taken after it
+    (their matvecs stay counted), sets the coupling to zero and refills the pending block with
+    random directions orthogonal to the basis. Returns whether it did.
     """
     m = state.num_multiplied
     block_size = state.block_size
@@ -186,7 +187,7 @@ def ritz(state: KrylovState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m = state.num_multiplied
     projected = state.coefficients[: state.size, :m].to("cpu", torch.float64, copy=True).numpy()
     head = torch.from_numpy(projected[:m])
-    # torch's LAPACK shares torch's thread pool; numpy's would contend with it (10x slower)
+    # torch's LAPACK runs in torch's thread pool instead of waking numpy's BLAS threads too
     values, vectors = (x.numpy() for x in torch.linalg.eigh((head + head.T) / 2))
     estimates = np.linalg.norm(projected[m:] @ vectors, axis=0)
     return values, vectors, estimates
