@@ -50,7 +50,8 @@ class HeadLayout:
 
 
 def _linear_head(model: nn.Module) -> nn.Linear:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
         raise TypeError(
             f"hf_lm_loss(fused_head=True) needs an HF causal LM whose get_output_embeddings() is "
@@ -97,8 +98,8 @@ class HFFusedHeadLoss(HFCausalLMLoss):
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         mapping = as_mapping(batch, self.helper_name, "input_ids")
         head = _linear_head(model)
-        body = model.base_model
-        if body is model:
+        body = getattr(model, "base_model", None)
+        if not isinstance(body, nn.Module) or body is model:
             raise TypeError(
                 f"{type(model).__name__} has no separate base model to produce hidden states; "
                 "use hf_lm_loss() (materialised logits)"
@@ -194,6 +195,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _split_as(
+    layout: HeadLayout, packed: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``layout.split`` with every part in the accumulation ``dtype``."""
+    hidden, weight, bias = layout.split(packed)
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _tangent_logits(
     hidden_tile: torch.Tensor,
     hidden_tangent_tile: torch.Tensor,
@@ -229,10 +238,8 @@ def fused_head_ggn_product(
     """
     acc = _accumulation_dtype(packed.dtype)
     with torch.no_grad():
-        hidden, weight, bias = (None if t is None else t.to(acc) for t in layout.split(packed))
-        d_hidden, d_weight, d_bias = (
-            None if t is None else t.to(acc) for t in layout.split(vectors)
-        )
+        hidden, weight, bias = _split_as(layout, packed, acc)
+        d_hidden, d_weight, d_bias = _split_as(layout, vectors, acc)
         num_columns = vectors.shape[0]
         g_hidden = torch.zeros_like(d_hidden)
         g_weight = torch.zeros_like(d_weight)
@@ -304,10 +311,8 @@ def fused_head_sampled_product(
     acc = _accumulation_dtype(packed.dtype)
     mc_samples = uniforms.shape[0]
     with torch.no_grad():
-        hidden, weight, bias = (None if t is None else t.to(acc) for t in layout.split(packed))
-        d_hidden, d_weight, d_bias = (
-            None if t is None else t.to(acc) for t in layout.split(vectors)
-        )
+        hidden, weight, bias = _split_as(layout, packed, acc)
+        d_hidden, d_weight, d_bias = _split_as(layout, vectors, acc)
         num_columns = vectors.shape[0]
         g_hidden = torch.zeros_like(d_hidden)
         g_weight = torch.zeros_like(d_weight)
