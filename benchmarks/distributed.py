@@ -87,7 +87,9 @@ def synchronize(device: torch.device) -> None:
     dist.barrier()
 
 
-def time_products(apply: Any, vector: torch.Tensor, reps: int, device: torch.device) -> dict:
+def time_products(
+    apply: Any, vector: torch.Tensor, reps: int, device: torch.device
+) -> tuple[dict[str, Any], torch.Tensor]:
     """One warm-up product, then ``reps`` timed ones; the max over ranks of each rep's time."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -222,7 +222,9 @@ def references() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CI machine
     try:
-        refs = {name: summarize(build(name, 0, 1, distributed=False)) for name in CONFIGS}
+        refs: dict[str, Any] = {
+            name: summarize(build(name, 0, 1, distributed=False)) for name in CONFIGS
+        }
         refs["solvers"] = solver_results(build("hessian_ce", 0, 1, distributed=False))
     finally:
         torch.set_num_threads(threads)

@@ -54,27 +54,30 @@ def _select_sharded(model: nn.Module, param_filter: ParamFilter | None) -> dict[
         raise ValueError(
             "no parameter selected: every parameter is frozen or rejected by param_filter"
         )
-    plain = [name for name, param in selected.items() if not isinstance(param, DTensor)]
+    sharded: dict[str, DTensor] = {
+        name: param for name, param in selected.items() if isinstance(param, DTensor)
+    }
+    plain = [name for name in selected if name not in sharded]
     if plain:
         raise TypeError(
             f"parameters {plain[:4]} are not DTensors: call torch.distributed.fsdp.fully_shard "
             "on the model (and its blocks) before building a sharded operator; for replicated "
             "models use HessianOperator/GGNOperator, which are data-parallel on their own"
         )
-    for name, param in selected.items():
+    for name, param in sharded.items():
         if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
             raise ValueError(
                 f"parameter {name} has placements {tuple(param.placements)} on a "
                 f"{param.device_mesh.ndim}-d mesh; sharded operators support FSDP2's default "
                 "dim-0 sharding on a 1-d mesh (no HSDP, no shard_placement_fn)"
             )
-    mesh = next(iter(selected.values())).device_mesh
-    if any(param.device_mesh != mesh for param in selected.values()):
+    mesh = next(iter(sharded.values())).device_mesh
+    if any(param.device_mesh != mesh for param in sharded.values()):
         raise ValueError("the selected parameters live on different device meshes")
-    dtypes = {param.dtype for param in selected.values()}
+    dtypes = {param.dtype for param in sharded.values()}
     if len(dtypes) > 1:
         raise ValueError(f"selected parameters have several dtypes {sorted(map(str, dtypes))}")
-    return selected
+    return sharded
 
 
 class ShardedOperator:
@@ -300,15 +303,15 @@ class ShardedOperator:
     def _take_gradients(self) -> list[torch.Tensor]:
         grads = []
         for param, shape in zip(self.params.values(), self.local_shapes):
-            grad = param.grad
+            grad: torch.Tensor | None = param.grad
             local = (
                 torch.zeros(shape, dtype=self.torch_dtype, device=self.device)
                 if grad is None
                 else (_local(grad) if isinstance(grad, DTensor) else grad).detach().clone()
             )
             grads.append(local)
-        for param in self.model.parameters():
-            param.grad = None
+        for model_param in self.model.parameters():
+            model_param.grad = None
         return grads
 
     # ------------------------------------------------------------------ products
