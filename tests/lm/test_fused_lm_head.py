@@ -133,3 +133,53 @@ def test_fused_head_single_vector_and_float32(make_gpt2, padded_data):
     result = GGNOperator(single, padded_data, loss).matvec(vector.float())
     assert result.dtype == torch.float32
     torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operator creates while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_fused_head_never_builds_the_logits(make_gpt2):
+    """With V = 64 >> d = 8, no tensor of a fused-head GGN matvec reaches N x V elements,
+    while the plain product builds the logits (and the test would see them)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).to(torch.float64).eval()
+    data = [
+        {"input_ids": torch.randint(0, 64, (4, 15), generator=torch.Generator().manual_seed(1))}
+    ]
+    num_logits = 4 * 15 * 64  # 3840; the parameter vector has 1528 entries
+    vector = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    results = {}
+    for name, loss in (
+        ("fused", hf_lm_loss(fused_head=True, head_tile=(8, 16))),
+        ("plain", hf_lm_loss(fused="eager")),
+    ):
+        operator = GGNOperator(model, data, loss)
+        assert operator.num_data == 56  # counted outside the recording
+        with LargestTensor() as recorder:
+            results[name] = operator.matvec(vector)
+        results[name + "_largest"] = recorder.largest
+    assert results["plain_largest"] >= num_logits
+    assert results["fused_largest"] < num_logits, results["fused_largest"]
+    torch.testing.assert_close(results["fused"], results["plain"], rtol=0, atol=TOL)
