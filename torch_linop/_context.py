@@ -62,14 +62,33 @@ def differentiable_hf_attention(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` to the math backend, which supports double
-    backward and forward-mode AD (the fused kernels do not); the user's setting is restored."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # very old torch: nothing to select
+    backward and forward-mode AD (the fused kernels do not), and switch off the native fast path
+    of ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` (taken in eval mode when no input
+    requires grad, as inside ``torch.func.jvp``; it has no forward-mode AD). The user's settings
+    are restored."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # very old torch: nothing to select
+            pass
+        else:
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        stack.enter_context(_mha_fastpath_disabled())
+        yield
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
         yield
         return
-    with sdpa_kernel([SDPBackend.MATH]):
+    previous = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
         yield
+    finally:
+        mha.set_fastpath_enabled(previous)
 
 
 _TF32_WARNED = False
