@@ -56,3 +56,31 @@ def test_backend_is_given_back_when_a_product_raises(make_case):
     with pytest.raises(RuntimeError):
         operator @ torch.ones(operator.shape[0], dtype=torch.float64)
     assert backend_flags() == before
+
+
+def test_transformer_encoder_fast_path_is_off_during_products(make_data, dense, rel_err):
+    """In eval mode ``nn.TransformerEncoderLayer`` takes a native fast path (no forward-mode AD)
+    whenever no input requires grad, which is the case inside the vmapped ``torch.func.jvp``
+    that batches GGN columns. Products switch it off, so matmat stays batched and exact."""
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Encoder().double().eval()
+    data = make_data((3, 4))
+    from torch_linop import supervised_loss
+
+    loss = supervised_loss(F.cross_entropy)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    operator = GGNOperator(model, data, loss)
+    assert rel_err(dense(operator), dense_ggn(model, data, loss)) <= 1e-10
+    assert operator._sandwich._batched_jvp_ok  # the k columns went through one vmapped pass
+    assert torch.backends.mha.get_fastpath_enabled() == fastpath
