@@ -106,6 +106,45 @@ def double_backward_jvp(
     return torch.zeros_like(output) if jvp is None else jvp
 
 
+def double_backward_jvps(
+    output: torch.Tensor, leaves: list[torch.Tensor], tangents: list[torch.Tensor], *, batched: bool
+) -> torch.Tensor:
+    """The k JVPs ``(k, *output.shape)`` of ``tangents`` (each ``(k, *leaf.shape)``) by double
+    backward: one ``create_graph`` backward shared by all columns, then the k derivatives of
+    ``<J^T u, v_j>`` in ``u`` (vmapped over columns when ``batched``)."""
+    num_columns = tangents[0].shape[0]
+    dummy = torch.zeros_like(output, requires_grad=True)
+    grads = torch.autograd.grad(
+        output, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True
+    )
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    zeros = torch.zeros((num_columns, *output.shape), dtype=output.dtype, device=output.device)
+    if not live:
+        return zeros
+    outputs = [grads[i] for i in live]
+    if batched and num_columns > 1:
+        (jvps,) = torch.autograd.grad(
+            outputs,
+            dummy,
+            grad_outputs=[tangents[i] for i in live],
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return zeros if jvps is None else jvps
+    for j in range(num_columns):
+        (jvp,) = torch.autograd.grad(
+            outputs,
+            dummy,
+            grad_outputs=[tangents[i][j] for i in live],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        if jvp is not None:
+            zeros[j] = jvp
+    return zeros
+
+
 def _lacks_forward_ad(error: BaseException) -> bool:
     message = str(error).lower()
     return any(key in message for key in ("forward ad", "forward-mode", "forward_ad", "jvp"))
@@ -151,12 +190,16 @@ class SandwichProduct:
         leaf_list = list(leaves.values())
         with reparametrized(model, leaves):
             output = forward()
-        jvps = torch.stack(
-            [
-                double_backward_jvp(output, leaf_list, [t[j] for t in tangents])
-                for j in range(tangents[0].shape[0])
-            ]
-        )
+        jvps = None
+        if self._batched_vjp_ok and tangents[0].shape[0] > 1:
+            try:
+                jvps = double_backward_jvps(output, leaf_list, tangents, batched=True)
+            except RuntimeError as error:
+                if _is_oom(error):
+                    raise
+                self._batched_vjp_ok = False  # no vmap over this backward: loop over columns
+        if jvps is None:
+            jvps = double_backward_jvps(output, leaf_list, tangents, batched=False)
         return self._vjp(output, leaf_list, middle(output.detach(), jvps))
 
     def _vjp(self, output, leaf_list, cotangents):
