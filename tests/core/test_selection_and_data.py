@@ -190,3 +190,19 @@ def test_vector_helpers_round_trip(make_case):
     assert torch.equal(join_tensors(split, batched=True), columns)
     with pytest.raises(ValueError, match="vector has 3 entries"):
         split_vector(torch.zeros(3), [p.shape for p in params.values()])
+
+
+def test_dataloader_with_a_short_last_batch(make_case, dense, rel_err):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    case = make_case("mlp")
+    inputs = torch.cat([x for x, _ in case.data])
+    labels = torch.cat([y for _, y in case.data])
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=3)  # batches of 3, 3, 2
+    operator = HessianOperator(case.model, loader, case.loss)
+    assert operator.num_data == 8
+    whole = dense_hessian(case.model, [(inputs, labels)], case.loss)
+    assert rel_err(dense(operator), whole) <= 1e-12
+    too_short = DataLoader(TensorDataset(inputs[:2], labels[:2]), batch_size=3, drop_last=True)
+    with pytest.raises(ValueError, match="data is empty \\(DataLoader of length 0\\)"):
+        HessianOperator(case.model, too_short, case.loss)
