@@ -205,3 +205,36 @@ def dense_hessian_by_double_backward(model, data, loss):
     (gradient,) = torch.autograd.grad(value, leaf, create_graph=True)
     rows = [torch.autograd.grad(g, leaf, retain_graph=True)[0] for g in gradient]
     return torch.stack(rows)
+
+
+def test_seed_style_split_loss_and_autograd_output_hessian(make_case, dense, rel_err):
+    """``GGNOperator(model, data, forward_fn, loss_of_output_fn)``: with the library's
+    ``supervised_loss_of_output`` (closed form) and with a plain lambda (the output Hessian by
+    autograd); both equal the dense GGN. A criterion without closed form (``smooth_l1_loss``)
+    goes through autograd too."""
+    from torch_linop import supervised_forward, supervised_loss, supervised_loss_of_output
+
+    case = make_case("mlp")
+    reference = dense_ggn(case.model, case.data, case.loss)
+    closed = GGNOperator(
+        case.model, case.data, supervised_forward, supervised_loss_of_output(F.cross_entropy)
+    )
+    assert rel_err(dense(closed), reference) <= EXACT
+
+    def plain(output, batch):
+        return F.cross_entropy(output, batch[1])
+
+    by_autograd = GGNOperator(case.model, case.data, supervised_forward, plain)
+    assert rel_err(dense(by_autograd), reference) <= EXACT
+    with pytest.raises(NotImplementedError, match="per_sample_losses"):
+        EmpiricalFisherOperator(case.model, case.data, supervised_forward, plain) @ torch.ones(
+            by_autograd.shape[0], dtype=torch.float64
+        )
+    generator = torch.Generator().manual_seed(6)
+    regression = [
+        (x, torch.randn(x.shape[0], 3, generator=generator, dtype=torch.float64))
+        for x, _ in case.data
+    ]
+    smooth = supervised_loss(F.smooth_l1_loss)
+    generic = GGNOperator(case.model, regression, smooth)
+    assert rel_err(dense(generic), dense_ggn(case.model, regression, smooth)) <= EXACT
