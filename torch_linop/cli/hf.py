@@ -23,8 +23,8 @@ def _tiny_gpt2() -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def _tiny_llama() -> Any:
     return LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
 
 

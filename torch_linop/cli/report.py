@@ -16,21 +16,23 @@ from torch_linop.cli.analysis import CURVATURE_NAMES, Analysis
 METHOD_NAMES = {"hutch++": "Hutch++", "hutchinson": "Hutchinson", "xtrace": "XTrace"}
 
 
-def spectral_mass(density: Any) -> dict[str, float]:
-    """From SLQ quadrature, averaged over the runs: the fraction of eigenvalues within 1% of the
-    largest |eigenvalue| of zero (the 'bulk'), negative, and below -1% of it (clearly negative)."""
+def spectral_mass(density: Any, band: float = 0.05) -> dict[str, float]:
+    """From SLQ quadrature, averaged over the runs: the fraction of eigenvalues within ``band``
+    times the largest |eigenvalue| of zero (the 'bulk') and the fraction below minus that.
+
+    SLQ resolves the distribution only to about (spectral range) / lanczos_steps, so finer
+    splits (such as "negative" versus "positive" inside the bulk) are not reported."""
     nodes = np.asarray(density.nodes, dtype=np.float64)
     weights = np.asarray(density.weights, dtype=np.float64)
     scale = float(np.max(np.abs(nodes[weights > 0]))) if np.any(weights > 0) else 0.0
     runs = max(nodes.shape[0], 1)
-    negative = float(np.sum(weights * (nodes < 0)) / runs)
-    clearly_negative = float(np.sum(weights * (nodes < -0.01 * scale)) / runs)
-    near_zero = float(np.sum(weights * (np.abs(nodes) <= 0.01 * scale)) / runs)
+    near_zero = float(np.sum(weights * (np.abs(nodes) <= band * scale)) / runs)
+    negative = float(np.sum(weights * (nodes < -band * scale)) / runs)
     return {
-        "near_zero_fraction": near_zero,
-        "negative_fraction": negative,
-        "clearly_negative_fraction": clearly_negative,
+        "band": band,
         "scale": scale,
+        "bulk_fraction": near_zero,
+        "negative_fraction": negative,
     }
 
 
@@ -89,9 +91,9 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
             f"Spectral density (SLQ, {runs} runs x {steps} steps, {density.num_matvecs} products, "
             f"smoothing sigma {density.sigma:.2e})",
             f"  Ritz values span [{np.min(density.nodes):.4e}, {np.max(density.nodes):.4e}]",
-            f"  {100 * mass['near_zero_fraction']:.1f}% of the eigenvalues lie within 1% of "
-            f"max|lambda| of zero; {100 * mass['negative_fraction']:.1f}% are negative, "
-            f"{100 * mass['clearly_negative_fraction']:.1f}% below -1% of max|lambda|",
+            f"  {100 * mass['bulk_fraction']:.1f}% of the eigenvalues lie within "
+            f"{100 * mass['band']:.0f}% of max|lambda| of zero, {100 * mass['negative_fraction']:.1f}% "
+            f"below -{100 * mass['band']:.0f}% of max|lambda|",
         ]
 
     if analysis.diagonal is not None:
