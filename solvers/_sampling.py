@@ -1,42 +1,100 @@
-"""Shared plumbing of the randomized estimators: their explicit state, products in column
-blocks, and a streaming mean / standard error over samples (Chan et al.'s pairwise update).
+"""Shared plumbing of the randomized estimators: their explicit (checkpointable) state, products
+in column blocks, and a streaming mean / standard error over samples (Chan et al.'s pairwise
+update).
+
+Resumability: an estimator keeps its intermediate results (sketch probes, bases, ...) in
+``state.stage`` and skips a step whose result is there; :func:`apply` keeps the column blocks
+already multiplied in ``state.partial``. Save points are after each block of products, so the
+state saved there is all the rest of the run depends on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._operator import Operator, check_finite
+from .checkpoint import Checkpoint
 
 
 @dataclass
 class EstimatorState:
-    """Everything an estimator needs to continue: the probe generator, products spent, and the
-    running mean and sum of squared deviations (``m2``) of the samples taken so far."""
+    """Everything an estimator needs to continue: the probe generator, products spent, the
+    running mean and sum of squared deviations (``m2``) of the samples taken so far, finished
+    intermediate results (``stage``) and the products of an unfinished :func:`apply`
+    (``partial``). ``checkpoint`` (not part of the state) saves it at the save points."""
 
     generator: torch.Generator
     num_matvecs: int = 0
     num_samples: int = 0
     mean: Tensor | None = None
     m2: Tensor | None = None
+    stage: dict[str, Any] = field(default_factory=dict)
+    partial: list[Tensor] = field(default_factory=list)
+    checkpoint: Checkpoint | None = None
+
+    _SAVED = ("num_matvecs", "num_samples", "mean", "m2", "stage", "partial")
+
+    def state_dict(self) -> dict[str, Any]:
+        saved = {name: getattr(self, name) for name in self._SAVED}
+        saved["generator"] = self.generator.get_state()
+        return saved
+
+    def load_state_dict(self, saved: dict[str, Any], device: torch.device) -> None:
+        """Restore :meth:`state_dict` output, tensors moved to ``device`` (values unchanged)."""
+
+        def to_device(value: Any) -> Any:
+            if isinstance(value, Tensor):
+                return value.to(device)
+            if isinstance(value, dict):
+                return {key: to_device(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [to_device(item) for item in value]
+            return value
+
+        for name in self._SAVED:
+            setattr(self, name, to_device(saved[name]))
+        self.generator.set_state(saved["generator"])
+
+    def save_point(self) -> None:
+        """Save the state if the checkpoint interval has passed."""
+        if self.checkpoint is not None:
+            self.checkpoint.maybe_save(self.num_matvecs, self.state_dict)
 
 
 def apply(
-    operator: Operator, columns: Tensor, state: EstimatorState, block_size: int | None, bar: Any
+    operator: Operator,
+    columns: Tensor,
+    state: EstimatorState,
+    block_size: int | None,
+    bar: Any,
+    *,
+    resumable: bool = True,
 ) -> Tensor:
-    """``H @ columns`` taken ``block_size`` columns at a time (all at once for None)."""
-    outputs = []
-    for chunk in columns.split(block_size or columns.shape[1], dim=1):
+    """``H @ columns`` taken ``block_size`` columns at a time (all at once for None).
+
+    ``resumable``: blocks go to ``state.partial`` with a save point after each, and blocks found
+    there (a resumed run) are not multiplied again; the caller must then store what it derives
+    from the result in ``state.stage`` before the next save point. Streaming callers that
+    consume each block at once pass False.
+    """
+    chunks = columns.split(block_size or columns.shape[1], dim=1)
+    outputs = state.partial if resumable else []
+    for chunk in chunks[len(outputs) :]:
         product = operator.matmat(chunk)
         check_finite(product, state.num_matvecs)
         state.num_matvecs += chunk.shape[1]
         bar.update(chunk.shape[1])
         outputs.append(product)
-    return torch.cat(outputs, dim=1)
+        if resumable:
+            state.save_point()
+    result = torch.cat(outputs, dim=1)
+    if resumable:
+        state.partial = []
+    return result
 
 
 def accumulate(state: EstimatorState, samples: Tensor) -> None:

@@ -11,6 +11,7 @@ the current iterate (not ``x.(Hx - beta x_prev)``, which is off by ``beta``-size
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ._operator import as_operator, non_finite_error
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
 from ._validation import check_int, check_tol
+from .checkpoint import Checkpoint, seed_option
 from .eigenpairs import default_tol
 from .results import EigenResult
 
@@ -34,6 +36,9 @@ def power_iteration(
     momentum: float = 0.0,
     seed: int | torch.Generator | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> EigenResult:
     """The ``k`` largest-magnitude eigenpairs, one at a time, each deflated from the next.
 
@@ -41,7 +46,11 @@ def power_iteration(
     quotient, ``||H||_est`` the largest |rho| so far) or ``max_iter`` iterations; every iteration
     is one product and one host sync. ``momentum`` is De Sa's ``beta`` in eigenvalue-squared units
     (best near ``lambda_{next}**2 / 4``; too large stalls or diverges, 0 is plain power
-    iteration). Prefer :func:`lanczos`, which needs far fewer products.
+    iteration). Prefer :func:`lanczos`, which needs far fewer products. An unconverged pair is
+    reported with the iterate whose residual was measured last.
+
+    ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: resumable runs, as for
+    :func:`lanczos` (bit-identical results after a resume).
     """
     operator = as_operator(op)
     n = operator.size
@@ -55,37 +64,82 @@ def power_iteration(
         raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
 
     generator = make_generator(seed)
+    saver = Checkpoint(
+        checkpoint,
+        solver="power_iteration",
+        options={
+            "k": k,
+            "tol": tol,
+            "max_iter": max_iter,
+            "momentum": momentum,
+            "seed": seed_option(seed),
+        },
+        op=op,
+        operator=operator,
+        every_matvecs=checkpoint_every,
+        every_seconds=checkpoint_seconds,
+    )
     dtype, device = operator.dtype, operator.device
-    found = torch.zeros(0, n, dtype=dtype, device=device)
-    eigenvalues: list[float] = []
-    residuals: list[float] = []
-    norm_estimate, num_matvecs = 0.0, 0
+    # the whole state of the run; iterate is None between pairs
+    run: dict[str, Any] = {
+        "found": torch.zeros(0, n, dtype=dtype, device=device),
+        "eigenvalues": [],
+        "residuals": [],
+        "norm_estimate": 0.0,
+        "num_matvecs": 0,
+        "iterate": None,
+        "previous": None,
+        "iteration": 0,
+    }
+    saved = saver.load()
+    if saved is not None:
+        generator.set_state(saved.pop("generator"))
+        run.update(
+            {
+                name: value.to(device) if isinstance(value, Tensor) else value
+                for name, value in saved.items()
+            }
+        )
+
+    def state() -> dict[str, Any]:
+        return {**run, "generator": generator.get_state()}
+
     with progress_bar(f"power iteration top-{k}", k * max_iter, progress) as bar:
-        for _ in range(k):
-            start = draw_probes(
-                1, n, generator, distribution="gaussian", dtype=dtype, device=device
-            )[:, 0]
-            iterate = _deflate(start, found)
-            iterate /= torch.linalg.vector_norm(iterate)
-            previous = torch.zeros_like(iterate)
-            for _ in range(max_iter):
+        bar.update(run["num_matvecs"])  # products of a resumed run
+        while len(run["eigenvalues"]) < k:
+            found = run["found"]
+            if run["iterate"] is None:
+                start = draw_probes(
+                    1, n, generator, distribution="gaussian", dtype=dtype, device=device
+                )[:, 0]
+                iterate = _deflate(start, found)
+                run["iterate"] = iterate / torch.linalg.vector_norm(iterate)
+                run["previous"] = torch.zeros_like(iterate)
+                run["iteration"] = 0
+            while True:
+                saver.maybe_save(run["num_matvecs"], state)
+                iterate = run["iterate"]
                 product = operator.matmat(iterate[:, None])[:, 0]
-                num_matvecs += 1
+                run["num_matvecs"] += 1
+                run["iteration"] += 1
                 bar.update(1)
                 rayleigh = float(iterate @ product)
                 residual = float(torch.linalg.vector_norm(product - rayleigh * iterate))
                 if not (math.isfinite(rayleigh) and math.isfinite(residual)):
-                    raise non_finite_error(num_matvecs)
-                norm_estimate = max(norm_estimate, abs(rayleigh))
-                if residual <= tol * norm_estimate:
+                    raise non_finite_error(run["num_matvecs"])
+                run["norm_estimate"] = max(run["norm_estimate"], abs(rayleigh))
+                if residual <= tol * run["norm_estimate"] or run["iteration"] >= max_iter:
                     break
-                update = _deflate(product, found) - momentum * previous
+                update = _deflate(product, found) - momentum * run["previous"]
                 scale = torch.linalg.vector_norm(update)
-                previous, iterate = iterate / scale, update / scale
-            eigenvalues.append(rayleigh)
-            residuals.append(residual)
-            found = torch.cat([found, iterate[None]])
+                run["previous"], run["iterate"] = iterate / scale, update / scale
+            run["eigenvalues"].append(rayleigh)
+            run["residuals"].append(residual)
+            run["found"] = torch.cat([found, iterate[None]])
+            run["iterate"] = run["previous"] = None
 
+    eigenvalues, residuals = run["eigenvalues"], run["residuals"]
+    norm_estimate, num_matvecs, found = run["norm_estimate"], run["num_matvecs"], run["found"]
     order = np.argsort(-np.abs(eigenvalues), kind="stable")
     residual_array = np.asarray(residuals)[order]
     return EigenResult(

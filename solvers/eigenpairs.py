@@ -5,6 +5,7 @@ the k pairs converge, with thick restart when the basis would outgrow ``max_basi
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
 from ._validation import check_int, check_tol
+from .checkpoint import Checkpoint, seed_option
 from .results import EigenResult
 
 Which = Literal["LM", "LA", "SA", "BE"]
@@ -45,6 +47,9 @@ def lanczos(
     basis_device: str | torch.device | None = None,
     basis_dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> EigenResult:
     """The ``k`` eigenpairs of symmetric ``op`` selected by ``which``, converged to ``tol``.
 
@@ -63,6 +68,12 @@ def lanczos(
     ``max(1000, 20 * max_basis)``); an unconverged result warns. Single-vector Lanczos (like
     ARPACK) finds one copy of a repeated eigenvalue per start vector unless the basis becomes
     invariant: use ``block_size >= multiplicity`` when eigenvalues may repeat.
+
+    ``checkpoint`` (a file path) makes the run resumable: it resumes from the file if it exists
+    and saves its state there every ``checkpoint_every`` products and/or ``checkpoint_seconds``
+    seconds (default 300 s); a resumed run gives bit-identical results (see
+    :mod:`torch_linop.solvers.checkpoint`). Resuming with other options or another operator
+    raises ValueError.
     """
     operator = as_operator(op)
     n = operator.size
@@ -88,19 +99,53 @@ def lanczos(
     check_int("max_matvecs", max_matvecs, k)
 
     generator = make_generator(seed)
+    saver = Checkpoint(
+        checkpoint,
+        solver="lanczos",
+        options={
+            "k": k,
+            "which": which,
+            "tol": tol,
+            "max_matvecs": max_matvecs,
+            "max_basis": capacity,
+            "block_size": block_size,
+            "seed": seed_option(seed),
+            "return_eigenvectors": return_eigenvectors,
+            "basis_dtype": basis_dtype,
+        },
+        op=op,
+        operator=operator,
+        every_matvecs=checkpoint_every,
+        every_seconds=checkpoint_seconds,
+    )
+    saved = saver.load()
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
-    start_block = draw_probes(
-        block_size, n, generator, distribution="gaussian", dtype=acc_dtype, device=basis_device
-    )
-    state = krylov.start(
-        operator,
-        start_block,
-        capacity=capacity,
-        generator=generator,
-        basis_device=basis_device,
-        basis_dtype=basis_dtype,
-    )
-    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors)
+    if saved is None:
+        start_block = draw_probes(
+            block_size, n, generator, distribution="gaussian", dtype=acc_dtype, device=basis_device
+        )
+        state = krylov.start(
+            operator,
+            start_block,
+            capacity=capacity,
+            generator=generator,
+            basis_device=basis_device,
+            basis_dtype=basis_dtype,
+        )
+    else:
+        state = krylov.allocate(
+            operator,
+            n,
+            block_size,
+            capacity=capacity,
+            generator=generator,
+            basis_device=basis_device,
+            basis_dtype=basis_dtype,
+        )
+        krylov.load_state_dict(state, saved["krylov"])
+    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors, saver)
+    if saved is not None:
+        run.load_state_dict(saved["run"])
     with progress_bar(f"lanczos top-{k} {which}", None, progress) as bar:
         run.bar = bar
         result = run.solve()
@@ -128,31 +173,53 @@ class _Run:
         tol: float,
         max_matvecs: int,
         return_eigenvectors: bool,
+        checkpoint: Checkpoint,
     ) -> None:
         self.operator, self.state, self.k, self.which, self.tol = operator, state, k, which, tol
         self.max_matvecs, self.return_eigenvectors = max_matvecs, return_eigenvectors
+        self.checkpoint = checkpoint
+        # the schedule of convergence checks is part of the state: a resumed run checks (and
+        # restarts) at the same steps as an uninterrupted one
+        self.steps_until_check = max(1, math.ceil((k + 1) / state.block_size))
         self.num_residual_matvecs = 0
         self.verify_after = 0  # Krylov matvecs before the next true-residual check is allowed
         self.history: list[tuple[int, float]] = []  # (steps, log of worst residual / threshold)
         self.bar: Any = None
 
+    _SCHEDULE = ("steps_until_check", "num_residual_matvecs", "verify_after", "history")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's state at a save point: the Krylov state and the check schedule."""
+        schedule = {name: getattr(self, name) for name in self._SCHEDULE}
+        schedule["history"] = [list(entry) for entry in self.history]
+        return {"krylov": krylov.state_dict(self.state), "run": schedule}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.steps_until_check = int(saved["steps_until_check"])
+        self.num_residual_matvecs = int(saved["num_residual_matvecs"])
+        self.verify_after = int(saved["verify_after"])
+        self.history = [(int(steps), float(ratio)) for steps, ratio in saved["history"]]
+
     def solve(self) -> EigenResult:
         state, block_size = self.state, self.state.block_size
-        steps_until_check = max(1, math.ceil((self.k + 1) / block_size))
+        self.bar.update(state.num_matvecs + self.num_residual_matvecs)  # resumed products
         while True:
+            self.checkpoint.maybe_save(
+                state.num_matvecs + self.num_residual_matvecs, self.state_dict
+            )
             # fewer than k Ritz pairs (breakdowns wasted products) overrides the budget
             budget_left = (
                 state.num_matvecs + block_size <= self.max_matvecs or state.num_multiplied < self.k
             )
-            if krylov.can_step(state) and budget_left and steps_until_check > 0:
+            if krylov.can_step(state) and budget_left and self.steps_until_check > 0:
                 krylov.step(state, self.operator)
                 self.bar.update(block_size)
-                steps_until_check -= 1
+                self.steps_until_check -= 1
                 continue
             krylov.validate(state)
             values, coordinates, estimates = krylov.ritz(state)
             if len(values) < self.k:  # too few vectors yet (e.g. after a breakdown)
-                steps_until_check = math.ceil((self.k - len(values)) / block_size)
+                self.steps_until_check = math.ceil((self.k - len(values)) / block_size)
                 continue
             order = _target_order(values, self.which)
             wanted = order[: self.k]
@@ -172,7 +239,7 @@ class _Run:
                 num_keep = self.k + (state.capacity - self.k - 2 * block_size) // 2
                 keep = order[:num_keep]
                 krylov.thick_restart(state, coordinates[:, keep], values[keep])
-            steps_until_check = self._next_interval(worst, threshold)
+            self.steps_until_check = self._next_interval(worst, threshold)
 
     def _next_interval(self, worst: float, threshold: float) -> int:
         """Steps until the next check: half of what the latest convergence rate predicts (so

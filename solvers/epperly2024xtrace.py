@@ -97,16 +97,21 @@ def _take_sketch(
     block_size: int | None,
     bar: Any,
 ) -> _Sketch:
-    probes = draw_probes(
-        num_probes,
-        operator.size,
-        state.generator,
-        distribution=distribution,
-        dtype=operator.dtype,
-        device=operator.device,
-    )
-    products = apply(operator, probes, state, block_size, bar)
-    basis, triangular = torch.linalg.qr(products)
+    stage = state.stage  # finished steps of a resumed run are skipped
+    if "probes" not in stage:
+        stage["probes"] = draw_probes(
+            num_probes,
+            operator.size,
+            state.generator,
+            distribution=distribution,
+            dtype=operator.dtype,
+            device=operator.device,
+        )
+    if "products" not in stage:
+        stage["products"] = apply(operator, stage["probes"], state, block_size, bar)
+        stage["basis"], stage["triangular"] = torch.linalg.qr(stage["products"])
+    probes, products = stage["probes"], stage["products"]
+    basis, triangular = stage["basis"], stage["triangular"]
     basis_products = apply(operator, basis, state, block_size, bar)
     projected = basis.T @ basis_products
     projected = (projected + projected.T) / 2

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 import torch
 
 from . import epperly2024xtrace, meyer2021hutchpp
-from ._operator import as_operator
+from ._operator import Operator, as_operator
 from ._progress import progress_bar
 from ._random import Distribution, check_distribution, make_generator
 from ._sampling import EstimatorState, mean_and_stderr
+from .checkpoint import Checkpoint, seed_option
 from .epperly2024xtrace import xdiag, xtrace
 from .hutchinson import hutchinson_samples
 from .meyer2021hutchpp import hutchpp
@@ -38,6 +40,9 @@ def trace(
     seed: int | torch.Generator | None = None,
     block_size: int | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> TraceResult:
     """Estimate ``tr(op)`` with about ``num_matvecs`` products, with a standard error.
 
@@ -46,13 +51,22 @@ def trace(
     ``block_size`` columns at a time (default: all at once); Hutchinson and the Hutchinson part of
     Hutch++ also draw their probes block by block, so a block bounds their memory (the streaming
     variants), while XTrace keeps its whole sketch.
+
+    ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: resumable runs, as for
+    :func:`lanczos` (bit-identical results after a resume); the state is saved between blocks
+    of products, so ``block_size`` also bounds the work an interruption can lose.
     """
     operator = as_operator(op)
     _check_request(method, ("hutch++", "hutchinson", "xtrace"), num_matvecs, operator.size)
     check_distribution(distribution)
     _check_block_size(block_size)
-    state = EstimatorState(make_generator(seed))
+    options = {"method": method, "distribution": distribution}
+    state = _start(
+        "trace", op, operator, num_matvecs, options, seed, block_size,
+        checkpoint, checkpoint_every, checkpoint_seconds,
+    )  # fmt: skip
     with progress_bar(f"trace ({method})", num_matvecs, progress) as bar:
+        bar.update(state.num_matvecs)  # products of a resumed run
         if method == "hutch++":
             estimate, stderr = hutchpp(
                 operator,
@@ -94,6 +108,9 @@ def diagonal(
     seed: int | torch.Generator | None = None,
     block_size: int | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> DiagonalResult:
     """Estimate ``diag(op)`` from Rademacher probes, with an entrywise standard error.
 
@@ -101,12 +118,17 @@ def diagonal(
     ``block_size``); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
     is exact in the span of its sketch, far better when the spectrum decays. The result is numpy
     for numpy-path operators and a torch tensor on the operator's device otherwise.
+    ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: as for :func:`trace`.
     """
     operator = as_operator(op)
     _check_request(method, ("hutchinson", "xdiag"), num_matvecs, operator.size)
     _check_block_size(block_size)
-    state = EstimatorState(make_generator(seed))
+    state = _start(
+        "diagonal", op, operator, num_matvecs, {"method": method}, seed, block_size,
+        checkpoint, checkpoint_every, checkpoint_seconds,
+    )  # fmt: skip
     with progress_bar(f"diagonal ({method})", num_matvecs, progress) as bar:
+        bar.update(state.num_matvecs)  # products of a resumed run
         if method == "xdiag":
             mean, stderr = xdiag(operator, num_matvecs, state, block_size=block_size, bar=bar)
         else:
@@ -121,6 +143,41 @@ def diagonal(
             )
             mean, stderr = mean_and_stderr(state)
     return DiagonalResult(operator.output(mean), operator.output(stderr), state.num_matvecs, method)
+
+
+def _start(
+    solver: str,
+    op: Any,
+    operator: Operator,
+    num_matvecs: int,
+    options: dict[str, Any],
+    seed: int | torch.Generator | None,
+    block_size: int | None,
+    checkpoint: Any,
+    checkpoint_every: int | None,
+    checkpoint_seconds: float | None,
+) -> EstimatorState:
+    """A fresh estimator state, or the checkpointed one of a compatible earlier run."""
+    generator = make_generator(seed)
+    saver = Checkpoint(
+        checkpoint,
+        solver=solver,
+        options={
+            "num_matvecs": num_matvecs,
+            **options,
+            "seed": seed_option(seed),
+            "block_size": block_size,
+        },
+        op=op,
+        operator=operator,
+        every_matvecs=checkpoint_every,
+        every_seconds=checkpoint_seconds,
+    )
+    state = EstimatorState(generator, checkpoint=saver if saver.enabled else None)
+    saved = saver.load()
+    if saved is not None:
+        state.load_state_dict(saved, operator.device)
+    return state
 
 
 def _check_request(method: str, methods: tuple[str, ...], num_matvecs: Any, size: int) -> None:

@@ -32,9 +32,10 @@ def hutchinson_samples(
     """Accumulate ``num_probes`` samples ``z^T H z`` (or ``z * H z``) into ``state``.
 
     ``project`` (symmetric, e.g. ``I - Q Q^T`` for Hutch++) is applied to each probe, so the
-    samples estimate the trace (or diagonal) of ``P H P`` instead.
+    samples estimate the trace (or diagonal) of ``P H P`` instead. Resumable: samples already in
+    ``state`` count towards ``num_probes``, and the state is saved after each block.
     """
-    remaining = num_probes
+    remaining = num_probes - state.num_samples
     while remaining > 0:
         count = min(remaining, block_size or remaining)
         probes = draw_probes(
@@ -47,7 +48,8 @@ def hutchinson_samples(
         )
         if project is not None:
             probes = project(probes)
-        products = apply(operator, probes, state, block_size, bar)
+        products = apply(operator, probes, state, block_size, bar, resumable=False)
         samples = probes * products
         accumulate(state, samples.T if diagonal else samples.sum(dim=0).double())
         remaining -= count
+        state.save_point()

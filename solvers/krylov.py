@@ -11,6 +11,7 @@ to the host: breakdowns (an invariant subspace) and non-finite operator output a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ _COLUMN_CHUNK = 1 << 18  # columns rewritten at a time by a thick restart
 
 @dataclass
 class KrylovState:
-    """Everything a Lanczos run needs to continue (and, later, to checkpoint).
+    """Everything a Lanczos run needs to continue (checkpointed by :func:`state_dict`).
 
     ``basis[:size]`` holds orthonormal rows; the last ``block_size`` of them are pending (their
     products are not taken yet). ``coefficients[i, j] = q_i . H q_j`` for multiplied ``q_j``, which
@@ -74,12 +75,81 @@ def start(
     """A state with room for ``capacity`` basis vectors whose pending block is ``start_block``
     (``(n, b)``) orthonormalised."""
     n, block_size = start_block.shape
+    state = allocate(
+        operator,
+        n,
+        block_size,
+        capacity=capacity,
+        generator=generator,
+        basis_device=basis_device,
+        basis_dtype=basis_dtype,
+    )
+    reset(state, start_block)
+    return state
+
+
+def allocate(
+    operator: Operator,
+    n: int,
+    block_size: int,
+    *,
+    capacity: int,
+    generator: torch.Generator,
+    basis_device: torch.device,
+    basis_dtype: torch.dtype,
+) -> KrylovState:
+    """A state with zeroed buffers for ``capacity`` basis vectors and no start block yet (fill
+    it with :func:`reset` or :func:`load_state_dict`)."""
     acc_dtype = accumulation_dtype(basis_dtype, operator.dtype)
     basis = torch.zeros(capacity, n, dtype=basis_dtype, device=basis_device)
     coefficients = torch.zeros(capacity, capacity, dtype=acc_dtype, device=basis_device)
-    state = KrylovState(basis, coefficients, block_size, block_size, generator)
-    reset(state, start_block)
-    return state
+    return KrylovState(basis, coefficients, block_size, block_size, generator)
+
+
+_COUNTERS = (
+    "size",
+    "block_size",
+    "num_matvecs",
+    "num_steps",
+    "num_restarts",
+    "validated_columns",
+    "complete",
+    "norm_estimate",
+)
+
+
+def state_dict(state: KrylovState) -> dict[str, Any]:
+    """Everything that determines the rest of a run: the used basis rows, the coefficients, the
+    counters and the generator's state (rows beyond ``size`` are always zero)."""
+    saved: dict[str, Any] = {name: getattr(state, name) for name in _COUNTERS}
+    saved["basis"] = state.basis[: state.size]
+    saved["coefficients"] = state.coefficients
+    saved["generator"] = state.generator.get_state()
+    return saved
+
+
+def load_state_dict(state: KrylovState, saved: dict[str, Any]) -> None:
+    """Restore :func:`state_dict` output into ``state``'s buffers (same capacity, size and
+    dtypes), bit for bit."""
+    basis, coefficients = saved["basis"], saved["coefficients"]
+    if (
+        basis.shape[1] != state.basis.shape[1]
+        or basis.shape[0] > state.capacity
+        or coefficients.shape != state.coefficients.shape
+        or basis.dtype != state.basis.dtype
+        or coefficients.dtype != state.coefficients.dtype
+    ):
+        raise ValueError(
+            f"the checkpointed Krylov basis ({tuple(basis.shape)}, {basis.dtype}) does not fit "
+            f"this run's ({tuple(state.basis.shape)}, {state.basis.dtype}); resume with the "
+            "same options"
+        )
+    state.basis.zero_()
+    state.basis[: basis.shape[0]] = basis.to(state.basis.device)
+    state.coefficients.copy_(coefficients.to(state.coefficients.device))
+    for name in _COUNTERS:
+        setattr(state, name, type(getattr(state, name))(saved[name]))
+    state.generator.set_state(saved["generator"])
 
 
 def reset(state: KrylovState, start_block: Tensor) -> None:

@@ -36,17 +36,26 @@ def hutchpp(
     error: that of the Hutchinson part, the sketched part being exact given the sketch."""
     sketch_size = num_matvecs // 3
     num_probes = num_matvecs - 2 * sketch_size
-    sketch = draw_probes(
-        sketch_size,
-        operator.size,
-        state.generator,
-        distribution=distribution,
-        dtype=operator.dtype,
-        device=operator.device,
-    )
-    basis, _ = torch.linalg.qr(apply(operator, sketch, state, block_size, bar))
-    del sketch
-    sketched_trace = float((basis * apply(operator, basis, state, block_size, bar)).sum())
+    stage = state.stage  # finished steps of a resumed run are skipped
+    if "basis" not in stage and "sketch" not in stage:
+        stage["sketch"] = draw_probes(
+            sketch_size,
+            operator.size,
+            state.generator,
+            distribution=distribution,
+            dtype=operator.dtype,
+            device=operator.device,
+        )
+    if "basis" not in stage:
+        stage["basis"], _ = torch.linalg.qr(
+            apply(operator, stage["sketch"], state, block_size, bar)
+        )
+        del stage["sketch"]
+    basis = stage["basis"]
+    if "sketched_trace" not in stage:
+        products = apply(operator, basis, state, block_size, bar)
+        stage["sketched_trace"] = float((basis * products).sum())
+    sketched_trace = stage["sketched_trace"]
 
     def deflate(probes: Tensor) -> Tensor:
         return probes - basis @ (basis.T @ probes)

@@ -11,6 +11,7 @@ smoothing each node with a Gaussian gives a density of eigenvalues that integrat
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from ._operator import as_operator
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
 from ._validation import check_int
+from .checkpoint import Checkpoint, seed_option
 from .results import SpectralDensityResult
 
 
@@ -36,6 +38,9 @@ def spectral_density(
     basis_device: str | torch.device | None = None,
     basis_dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> SpectralDensityResult:
     """SLQ density of the eigenvalues of symmetric ``op`` (``num_runs * lanczos_steps`` products).
 
@@ -44,6 +49,9 @@ def spectral_density(
     whose Krylov space becomes invariant stops early: its quadrature is then exact. ``sigma``
     (default: the node range / ``lanczos_steps``) is the Gaussian smoothing width; the grid spans
     the nodes plus ``5 sigma`` on each side.
+
+    ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: resumable runs, as for
+    :func:`lanczos` (bit-identical results after a resume).
     """
     operator = as_operator(op)
     n = operator.size
@@ -64,35 +72,86 @@ def spectral_density(
     basis_device = operator.device if basis_device is None else torch.device(basis_device)
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
+    saver = Checkpoint(
+        checkpoint,
+        solver="spectral_density",
+        options={
+            "num_runs": num_runs,
+            "lanczos_steps": lanczos_steps,
+            "grid_size": grid_size,
+            "sigma": sigma,
+            "seed": seed_option(seed),
+            "basis_dtype": basis_dtype,
+        },
+        op=op,
+        operator=operator,
+        every_matvecs=checkpoint_every,
+        every_seconds=checkpoint_seconds,
+    )
+    saved = saver.load()
     nodes = np.zeros((num_runs, lanczos_steps))
     weights = np.zeros((num_runs, lanczos_steps))
     state: krylov.KrylovState | None = None
+    first_run, run_started = 0, False
+    if saved is not None:  # the same buffers, counters and generator state, then go on
+        state = krylov.allocate(
+            operator,
+            n,
+            1,
+            capacity=min(n, lanczos_steps + 1),
+            generator=generator,
+            basis_device=basis_device,
+            basis_dtype=basis_dtype,
+        )
+        krylov.load_state_dict(state, saved["krylov"])
+        nodes[:], weights[:] = saved["nodes"].numpy(), saved["weights"].numpy()
+        first_run, run_started = int(saved["run"]), bool(saved["run_started"])
+
+    def save_point(run: int, started: bool) -> None:
+        assert state is not None
+        saver.maybe_save(
+            state.num_matvecs,
+            lambda: {
+                "krylov": krylov.state_dict(state),
+                "nodes": nodes,
+                "weights": weights,
+                "run": run,
+                "run_started": started,
+            },
+        )
+
     total = num_runs * lanczos_steps
     with progress_bar("spectral density (SLQ)", total, progress) as bar:
-        for run in range(num_runs):
-            start = draw_probes(
-                1, n, generator, distribution="rademacher", dtype=acc_dtype, device=basis_device
-            )
-            if state is None:
-                state = krylov.start(
-                    operator,
-                    start,
-                    capacity=min(n, lanczos_steps + 1),
-                    generator=generator,
-                    basis_device=basis_device,
-                    basis_dtype=basis_dtype,
+        bar.update(0 if state is None else state.num_matvecs)  # products of a resumed run
+        for run in range(first_run, num_runs):
+            if not run_started:
+                start = draw_probes(
+                    1, n, generator, distribution="rademacher", dtype=acc_dtype, device=basis_device
                 )
-            else:
-                krylov.reset(state, start)
+                if state is None:
+                    state = krylov.start(
+                        operator,
+                        start,
+                        capacity=min(n, lanczos_steps + 1),
+                        generator=generator,
+                        basis_device=basis_device,
+                        basis_dtype=basis_dtype,
+                    )
+                else:
+                    krylov.reset(state, start)
+            run_started = False
+            assert state is not None
             while state.num_multiplied < lanczos_steps and krylov.can_step(state):
                 krylov.step(state, operator)
                 bar.update(1)
+                save_point(run, True)
             # On a breakdown the rolled-back state holds the invariant subspace: exact quadrature.
             krylov.validate(state)
             run_nodes, run_weights = _quadrature(state)
             nodes[run, : len(run_nodes)] = run_nodes
             nodes[run, len(run_nodes) :] = run_nodes[-1]
             weights[run, : len(run_weights)] = run_weights
+            save_point(run + 1, False)
     assert state is not None
     grid, density, sigma = _smoothed_density(nodes, weights, grid_size, sigma, lanczos_steps)
     return SpectralDensityResult(grid, density, nodes, weights, sigma, state.num_matvecs)

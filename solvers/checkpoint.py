@@ -1,0 +1,408 @@
+"""Resumable solver runs: the solver's whole state saved atomically to one file, and refused on
+resume when the solver, its options or the operator changed.
+
+A solver given ``checkpoint=path`` resumes from ``path`` if it exists and otherwise starts fresh;
+while it runs it saves its state there every ``checkpoint_every`` products and/or every
+``checkpoint_seconds`` seconds (default: every 5 minutes), at points of its loop where the saved
+state is everything the rest of the run depends on (the CPU generator's state, the convergence
+check schedule, the basis, accumulators), so a resumed run repeats the uninterrupted run's
+arithmetic and returns bit-identical results. Saving never changes the numbers.
+
+Writes are atomic: ``torch.save`` into a temporary file in the same folder, ``fsync``, then
+``os.replace`` over the old checkpoint; an interrupted write leaves the previous checkpoint in
+place (and a stray temporary file, removed by the next run that opens the checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._operator import Operator
+from ._random import draw_probes
+
+FORMAT = "torch-linop solver checkpoint"
+VERSION = 1
+DEFAULT_SECONDS = 300.0
+_TEMP_SUFFIX = ".tmp"
+# relative agreement of parameter checksums (float64 sums: rounding differences are ~1e-13)
+_PARAMETER_RTOL = 1e-9
+_PROBE_SEED = 0x5EED  # fixed probe for operators without parameters (own generator)
+
+State = dict[str, Any]
+
+
+def seed_option(seed: Any) -> Any:
+    """How ``seed`` is recorded among the options: an int, None, or "generator" (whose state
+    the checkpoint carries anyway)."""
+    return "generator" if isinstance(seed, torch.Generator) else seed
+
+
+class Checkpoint:
+    """One solver run's checkpoint file; a no-op when ``path`` is None.
+
+    ``load()`` returns the saved solver state (or None to start fresh); the solver calls
+    ``maybe_save(num_matvecs, make_state)`` at its save points, and ``make_state()`` is only
+    evaluated when a save is due.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        solver: str,
+        options: Mapping[str, Any],
+        op: Any,
+        operator: Operator,
+        every_matvecs: int | None = None,
+        every_seconds: float | None = None,
+    ) -> None:
+        self.path = _check_path(path)
+        self.solver = solver
+        self.options = {name: _plain(value) for name, value in options.items()}
+        self.every_matvecs, self.every_seconds = _check_intervals(every_matvecs, every_seconds)
+        self.last_matvecs = 0
+        self.last_time = time.monotonic()
+        self.num_saves = 0
+        self.fingerprint: State | None = None
+        if self.path is not None:
+            self.fingerprint = fingerprint(op, operator)
+            _remove_stale_temporaries(self.path)
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def load(self) -> State | None:
+        """The saved state of a compatible run, None if there is no checkpoint file yet;
+        ValueError if the file is unreadable or was written by another solver, with other
+        options, or for another operator."""
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"checkpoint {self.path} is not a readable torch-linop checkpoint ({error}); "
+                "delete it or pass another checkpoint path to start over"
+            ) from error
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(
+                f"{self.path} is not a torch-linop solver checkpoint; delete it or pass another "
+                "checkpoint path"
+            )
+        if payload.get("version") != VERSION:
+            raise ValueError(
+                f"checkpoint {self.path} has format version {payload.get('version')!r}, this "
+                f"torch-linop reads version {VERSION}; finish the run with the version that "
+                "wrote it, or delete the file to start over"
+            )
+        self._check_compatible(payload)
+        state = payload["state"]
+        self.last_matvecs = int(payload["num_matvecs"])
+        return state
+
+    def _check_compatible(self, payload: State) -> None:
+        fix = "pass another checkpoint path (or delete the file) to start a new run"
+        if payload["solver"] != self.solver:
+            raise ValueError(
+                f"checkpoint {self.path} was written by {payload['solver']}(), not "
+                f"{self.solver}(); {fix}"
+            )
+        saved_options = payload["options"]
+        if saved_options != self.options:
+            names = sorted(set(saved_options) | set(self.options))
+            differences = [
+                f"{name}={saved_options.get(name)!r} in the checkpoint, {self.options.get(name)!r} now"
+                for name in names
+                if saved_options.get(name) != self.options.get(name)
+            ]
+            raise ValueError(
+                f"checkpoint {self.path} was written by {self.solver}() with other options ("
+                + "; ".join(differences)
+                + f"): resume with the same options, or {fix}"
+            )
+        assert self.fingerprint is not None
+        mismatch = fingerprint_mismatch(payload["fingerprint"], self.fingerprint)
+        if mismatch is not None:
+            raise ValueError(
+                f"checkpoint {self.path} was written for a different operator ({mismatch}): "
+                f"resume with the same model, parameters and operator, or {fix}"
+            )
+
+    def maybe_save(self, num_matvecs: int, make_state: Callable[[], State]) -> bool:
+        """Save ``make_state()`` if ``every_matvecs`` products or ``every_seconds`` seconds have
+        passed since the last save (or the start); returns whether it saved."""
+        if self.path is None:
+            return False
+        due = (
+            self.every_matvecs is not None and num_matvecs - self.last_matvecs >= self.every_matvecs
+        ) or (
+            self.every_seconds is not None
+            and time.monotonic() - self.last_time >= self.every_seconds
+        )
+        if not due or num_matvecs == self.last_matvecs:
+            return False
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "solver": self.solver,
+            "options": self.options,
+            "fingerprint": self.fingerprint,
+            "num_matvecs": int(num_matvecs),
+            "state": _to_cpu(make_state()),
+        }
+        atomic_save(payload, self.path)
+        self.last_matvecs = num_matvecs
+        self.last_time = time.monotonic()
+        self.num_saves += 1
+        return True
+
+
+def atomic_save(payload: Any, path: Path) -> None:
+    """``torch.save(payload)`` to ``path`` so that a crash at any moment leaves either the old
+    file or the complete new one: temporary file in the same folder, fsync, ``os.replace``."""
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=_TEMP_SUFFIX, dir=path.parent
+    )
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (POSIX); silently skipped where folders cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of ``path`` left by writers that were killed mid-save (their
+    process is gone); files of live processes are kept."""
+    for temporary in path.parent.glob(f".{path.name}.*{_TEMP_SUFFIX}"):
+        fields = temporary.name[len(path.name) + 2 :].split(".")
+        if not fields or not fields[0].isdigit():
+            continue
+        pid = int(fields[0])
+        if pid != os.getpid() and not _process_alive(pid):
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _check_path(path: Any) -> Path | None:
+    if path is None:
+        return None
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike) or None, got {path!r}")
+    resolved = Path(path)
+    if resolved.is_dir():
+        raise ValueError(
+            f"checkpoint={str(path)!r} is a folder; pass a file path such as "
+            f"{str(resolved / 'lanczos.pt')!r}"
+        )
+    if not resolved.parent.is_dir():
+        raise ValueError(
+            f"the folder of checkpoint={str(path)!r} does not exist; create it first "
+            f"(os.makedirs({str(resolved.parent)!r}))"
+        )
+    return resolved
+
+
+def _check_intervals(every_matvecs: Any, every_seconds: Any) -> tuple[int | None, float | None]:
+    if every_matvecs is not None and (
+        not isinstance(every_matvecs, int) or isinstance(every_matvecs, bool) or every_matvecs < 1
+    ):
+        raise ValueError(
+            f"checkpoint_every must be None or a number of matvecs >= 1, got {every_matvecs!r}"
+        )
+    if every_seconds is not None and not (
+        isinstance(every_seconds, int | float)
+        and not isinstance(every_seconds, bool)
+        and math.isfinite(every_seconds)
+        and every_seconds > 0
+    ):
+        raise ValueError(
+            f"checkpoint_seconds must be None or a positive number of seconds, got "
+            f"{every_seconds!r}"
+        )
+    if every_matvecs is None and every_seconds is None:
+        every_seconds = DEFAULT_SECONDS
+    return every_matvecs, None if every_seconds is None else float(every_seconds)
+
+
+def _plain(value: Any) -> Any:
+    """Options as plain, comparable, weights_only-loadable values."""
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _to_cpu(value: Any) -> Any:
+    """Copies of every tensor in a nested state on the CPU (own storage, not a view of a larger
+    buffer); numpy arrays become tensors so ``weights_only`` loading accepts them."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def fingerprint(op: Any, operator: Operator) -> State:
+    """What identifies the operator: its type, size and dtype, and either its parameters (names,
+    shapes and float64 sum/norm checksums of their values, for objects with ``.params``) or, for
+    any other operator, a signature of its product with a fixed probe (one extra product)."""
+    record: State = {
+        "type": type(op).__name__,
+        "size": operator.size,
+        "dtype": str(getattr(op, "torch_dtype", getattr(op, "dtype", operator.dtype))),
+    }
+    parameters = _named_parameters(op)
+    if parameters is not None:
+        record["parameters"] = [(name, tuple(tensor.shape)) for name, tensor in parameters]
+        record["checksums"] = _checksums([tensor for _, tensor in parameters])
+        for attribute in ("method", "jvp_method", "mc_samples", "seed"):
+            value = getattr(op, attribute, None)
+            if isinstance(value, str | int | float):
+                record[attribute] = value
+        return record
+    record["probe"] = _probe_signature(operator)
+    record["probe_rtol"] = math.sqrt(operator.eps)
+    return record
+
+
+def _named_parameters(op: Any) -> list[tuple[str, torch.Tensor]] | None:
+    params = getattr(op, "params", None)
+    if isinstance(params, Mapping) and params:
+        items = list(params.items())
+    elif isinstance(params, list | tuple) and params:
+        items = [(str(index), tensor) for index, tensor in enumerate(params)]
+    else:
+        return None
+    if not all(isinstance(tensor, torch.Tensor) for _, tensor in items):
+        return None
+    return [(str(name), tensor) for name, tensor in items]
+
+
+def _checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``(len, 3)`` float64: sum, 2-norm and numel of each tensor (one host transfer)."""
+    with torch.no_grad():
+        rows = [
+            torch.stack(
+                [
+                    torch.sum(tensor.detach(), dtype=torch.float64),
+                    torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64),
+                ]
+            ).cpu()
+            for tensor in tensors
+        ]
+    sizes = torch.tensor([[float(tensor.numel())] for tensor in tensors], dtype=torch.float64)
+    return torch.cat([torch.stack(rows), sizes], dim=1)
+
+
+def _probe_signature(operator: Operator) -> torch.Tensor:
+    """float64 ``[sum(y), ||y||, v.y, y[0], y[n//2], y[-1]]`` for ``y = H v`` with a fixed
+    Gaussian probe ``v`` from a private generator (the solver's generator is not touched)."""
+    generator = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = draw_probes(
+        1,
+        operator.size,
+        generator,
+        distribution="gaussian",
+        dtype=operator.dtype,
+        device=operator.device,
+    )
+    product = operator.matmat(probe)[:, 0].to(torch.float64)
+    probe64 = probe[:, 0].to(torch.float64)
+    n = operator.size
+    return torch.stack(
+        [
+            product.sum(),
+            torch.linalg.vector_norm(product),
+            probe64 @ product,
+            product[0],
+            product[n // 2],
+            product[n - 1],
+        ]
+    ).cpu()
+
+
+def fingerprint_mismatch(saved: State, current: State) -> str | None:
+    """A description of how two fingerprints differ, None if they describe the same operator."""
+    for key in ("type", "size", "dtype", "method", "jvp_method", "mc_samples", "seed"):
+        if saved.get(key) != current.get(key):
+            return f"{key} {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+    if ("parameters" in saved) != ("parameters" in current):
+        return "one operator has named parameters, the other not"
+    if "parameters" in saved:
+        saved_names = [(name, tuple(shape)) for name, shape in saved["parameters"]]
+        if saved_names != current["parameters"]:
+            changed = [
+                f"{a[0]}{a[1]} vs {b[0]}{b[1]}"
+                for a, b in zip(saved_names, current["parameters"])
+                if a != b
+            ]
+            detail = (
+                changed[0]
+                if changed
+                else f"{len(saved_names)} vs {len(current['parameters'])} tensors"
+            )
+            return f"parameter names or shapes differ: {detail}"
+        old, new = saved["checksums"], current["checksums"]
+        # |sum| <= norm * sqrt(numel): both compared on the scale of the tensor's norm
+        scale = torch.stack([new[:, 1] * new[:, 2].sqrt(), new[:, 1]], dim=1)
+        differs = (old[:, :2] - new[:, :2]).abs() > _PARAMETER_RTOL * scale + 1e-300
+        if bool(differs.any()):
+            index = int(differs.any(dim=1).nonzero()[0])
+            name = current["parameters"][index][0]
+            return f"the values of parameter {name!r} differ (another model state)"
+        return None
+    old, new = saved["probe"], current["probe"]
+    rtol = max(float(saved["probe_rtol"]), float(current["probe_rtol"]))
+    scale = float(new[1]) * math.sqrt(current["size"]) + 1e-300
+    if float((old - new).abs().max()) > rtol * scale:
+        return "its product with a fixed probe differs"
+    return None
