@@ -23,6 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from torch_linop.cli.hf import hide_broken_torchvision
+
+# A torchvision that is installed but cannot be imported would make transformers fail on import:
+# hide it before any snippet imports transformers (which caches whether torchvision exists).
+hide_broken_torchvision()
+
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 SKIP_MARKER = re.compile(r"^\s*<!--\s*snippet:\s*skip\s+(?P<reason>.+?)\s*-->\s*$")
@@ -98,13 +104,17 @@ PAGES = [page for page in documentation_pages() if extract_snippets(page)]
 
 @pytest.fixture
 def clean_state(tmp_path, monkeypatch):
-    """A fresh working directory, a headless matplotlib, torch's global state restored after."""
+    """A fresh working directory, a headless matplotlib, one intra-op thread (fastest for the
+    pages' tiny models), torch's global state restored after."""
     import torch
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     default_dtype = torch.get_default_dtype()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield tmp_path
+    torch.set_num_threads(threads)
     torch.set_default_dtype(default_dtype)
     if importlib.util.find_spec("matplotlib") is not None:
         import matplotlib.pyplot as plt

@@ -149,31 +149,44 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(QUANTITIES)} (default: {','.join(DEFAULT_QUANTITIES)})",
     )
     compute.add_argument(
-        "-k", dest="top_k", type=_positive_int, default=10, help="top eigenvalues (default: 10)"
+        "-k",
+        dest="top_k",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help="top eigenvalues (default: 10)",
     )
     compute.add_argument(
         "--num-matvecs",
+        metavar="N",
         type=_positive_int,
         default=99,
         help="products spent on the trace and on the diagonal estimate each (default: 99)",
     )
     compute.add_argument(
-        "--slq-runs", type=_positive_int, default=8, help="SLQ probe vectors (default: 8)"
+        "--slq-runs",
+        metavar="N",
+        type=_positive_int,
+        default=8,
+        help="SLQ probe vectors (default: 8)",
     )
     compute.add_argument(
         "--slq-steps",
+        metavar="N",
         type=_positive_int,
         default=64,
         help="Lanczos steps per SLQ run (default: 64)",
     )
     compute.add_argument(
         "--mc-samples",
+        metavar="N",
         type=_positive_int,
         default=1,
         help="sampled targets per input for --curvature mc-fisher (default: 1)",
     )
     compute.add_argument(
         "--train-steps",
+        metavar="N",
         type=_non_negative_int,
         default=None,
         help="optimizer steps before the analysis (default: 200 for the built-in digits job, 300 for the synthetic one, 0 otherwise)",
@@ -190,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the model and its floating data (default: float64 for the built-in job, "
         "float32 for --hf-config, the model's own dtype for --model)",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for everything random (default: 0)")
+    run.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed for everything random (default: 0)"
+    )
     run.add_argument(
         "--threads",
+        metavar="N",
         type=_positive_int,
         default=None,
         help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a "
@@ -201,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--output-dir",
         type=Path,
+        metavar="DIR",
         default=Path("torch-linop-output"),
         help="where the plot goes (default: ./torch-linop-output)",
     )
