@@ -124,7 +124,8 @@ def _diagonal_panel(ax: Any, analysis: Analysis) -> None:
     if np.all(means > 0) and means.max() / means.min() > 20:
         ax.set_xscale("log")
     ax.set_xlabel("mean diagonal entry")
-    ax.set_title(f"Diagonal by parameter ({analysis.diagonal.method})")
+    method = METHOD_NAMES.get(analysis.diagonal.method, analysis.diagonal.method)
+    ax.set_title(f"Diagonal by parameter ({method})")
     ax.grid(True, axis="x", alpha=0.3)
 
 

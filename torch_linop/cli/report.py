@@ -13,7 +13,12 @@ import torch
 
 from torch_linop.cli.analysis import CURVATURE_NAMES, Analysis
 
-METHOD_NAMES = {"hutch++": "Hutch++", "hutchinson": "Hutchinson", "xtrace": "XTrace"}
+METHOD_NAMES = {
+    "hutch++": "Hutch++",
+    "hutchinson": "Hutchinson",
+    "xtrace": "XTrace",
+    "xdiag": "XDiag",
+}
 
 
 def spectral_mass(density: Any, band: float = 0.05) -> dict[str, float]:
@@ -101,7 +106,8 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
         name_width = max(len(block["name"]) for block in analysis.diagonal_blocks)
         lines += [
             "",
-            f"Diagonal ({result.method}, {result.num_matvecs} products), per parameter tensor",
+            f"Diagonal ({METHOD_NAMES.get(result.method, result.method)}, "
+            f"{result.num_matvecs} products), per parameter tensor",
             f"  {'parameter'.ljust(name_width)}  {'size':>9}  {'sum':>11}  {'mean':>11}  {'max':>11}",
         ]
         for block in analysis.diagonal_blocks:
