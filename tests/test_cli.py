@@ -4,6 +4,7 @@ end to end (table, PNG, JSON)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +17,6 @@ import torch
 
 from torch_linop.cli import main
 from torch_linop.cli.hf import hide_broken_torchvision
-from torch_linop.cli.plot import _use_log_scale
 
 hide_broken_torchvision()  # before anything imports transformers (which caches the check)
 
@@ -189,6 +189,9 @@ def test_cuda_without_cuda_exits_2(factory_module, capsys) -> None:
 
 
 def test_log_scale_decision() -> None:
+    pytest.importorskip("matplotlib")
+    from torch_linop.cli.plot import _use_log_scale
+
     grid = np.linspace(-1, 10, 500)
     spiky = np.exp(-(grid**2) / 0.01) + 1e-6 * np.exp(-((grid - 9) ** 2) / 0.01) + 1e-9
     flat = 1.0 + 0.5 * np.sin(grid)
@@ -351,6 +354,7 @@ def test_synthetic_fallback_without_scikit_learn(tmp_path, monkeypatch, capsys) 
 def test_default_job_end_to_end(tmp_path) -> None:
     """``python -m torch_linop`` as a user runs it (smaller SLQ budget to keep the test fast):
     the table on stdout, a real PNG figure, and a JSON file with consistent numbers."""
+    image = pytest.importorskip("matplotlib.image")
     env = {**os.environ, "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, "-m", "torch_linop", "--json", "out.json", "--no-progress",
@@ -359,14 +363,13 @@ def test_default_job_end_to_end(tmp_path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Hessian of MLP 64-32-10 (tanh)" in out
+    digits = importlib.util.find_spec("sklearn") is not None
+    assert ("Hessian of MLP 64-32-10 (tanh)" if digits else "Hessian of MLP 16-32-1 (tanh)") in out
     assert "Top 10 eigenvalues of the Hessian" in out
     assert "Trace (Hutch++, 99 products)" in out
     png = tmp_path / "torch-linop-output" / "hessian_spectrum.png"
     assert f"Plot  {png}" in out
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(png)
+    pixels = image.imread(png)
     assert pixels.shape[0] > 400 and pixels.shape[1] > 1000
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
     record = json.loads((tmp_path / "out.json").read_text())
@@ -404,3 +407,14 @@ def test_every_option_is_documented() -> None:
     ]
     missing = [option for option in options if f"`{option}" not in page]
     assert not missing, f"options missing from command_line.md: {missing}"
+
+
+def test_without_matplotlib_the_plot_is_skipped(factory_module, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # find_spec("matplotlib") is None now
+    code, out, _ = run_cli(
+        ["--model", "tiny_factories:classifier", "--quantities", "eigs", "-k", "2",
+         "--no-progress"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    assert 'Plot  skipped: matplotlib is not installed (pip install "torch-linop[plot]")' in out

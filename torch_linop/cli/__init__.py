@@ -7,6 +7,7 @@ prints a table, and writes a PNG plot (and ``--json``). Bad usage exits with cod
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -95,12 +96,15 @@ def run(options: Options) -> int:
     print(format_report(analysis, header))
     print()
     if options.plot and any(q in options.quantities for q in ("eigs", "density", "diag")):
-        from torch_linop.cli.plot import plot_analysis
+        if importlib.util.find_spec("matplotlib") is None:
+            print('Plot  skipped: matplotlib is not installed (pip install "torch-linop[plot]")')
+        else:
+            from torch_linop.cli.plot import plot_analysis
 
-        path = options.output_dir / f"{options.curvature}_spectrum.png"
-        written = plot_analysis(analysis, workload.model_name, path)
-        if written is not None:
-            print(f"Plot  {written}")
+            path = options.output_dir / f"{options.curvature}_spectrum.png"
+            written = plot_analysis(analysis, workload.model_name, path)
+            if written is not None:
+                print(f"Plot  {written}")
     if options.json_path is not None:
         meta = {"seed": options.seed, "quantities": list(options.quantities)}
         written_json = write_json(analysis_to_dict(analysis, header, meta), options.json_path)
