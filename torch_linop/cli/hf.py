@@ -144,8 +144,10 @@ def hf_workload(name_or_path: str, random_init: bool, seed: int) -> Workload:
                     "--hf-random-init to start from random weights"
                 ) from None
     model.eval()
-    max_positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", SEQUENCE_LENGTH
+    max_positions: int = (
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or SEQUENCE_LENGTH
     )
     length = min(SEQUENCE_LENGTH, int(max_positions))
     data = synthetic_tokens(int(config.vocab_size), length, seed)
