@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,7 +20,7 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         moved = {key: move_to_device(value, device) for key, value in batch.items()}
         if type(batch) is not dict:  # OrderedDict, HF BatchEncoding (a UserDict): keep the type
             try:
-                return type(batch)(moved)
+                return cast(Any, type(batch))(moved)
             except Exception:
                 return moved
         return moved

@@ -60,12 +60,13 @@ def finite_difference_sandwich(
 
     The step is sized for the parameters' dtype (see ``hessian_product_finite_difference``)."""
     from torch_linop._autodiff import make_leaves, vjp_columns
+    from torch_linop.hessian import _norm
 
     theta = {name: p.detach() for name, p in params.items()}
     param_dtype = next(iter(theta.values())).dtype
     acc = torch.float64 if param_dtype == torch.float64 else torch.float32
     eps = torch.finfo(param_dtype).eps
-    theta_norm = float(torch.sqrt(sum((t.to(acc) ** 2).sum() for t in theta.values())))
+    theta_norm = _norm([t.to(acc) for t in theta.values()])
     leaves = make_leaves(params)
     with reparametrized(model, leaves):
         output = forward()
@@ -73,7 +74,7 @@ def finite_difference_sandwich(
     with torch.no_grad():
         for j in range(tangents[0].shape[0]):
             direction = [t[j].to(acc) for t in tangents]
-            v_norm = float(torch.sqrt(sum((d**2).sum() for d in direction)))
+            v_norm = _norm(direction)
             if v_norm == 0.0:
                 jvps.append(torch.zeros_like(output))
                 continue

@@ -19,6 +19,11 @@ from torch_linop.params import ParamFilter
 HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
 
 
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """Euclidean norm of the concatenation of ``tensors``."""
+    return float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
+
+
 def loss_and_gradient(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
@@ -126,11 +131,11 @@ def hessian_product_finite_difference(
     names = list(params)
     acc_dtype = torch.float64 if theta[0].dtype == torch.float64 else torch.float32
     eps = torch.finfo(theta[0].dtype).eps
-    theta_norm = float(torch.sqrt(sum((t.to(acc_dtype) ** 2).sum() for t in theta)))
+    theta_norm = _norm([t.to(acc_dtype) for t in theta])
     results = [torch.zeros_like(t) for t in tangents]
     for j in range(tangents[0].shape[0]):
         direction = [t[j].to(acc_dtype) for t in tangents]
-        v_norm = float(torch.sqrt(sum((d**2).sum() for d in direction)))
+        v_norm = _norm(direction)
         if v_norm == 0.0:
             continue
         step = eps ** (1.0 / 3.0) * max(1.0, theta_norm) / v_norm

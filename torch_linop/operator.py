@@ -22,7 +22,7 @@ from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, join_tensors, select_parameters, split_vector
 
-_NUMPY_DTYPES = {
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float64: np.dtype(np.float64),
     torch.float32: np.dtype(np.float32),
     torch.float16: np.dtype(np.float16),
@@ -84,7 +84,7 @@ class CurvatureOperator(LinearOperator):
     ) -> dict[str, torch.Tensor]:
         """The tensors the matrix is taken over, by parameter name. Hook: a subclass may return
         other values than the model's own (products evaluate the model at ``self.params``)."""
-        return select_parameters(model, param_filter)
+        return {name: p for name, p in select_parameters(model, param_filter).items()}
 
     # ----------------------------------------------------------------- data loop
     @property
