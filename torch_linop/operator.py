@@ -37,6 +37,13 @@ def numpy_dtype_of(dtype: torch.dtype) -> np.dtype:
     return _NUMPY_DTYPES[dtype]
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in ``tensor``, in one reduction: a NaN or Inf anywhere makes the sum
+    non-finite (accumulated in float32 or better, so half-precision sums do not overflow)."""
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
+
+
 class CurvatureOperator(LinearOperator):
     """A symmetric ``(n, n)`` curvature matrix of ``model`` on ``data``, n = selected parameters.
 
@@ -202,7 +209,7 @@ class CurvatureOperator(LinearOperator):
                 f"tensor is on {tensor.device}, the model on {self.device}; move it with "
                 "t.to(H.device) (ndarrays are moved automatically)"
             )
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             raise ValueError("the vector contains NaN or Inf; curvature products need finite input")
 
     def apply(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -211,7 +218,7 @@ class CurvatureOperator(LinearOperator):
         if tensor.dim() == 2 and tensor.shape[1] == 0:
             return torch.zeros_like(tensor)
         result = self._apply(tensor.unsqueeze(1) if tensor.dim() == 1 else tensor)
-        if not bool(torch.isfinite(result).all()):
+        if not _all_finite(result):
             raise ValueError(
                 f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
                 "the model's output or loss is non-finite on some batch (check the data for "
