@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._memory import default_block_size
 from ._operator import Operator, check_finite
 from .checkpoint import Checkpoint
 
@@ -74,14 +75,17 @@ def apply(
     *,
     resumable: bool = True,
 ) -> Tensor:
-    """``H @ columns`` taken ``block_size`` columns at a time (all at once for None).
+    """``H @ columns`` taken ``block_size`` columns at a time (None: as many as fit in about
+    1 GiB of vectors, at least one).
 
     ``resumable``: blocks go to ``state.partial`` with a save point after each, and blocks found
     there (a resumed run) are not multiplied again; the caller must then store what it derives
     from the result in ``state.stage`` before the next save point. Streaming callers that
     consume each block at once pass False.
     """
-    chunks = columns.split(block_size or columns.shape[1], dim=1)
+    if block_size is None:  # all at once, unless the columns are too big for that
+        block_size = default_block_size(operator.size, operator.dtype)
+    chunks = columns.split(block_size, dim=1)
     outputs = state.partial if resumable else []
     for chunk in chunks[len(outputs) :]:
         product = operator.matmat(chunk)

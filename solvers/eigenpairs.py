@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import krylov
+from ._memory import default_block_size, device_budget, vector_bytes
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
@@ -93,6 +94,11 @@ def lanczos(
     if tol is None:
         tol = default_tol(max(operator.eps, torch.finfo(basis_dtype).eps))
     check_tol(tol)
+    if max_basis_bytes is None:  # on a GPU: what fits in free memory, leaving room for results
+        budget = device_budget(basis_device)
+        if budget is not None:
+            reserve = k * vector_bytes(n, operator.dtype) if return_eigenvectors else 0
+            max_basis_bytes = max(0, budget - reserve)
     capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
     if max_matvecs is None:
         max_matvecs = max(1000, 20 * capacity)
@@ -279,13 +285,20 @@ class _Run:
         if self.return_eigenvectors:
             vectors = krylov.ritz_vectors(state, coordinates[:, wanted]).to(operator.device)
             vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-            product = operator.matmat(vectors.T.to(operator.dtype))
-            check_finite(product, state.num_matvecs + self.num_residual_matvecs)
-            self.num_residual_matvecs += self.k
-            self.bar.update(self.k)
             theta = torch.from_numpy(eigenvalues).to(vectors.device, vectors.dtype)
-            residual_rows = product.T.to(vectors.dtype) - theta[:, None] * vectors
-            residuals = torch.linalg.vector_norm(residual_rows, dim=1).cpu().double().numpy()
+            norms = []
+            # in memory-sized blocks: k products of a 1B model at once would not fit
+            for rows in torch.arange(self.k).split(
+                default_block_size(operator.size, operator.dtype)
+            ):
+                product = operator.matmat(vectors[rows].T.to(operator.dtype))
+                check_finite(product, state.num_matvecs + self.num_residual_matvecs)
+                self.num_residual_matvecs += len(rows)
+                self.bar.update(len(rows))
+                residual_rows = product.T.to(vectors.dtype) - theta[rows, None] * vectors[rows]
+                norms.append(torch.linalg.vector_norm(residual_rows, dim=1))
+                del product, residual_rows
+            residuals = torch.cat(norms).cpu().double().numpy()
             eigenvectors = operator.output(vectors)
         return EigenResult(
             eigenvalues=eigenvalues.copy(),

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ._memory import default_block_size
 from ._operator import Operator
 from ._random import Distribution, draw_probes
 from ._sampling import EstimatorState, accumulate, apply
@@ -37,7 +38,7 @@ def hutchinson_samples(
     """
     remaining = num_probes - state.num_samples
     while remaining > 0:
-        count = min(remaining, block_size or remaining)
+        count = min(remaining, block_size or default_block_size(operator.size, operator.dtype))
         probes = draw_probes(
             count,
             operator.size,

@@ -10,17 +10,39 @@ Hutchinson on ``(I - QQ^T) H (I - QQ^T)``. The error is ``O(1/m)`` instead of Hu
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._memory import device_budget, vectors_within
 from ._operator import Operator
 from ._random import Distribution, draw_probes
 from ._sampling import EstimatorState, apply, mean_and_stderr
 from .hutchinson import hutchinson_samples
 
 MIN_MATVECS = 4  # a 1-vector sketch, its product, and two Hutchinson probes for a stderr
+
+
+def _sketch_size(operator: Operator, num_matvecs: int, stage: dict[str, Any]) -> int:
+    """``num_matvecs // 3``, capped on a GPU so that the sketch's three n x s buffers (probes,
+    products, orthonormal basis) fit in free memory; the products saved go to Hutchinson probes,
+    so the budget is still spent exactly (a resumed run keeps its sketch)."""
+    for key in ("basis", "sketch"):
+        if key in stage:
+            return int(stage[key].shape[1])
+    sketch_size = num_matvecs // 3
+    cap = vectors_within(device_budget(operator.device), operator.size, operator.dtype, copies=3)
+    if cap is not None and cap < sketch_size:
+        warnings.warn(
+            f"hutch++: the sketch holds {max(cap, 1)} vectors instead of {sketch_size} so that it "
+            "fits in free device memory; the other products go to Hutchinson probes",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        sketch_size = max(1, cap)
+    return sketch_size
 
 
 def hutchpp(
@@ -34,9 +56,9 @@ def hutchpp(
 ) -> tuple[float, float]:
     """Hutch++ estimate of ``tr(H)`` spending exactly ``num_matvecs`` products, and its standard
     error: that of the Hutchinson part, the sketched part being exact given the sketch."""
-    sketch_size = num_matvecs // 3
-    num_probes = num_matvecs - 2 * sketch_size
     stage = state.stage  # finished steps of a resumed run are skipped
+    sketch_size = _sketch_size(operator, num_matvecs, stage)
+    num_probes = num_matvecs - 2 * sketch_size
     if "basis" not in stage and "sketch" not in stage:
         stage["sketch"] = draw_probes(
             sketch_size,

@@ -1,0 +1,41 @@
+"""Memory-aware defaults for solvers at LLM scale: how many n-vectors fit on the device.
+
+A vector of a 1B-parameter float32 model is 4 GB, so the number of columns multiplied at once,
+the Krylov basis and the Hutch++ sketch must be sized from the memory that is actually free.
+On CPU (and for small operators) nothing is capped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_BYTES = 1 << 30  # columns multiplied together: at most about 1 GiB of vectors
+DEVICE_FRACTION = 0.4  # share of the free device memory a solver's stored vectors may use
+
+
+def vector_bytes(size: int, dtype: torch.dtype) -> int:
+    """Bytes of one n-vector in ``dtype``."""
+    return size * torch.empty((), dtype=dtype).element_size()
+
+
+def default_block_size(size: int, dtype: torch.dtype) -> int:
+    """Columns per product block: all that fit in about 1 GiB of vectors, at least one (so a
+    block of a huge model is one column and the batched product's graph is not multiplied)."""
+    return max(1, BLOCK_BYTES // max(1, vector_bytes(size, dtype)))
+
+
+def device_budget(device: torch.device) -> int | None:
+    """Bytes the solver may keep on ``device``: a share of its free memory (None: no cap)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_FRACTION)
+
+
+def vectors_within(
+    budget: int | None, size: int, dtype: torch.dtype, copies: int = 1
+) -> int | None:
+    """How many n-vectors (each stored ``copies`` times) fit in ``budget`` (None: no cap)."""
+    if budget is None:
+        return None
+    return budget // max(1, copies * vector_bytes(size, dtype))
