@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import scipy.integrate
+import scipy.linalg
 import torch
 
 from . import krylov
+from ._memory import device_budget, vectors_within
 from ._operator import as_operator
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
@@ -69,6 +72,24 @@ def spectral_density(
         raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
 
     generator = make_generator(seed)
+    if basis_device is None and basis_dtype is None and _basis_too_big(operator, lanczos_steps):
+        if checkpoint is not None:
+            raise ValueError(
+                f"a {lanczos_steps + 1}-vector basis does not fit in free device memory, and "
+                "checkpointing needs it; pass basis_device='cpu' or a cheaper basis_dtype, or "
+                "fewer lanczos_steps"
+            )
+        warnings.warn(
+            f"spectral_density: a {lanczos_steps + 1}-vector basis does not fit in free device "
+            "memory, so runs use the three-term recurrence with local reorthogonalisation "
+            "(quadrature stays accurate; extreme nodes may repeat). Pass basis_device='cpu' or "
+            "basis_dtype to keep full reorthogonalisation.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _local_spectral_density(
+            operator, num_runs, lanczos_steps, grid_size, sigma, generator, progress
+        )
     basis_device = operator.device if basis_device is None else torch.device(basis_device)
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
@@ -155,6 +176,65 @@ def spectral_density(
     assert state is not None
     grid, density, sigma = _smoothed_density(nodes, weights, grid_size, sigma, lanczos_steps)
     return SpectralDensityResult(grid, density, nodes, weights, sigma, state.num_matvecs)
+
+
+def _basis_too_big(operator: Any, lanczos_steps: int) -> bool:
+    cap = vectors_within(device_budget(operator.device), operator.size, operator.dtype)
+    return cap is not None and cap < min(operator.size, lanczos_steps + 1)
+
+
+def _local_spectral_density(
+    operator: Any,
+    num_runs: int,
+    lanczos_steps: int,
+    grid_size: int,
+    sigma: float | None,
+    generator: torch.Generator,
+    progress: bool | None,
+) -> SpectralDensityResult:
+    """SLQ with the three-term recurrence (three vectors alive), for operators whose full basis
+    does not fit: Lanczos quadrature is accurate without global orthogonality (Greenbaum 1989;
+    Knizhnerman 1996), at the price of repeated copies of converged extreme nodes."""
+    n = operator.size
+    acc = torch.float64 if operator.dtype == torch.float64 else torch.float32
+    nodes = np.zeros((num_runs, lanczos_steps))
+    weights = np.zeros((num_runs, lanczos_steps))
+    num_matvecs = 0
+    with progress_bar("spectral density (SLQ, local)", num_runs * lanczos_steps, progress) as bar:
+        for run in range(num_runs):
+            start = draw_probes(
+                1, n, generator, distribution="rademacher", dtype=acc, device=operator.device
+            )[:, 0]
+            vector = start / torch.linalg.vector_norm(start)
+            previous = torch.zeros_like(vector)
+            alphas: list[float] = []
+            betas: list[float] = []
+            beta = 0.0
+            for _ in range(lanczos_steps):
+                product = operator.matmat(vector[:, None].to(operator.dtype))[:, 0].to(acc)
+                num_matvecs += 1
+                bar.update(1)
+                alpha = float(torch.dot(vector, product))
+                product -= alpha * vector + beta * previous
+                for basis_vector in (vector, previous):  # local reorthogonalisation
+                    product -= torch.dot(basis_vector, product) * basis_vector
+                alphas.append(alpha)
+                beta = float(torch.linalg.vector_norm(product))
+                if not math.isfinite(beta):
+                    raise FloatingPointError(f"non-finite Lanczos step at product {num_matvecs}")
+                if beta <= 1e-12 * max(abs(a) for a in alphas) or len(alphas) == lanczos_steps:
+                    break
+                betas.append(beta)
+                previous, vector = vector, product / beta
+            values, vectors = scipy.linalg.eigh_tridiagonal(
+                np.array(alphas), np.array(betas[: len(alphas) - 1])
+            )
+            run_weights = vectors[0] ** 2
+            nodes[run, : len(values)] = values
+            nodes[run, len(values) :] = values[-1]
+            weights[run, : len(values)] = run_weights / run_weights.sum()
+    grid, density, sigma = _smoothed_density(nodes, weights, grid_size, sigma, lanczos_steps)
+    return SpectralDensityResult(grid, density, nodes, weights, sigma, num_matvecs)
 
 
 def _quadrature(state: krylov.KrylovState) -> tuple[np.ndarray, np.ndarray]:
