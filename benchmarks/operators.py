@@ -13,8 +13,10 @@ one run measures:
   GGN, empirical Fisher, MC Fisher), one matvec as a multiple of the gradient;
 - ``matmat`` with k columns against k separate matvecs (speed-up > 1: batching pays).
 
-Times are medians over ``--repeats`` runs after one warm-up. Prints a markdown table and writes
-the numbers, the machine and the command as JSON. Timings only: correctness is in tests/core.
+Times are medians over ``--repeats`` rounds after one warm-up; in each round the gradient, the
+matvec and the matmat of one operator run back to back, so load changes on a shared machine hit
+numerator and denominator alike. Prints a markdown table and writes the numbers, the machine and
+the command as JSON. Timings only: correctness is in tests/core.
 """
 
 from __future__ import annotations
@@ -131,24 +133,30 @@ def build_problem(name: str, smoke: bool) -> tuple[nn.Module, list[Any], str]:
     return model.eval(), data, description
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (also lets the operators settle on their batched/looped paths)
-    times = []
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (one call of each per round) so that
+    load changes on a shared machine hit all of them alike. One warm-up call each first (it also
+    lets the operators settle on their batched or looped paths)."""
+    for function in functions.values():
+        function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def gradient_seconds(model: nn.Module, data: list[Any], repeats: int) -> float:
+def gradient_function(model: nn.Module, data: list[Any]) -> Callable[[], None]:
+    """One gradient of the dataset loss: the unit of cost."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def gradient() -> None:
         for inputs, targets in data:
             torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
 
-    return median_seconds(gradient, repeats)
+    return gradient
 
 
 OPERATORS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -166,29 +174,36 @@ def measure(name: str, columns: int, repeats: int, smoke: bool) -> dict[str, Any
     model, data, description = build_problem(name, smoke)
     loss = supervised_loss(F.cross_entropy)
     num_params = sum(p.numel() for p in model.parameters())
-    gradient = gradient_seconds(model, data, repeats)
+    gradient = gradient_function(model, data)
     generator = torch.Generator().manual_seed(1)
     rows = []
     for label, (operator_class, options) in OPERATORS.items():
         operator = operator_class(model, data, loss, **options)
         block = torch.randn(num_params, columns, generator=generator)
-        matvec = median_seconds(lambda op=operator, v=block[:, 0]: op @ v, repeats)
-        matmat = median_seconds(lambda op=operator, b=block: op @ b, repeats)
+        seconds = interleaved_medians(
+            {
+                "gradient": gradient,
+                "matvec": lambda op=operator, v=block[:, 0]: op @ v,
+                "matmat": lambda op=operator, b=block: op @ b,
+            },
+            repeats,
+        )
         rows.append(
             {
                 "operator": label,
-                "matvec_s": matvec,
-                "matvec_over_gradient": matvec / gradient,
-                "matmat_s": matmat,
-                "matmat_over_k_matvecs": matmat / (columns * matvec),
-                "speedup_matmat_vs_k_matvecs": columns * matvec / matmat,
+                "gradient_s": seconds["gradient"],
+                "matvec_s": seconds["matvec"],
+                "matvec_over_gradient": seconds["matvec"] / seconds["gradient"],
+                "matmat_s": seconds["matmat"],
+                "matmat_over_k_matvecs": seconds["matmat"] / (columns * seconds["matvec"]),
+                "speedup_matmat_vs_k_matvecs": columns * seconds["matvec"] / seconds["matmat"],
             }
         )
     return {
         "model": name,
         "description": description,
         "num_params": num_params,
-        "gradient_s": gradient,
+        "gradient_s": statistics.median(row["gradient_s"] for row in rows),
         "rows": rows,
     }
 
