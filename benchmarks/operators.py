@@ -13,7 +13,8 @@ one run measures:
   GGN, empirical Fisher, MC Fisher), one matvec as a multiple of the gradient;
 - ``matmat`` with k columns against k separate matvecs (speed-up > 1: batching pays).
 
-Times are medians over ``--repeats`` rounds after one warm-up; in each round the gradient, the
+Times are medians over ``--repeats`` rounds (more, up to 10x, for fast models: at least 2 s of
+timing per operator) after one warm-up; in each round the gradient, the
 matvec and the matmat of one operator run back to back, so load changes on a shared machine hit
 numerator and denominator alike. Prints a markdown table and writes the numbers, the machine and
 the command as JSON. Timings only: correctness is in tests/core.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -133,12 +135,18 @@ def build_problem(name: str, smoke: bool) -> tuple[nn.Module, list[Any], str]:
     return model.eval(), data, description
 
 
-def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def interleaved_medians(
+    functions: dict[str, Callable[[], Any]], repeats: int, min_seconds: float = 2.0
+) -> dict[str, float]:
     """Median seconds of each function, timed round-robin (one call of each per round) so that
-    load changes on a shared machine hit all of them alike. One warm-up call each first (it also
-    lets the operators settle on their batched or looped paths)."""
+    load changes on a shared machine hit all of them alike. One warm-up round first (it also
+    lets the operators settle on their batched or looped paths); fast functions get more rounds,
+    up to ``min_seconds`` of timing in all."""
+    start = time.perf_counter()
     for function in functions.values():
         function()
+    warm_up = time.perf_counter() - start
+    repeats = max(repeats, min(10 * repeats, math.ceil(min_seconds / max(warm_up, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
