@@ -10,6 +10,7 @@ phase), with the seed library (hessian-eigenthings) measured in the same run whe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -108,6 +109,7 @@ class Phases:
         except Exception as error:  # a failed phase is reported, not hidden
             info = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             traceback.print_exc()
+            error.__traceback__ = None  # drop frames that hold device tensors
         synchronize(self.device)
         row = {
             "phase": name,
@@ -117,23 +119,18 @@ class Phases:
         }
         self.rows.append(row)
         print(json.dumps(row, default=str), flush=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         return row
 
 
-def basis_budget(device: torch.device, fraction: float = 0.6) -> int | None:
-    """Bytes the Lanczos basis may use: a fraction of the free device memory now."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free * fraction)
+def eig_phase(op, k: int, tol: float, seed: int, which: str = "LA"):
+    """Top-k eigenpairs; the basis size is chosen by the solver from free device memory."""
 
-
-def eig_phase(op, k: int, tol: float, seed: int, budget: int | None, which: str = "LA"):
     def run() -> dict[str, Any]:
-        result = lanczos(
-            op, k=k, which=which, tol=tol, seed=seed, max_basis_bytes=budget, progress=True
-        )
-        relative = result.residuals / max(abs(result.eigenvalues).max(), 1e-30)
+        result = lanczos(op, k=k, which=which, tol=tol, seed=seed, progress=True)
+        relative = result.residuals / max(result.norm_estimate, 1e-30)  # ||Hv - lv|| / ||H||
         return {
             "matvecs": result.num_matvecs,
             "restarts": result.num_restarts,
@@ -210,11 +207,10 @@ def main() -> None:
                 "x_gradient": s / gradient_seconds,
             },
         )
-    budget = basis_budget(device)
     if "hessian_eigs" not in skip:
-        phases.run("hessian top-10", eig_phase(hessian, args.k, args.tol, 0, budget))
+        phases.run("hessian top-10", eig_phase(hessian, args.k, args.tol, 0))
     if "ggn_eigs" not in skip:
-        phases.run("ggn top-10", eig_phase(ggn, args.k, args.tol, 0, basis_budget(device)))
+        phases.run("ggn top-10", eig_phase(ggn, args.k, args.tol, 0))
     if "trace" not in skip:
         phases.run(
             "hutch++ trace",
@@ -240,7 +236,7 @@ def main() -> None:
         phases.model_gib = num_params * 2 / 2**30
         row = phases.run(
             "bf16 hessian top-10",
-            eig_phase(bf16_hessian, args.k, max(args.tol, 1e-2), 0, basis_budget(device)),
+            eig_phase(bf16_hessian, args.k, max(args.tol, 1e-2), 0),
         )
         if "eigenvalues" in row and "eigenvalues" in fp32_top:
             diffs = [

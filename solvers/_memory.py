@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 BLOCK_BYTES = 1 << 30  # columns multiplied together: at most about 1 GiB of vectors
-DEVICE_FRACTION = 0.4  # share of the free device memory a solver's stored vectors may use
+DEVICE_FRACTION = 0.65  # share of the free device memory a solver's stored vectors may use
 
 
 def vector_bytes(size: int, dtype: torch.dtype) -> int:
