@@ -16,6 +16,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
@@ -175,8 +176,23 @@ class CurvatureOperator(LinearOperator):
                         total.add_(product, alpha=weight)
         except Exception as error:
             self._share_failure(error, columns.shape[1])
+            if _is_oom(error):
+                raise torch.OutOfMemoryError(self._out_of_memory_message(columns, error)) from error
             raise
         return self._all_reduce_product(join_tensors(totals, batched=True))
+
+    def _out_of_memory_message(self, columns: torch.Tensor, error: BaseException) -> str:
+        """The knobs that reduce a product's memory, for an out-of-memory error."""
+        return (
+            f"out of memory in a {type(self).__name__} product of {columns.shape[1]} column(s) "
+            f"over {self.shape[0]:,} parameters on {self.device}. What helps: smaller batches "
+            "(a smaller DataLoader batch_size) or fewer per product (num_batches=...); fewer "
+            "columns per product (the matmat block size: block_size=... in the solvers); a "
+            "lighter product path (HessianOperator(method='finite_difference'), or the GGN "
+            "instead of the Hessian, GGNOperator(jvp_method='finite_difference')); eigenvalue-"
+            "only mode (lanczos(..., return_eigenvectors=False)); the Lanczos basis on the host "
+            f"(basis_device='cpu'). Original error: {error}"
+        )
 
     # ----------------------------------------------------------------- data-parallel hooks
     # ``process_group``: None = the default group if initialised, False = off (distributed how-to)
