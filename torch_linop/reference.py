@@ -3,6 +3,10 @@
 These materialise ``(n, n)`` matrices: use them on tiny models only (tests, sanity checks).
 They follow the operators' conventions (sample-weighted mean over batches, ``reduction="sum"``
 losses summed) but share none of their product code.
+
+Not for BatchNorm in train mode: there ``torch.func.hessian``/``jacrev`` (vmapped transforms)
+return wrong numbers in torch 2.13 while a single ``jvp``/``vjp`` is right; check such models
+against central differences of gradients instead (as tests/core does).
 """
 
 from __future__ import annotations
