@@ -83,7 +83,7 @@ def run(options: Options) -> int:
     header = {
         "model": workload.model_name,
         "parameters": f"{selected:,} ({scope}), {operator.torch_dtype} on {operator.device}",
-        "data": f"{workload.data_name}; {_plural(analysis.num_data, 'sample')}",
+        "data": f"{workload.data_name}; {analysis.num_data:,} {workload.sample_name}",
     }
     if losses:
         summary = f"{_plural(len(losses), 'Adam step')}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
@@ -102,7 +102,7 @@ def run(options: Options) -> int:
             from torch_linop.cli.plot import plot_analysis
 
             path = options.output_dir / f"{options.curvature}_spectrum.png"
-            written = plot_analysis(analysis, workload.model_name, path)
+            written = plot_analysis(analysis, workload.model_name, path, workload.sample_name)
             if written is not None:
                 print(f"Plot  {written}")
     if options.json_path is not None:

@@ -14,7 +14,7 @@ import torch
 from torch_linop.cli.errors import UsageError
 from torch_linop.cli.workload import Workload
 
-NUM_SEQUENCES = 16
+NUM_SEQUENCES = 8
 BATCH_SIZE = 4
 SEQUENCE_LENGTH = 32
 
@@ -23,7 +23,7 @@ def _tiny_gpt2() -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+        vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
 
@@ -32,7 +32,7 @@ def _tiny_llama() -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
@@ -158,6 +158,7 @@ def hf_workload(name_or_path: str, random_init: bool, seed: int) -> Workload:
         model_name=_describe(model, config, source, random_init),
         data_name=f"synthetic token sequences ({NUM_SEQUENCES} x {length} tokens, "
         f"{len(data)} batches)",
+        sample_name="target tokens",
         default_train_steps=0,
         learning_rate=3e-3,
     )

@@ -129,7 +129,9 @@ def _diagonal_panel(ax: Any, analysis: Analysis) -> None:
     ax.grid(True, axis="x", alpha=0.3)
 
 
-def plot_analysis(analysis: Analysis, model_name: str, path: Path) -> Path | None:
+def plot_analysis(
+    analysis: Analysis, model_name: str, path: Path, sample_name: str = "samples"
+) -> Path | None:
     """Write the figure to ``path``; ``None`` when nothing plottable was computed (trace only)."""
     import matplotlib
 
@@ -161,7 +163,7 @@ def plot_analysis(analysis: Analysis, model_name: str, path: Path) -> Path | Non
     name = CURVATURE_NAMES[analysis.curvature]
     figure.suptitle(
         f"{name} of {model_name}: {analysis.num_parameters:,} parameters, "
-        f"{analysis.num_data:,} samples",
+        f"{analysis.num_data:,} {sample_name}",
         fontsize=11.5,
     )
     path = path.expanduser().resolve()

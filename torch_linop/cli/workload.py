@@ -25,6 +25,7 @@ class Workload:
     loss: Any
     model_name: str
     data_name: str
+    sample_name: str = "samples"  # what the loss averages over, e.g. "target tokens"
     default_train_steps: int = 0
     learning_rate: float = 1e-2
     evaluate: Callable[[], str] | None = field(default=None, repr=False)
