@@ -79,7 +79,9 @@ class BatchSource:
                 "data is a one-shot iterator or generator, but every product iterates over the data "
                 "again; pass a list of batches (list(data)) or a DataLoader instead"
             )
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        if num_batches is not None and (
+            not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1
+        ):
             raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
         if isinstance(data, Sized) and _length_or_none(data) == 0:
             raise ValueError(f"data is empty ({type(data).__name__} of length 0): {_EMPTY_FIX}")

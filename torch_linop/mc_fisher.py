@@ -34,7 +34,7 @@ class MCFisherOperator(GGNOperator):
         seed: int = 2147483647,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(mc_samples, int) or mc_samples < 1:
+        if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         self.mc_samples = mc_samples
         self.seed = int(seed)

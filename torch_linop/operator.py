@@ -75,7 +75,9 @@ class CurvatureOperator(LinearOperator):
         self._shapes = [param.shape for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
         self.batch_size_fn = batch_size_fn
-        if num_data is not None and (not isinstance(num_data, int) or num_data < 1):
+        if num_data is not None and (
+            not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1
+        ):
             raise ValueError(f"num_data must be a positive int or None, got {num_data!r}")
         self._num_data = num_data
         self.progress = progress
@@ -111,7 +113,15 @@ class CurvatureOperator(LinearOperator):
 
     def _samples_in(self, batch: Any) -> int:
         if self.batch_size_fn is not None:
-            return int(self.batch_size_fn(batch))
+            count = self.batch_size_fn(batch)
+            if isinstance(count, torch.Tensor) and count.numel() == 1:
+                count = count.item()
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(
+                    f"batch_size_fn returned {count!r} for a batch; it must return the batch's "
+                    "number of samples as an int >= 0"
+                )
+            return count
         return int(self.loss_fn.num_samples(batch))
 
     def _device_batches(self) -> Iterator[Any]:
@@ -125,6 +135,8 @@ class CurvatureOperator(LinearOperator):
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc=type(self).__name__, leave=False)
+        if self.loss_fn.reduction == "mean":
+            _ = self.num_data  # raises if no batch holds a sample (else every weight would be 0)
         for batch in iterator:
             if self.loss_fn.reduction == "sum":
                 yield 1.0, batch

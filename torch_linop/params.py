@@ -45,6 +45,12 @@ def select_parameters(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if param_filter is not None and not callable(param_filter):
+        raise TypeError(
+            f"param_filter must be a callable (name, parameter) -> bool, got {param_filter!r}; "
+            "for glob patterns pass match_names('fc1.*', ...), for regular expressions "
+            "match_regex(...)"
+        )
     selected: dict[str, nn.Parameter] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

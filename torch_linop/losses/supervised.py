@@ -92,12 +92,26 @@ class SupervisedLoss(LossFunction):
 
     def loss(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         targets = self._split(batch)[1]
+        self._check_elementwise_shapes(output, targets)
         if self.kind.family == "mse" and self.reduction == "mean":
             # the same number, but F.mse_loss(reduction="mean") breaks forward-over-reverse AD
             # (PyTorch issue #123996: "ZeroTensors are immutable"), which method="forward" needs
             count = torch.broadcast_shapes(output.shape, targets.shape).numel()
             return F.mse_loss(output, targets, reduction="sum") / count
         return self.criterion(output, targets)
+
+    def _check_elementwise_shapes(self, output: torch.Tensor, targets: Any) -> None:
+        """MSE and BCE compare output and target elementwise: a (N, 1) output against (N,)
+        targets would broadcast to (N, N) pairs and silently give another loss."""
+        if self.kind.family not in ("mse", "bce_logits") or not isinstance(targets, torch.Tensor):
+            return
+        if output.shape != targets.shape:
+            raise ValueError(
+                f"the model output has shape {tuple(output.shape)} but the targets "
+                f"{tuple(targets.shape)}; {self.kind.family} compares them elementwise (PyTorch "
+                "would broadcast them into a different loss). Give the targets the output's "
+                "shape, e.g. y.view_as(output) or y.unsqueeze(-1) for one output per sample"
+            )
 
     def _valid_targets(self, targets: torch.Tensor) -> torch.Tensor | None:
         if self.kind.family != "cross_entropy" or targets.is_floating_point():
@@ -125,6 +139,7 @@ class SupervisedLoss(LossFunction):
 
     def per_sample_losses(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         targets = self._split(batch)[1]
+        self._check_elementwise_shapes(output, targets)
         family = self.kind.family
         if family == "cross_entropy":
             losses = F.cross_entropy(
@@ -166,6 +181,7 @@ class SupervisedLoss(LossFunction):
         self, output: torch.Tensor, batch: Any, vectors: torch.Tensor
     ) -> torch.Tensor | None:
         family = self.kind.family
+        self._check_elementwise_shapes(output, self._split(batch)[1])
         scale = self._scale(output, batch)
         if family == "mse":
             return closed_form.mse_hvp(vectors, scale)
