@@ -8,6 +8,7 @@ runs on the operator's device and hands torch tensors back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
+_SYMMETRY_BLOCK_ELEMENTS = 1 << 22  # entries compared at a time by check_symmetric
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,32 @@ def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype if dtype.is_floating_point else torch.float64).eps
 
 
+def check_symmetric(matrix: Tensor, what: str) -> None:
+    """ValueError unless a dense matrix equals its transpose to ``sqrt(eps)`` of its largest
+    entry (the solvers assume symmetry, and a non-symmetric matrix would give silently wrong
+    numbers). Compared in row blocks, so the extra memory is bounded."""
+    if matrix.device.type == "meta" or matrix.numel() == 0:
+        return
+    work = matrix if matrix.dtype.is_floating_point else matrix.double()
+    scale = float(work.abs().max())
+    if not math.isfinite(scale):
+        return  # non-finite entries: the products raise FloatingPointError
+    size = matrix.shape[0]
+    rows_per_block = max(1, _SYMMETRY_BLOCK_ELEMENTS // size)
+    worst = 0.0
+    for start in range(0, size, rows_per_block):
+        stop = min(size, start + rows_per_block)
+        difference = work[start:stop] - work[:, start:stop].T
+        worst = max(worst, float(difference.abs().max()))
+    tolerance = math.sqrt(_eps(work.dtype)) * scale
+    if worst > tolerance:
+        raise ValueError(
+            f"{what} is not symmetric: max |A - A^T| = {worst:.3g} for entries up to "
+            f"{scale:.3g}; the solvers handle symmetric operators only (symmetrise it with "
+            "(A + A.T) / 2, or use scipy.sparse.linalg.eigs for general matrices)"
+        )
+
+
 def _from_dense_tensor(matrix: Tensor) -> Operator:
     size = _square_size(matrix.shape, "the torch.Tensor operator")
     _check_real(matrix.dtype, "the torch.Tensor operator")
@@ -104,6 +132,7 @@ def _from_dense_tensor(matrix: Tensor) -> Operator:
             f"the torch.Tensor operator has dtype {matrix.dtype}; convert it to a floating "
             "dtype, e.g. matrix.double()"
         )
+    check_symmetric(matrix, "the torch.Tensor operator")
     compute_dtype = _compute_dtype(matrix.dtype)
 
     def matmat(block: Tensor) -> Tensor:
@@ -143,9 +172,19 @@ def _from_numpy(op: Any) -> Operator:
         # pool contending with torch's on small machines
         size = _square_size(op.shape, "the numpy array operator")
         matrix = torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64))
+        check_symmetric(matrix, "the numpy array operator")
         return Operator(
             matrix.__matmul__, size, torch.float64, matrix.device, True, _eps(torch.float64)
         )
+    if scipy.sparse.issparse(op) and op.shape[0] == op.shape[1] and op.nnz > 0:
+        scale = float(abs(op).max())
+        worst = float(abs(op - op.T).max())
+        if math.isfinite(scale) and worst > math.sqrt(_eps(torch.float64)) * scale:
+            raise ValueError(
+                f"the sparse matrix operator is not symmetric: max |A - A^T| = {worst:.3g} for "
+                f"entries up to {scale:.3g}; the solvers handle symmetric operators only "
+                "(symmetrise it with (A + A.T) / 2)"
+            )
     linear_op = scipy.sparse.linalg.aslinearoperator(op)
     size = _square_size(linear_op.shape, f"the operator {type(op).__name__}")
     _check_real(linear_op.dtype, f"the operator {type(op).__name__}")

@@ -92,7 +92,8 @@ class Checkpoint:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(
-                f"checkpoint {self.path} is not a readable torch-linop checkpoint ({error}); "
+                f"checkpoint {self.path} is not a readable torch-linop checkpoint (torch.load "
+                f"failed with {type(error).__name__}: truncated, corrupted or another format); "
                 "delete it or pass another checkpoint path to start over"
             ) from error
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -118,6 +119,13 @@ class Checkpoint:
                 f"checkpoint {self.path} was written by {payload['solver']}(), not "
                 f"{self.solver}(); {fix}"
             )
+        assert self.fingerprint is not None
+        mismatch = fingerprint_mismatch(payload["fingerprint"], self.fingerprint)
+        if mismatch is not None:
+            raise ValueError(
+                f"checkpoint {self.path} was written for a different operator ({mismatch}): "
+                f"resume with the same model, parameters and operator, or {fix}"
+            )
         saved_options = payload["options"]
         if saved_options != self.options:
             names = sorted(set(saved_options) | set(self.options))
@@ -130,13 +138,6 @@ class Checkpoint:
                 f"checkpoint {self.path} was written by {self.solver}() with other options ("
                 + "; ".join(differences)
                 + f"): resume with the same options, or {fix}"
-            )
-        assert self.fingerprint is not None
-        mismatch = fingerprint_mismatch(payload["fingerprint"], self.fingerprint)
-        if mismatch is not None:
-            raise ValueError(
-                f"checkpoint {self.path} was written for a different operator ({mismatch}): "
-                f"resume with the same model, parameters and operator, or {fix}"
             )
 
     def maybe_save(self, num_matvecs: int, make_state: Callable[[], State]) -> bool:

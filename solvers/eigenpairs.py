@@ -17,7 +17,7 @@ from ._memory import default_block_size, device_budget, vector_bytes
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
-from ._validation import check_int, check_tol
+from ._validation import as_device, check_bool, check_int, check_tol
 from .checkpoint import Checkpoint, seed_option
 from .results import EigenResult
 
@@ -87,7 +87,10 @@ def lanczos(
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     check_int("block_size", block_size, 1)
-    basis_device = operator.device if basis_device is None else torch.device(basis_device)
+    check_bool("return_eigenvectors", return_eigenvectors)
+    basis_device = (
+        operator.device if basis_device is None else as_device("basis_device", basis_device)
+    )
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     if not (isinstance(basis_dtype, torch.dtype) and basis_dtype.is_floating_point):
         raise TypeError(f"basis_dtype must be a floating torch.dtype, got {basis_dtype!r}")

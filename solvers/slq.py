@@ -25,7 +25,7 @@ from ._memory import device_budget, vectors_within
 from ._operator import as_operator
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
-from ._validation import check_int
+from ._validation import as_device, check_int
 from .checkpoint import Checkpoint, seed_option
 from .results import SpectralDensityResult
 
@@ -90,7 +90,9 @@ def spectral_density(
         return _local_spectral_density(
             operator, num_runs, lanczos_steps, grid_size, sigma, generator, progress
         )
-    basis_device = operator.device if basis_device is None else torch.device(basis_device)
+    basis_device = (
+        operator.device if basis_device is None else as_device("basis_device", basis_device)
+    )
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
     saver = Checkpoint(
