@@ -39,3 +39,26 @@ def vectors_within(
     if budget is None:
         return None
     return budget // max(1, copies * vector_bytes(size, dtype))
+
+
+def tall_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall ``(n, s)`` matrix that also works for n in the billions.
+
+    cuSOLVER's QR overflows its 32-bit workspace sizes on a 1B-row matrix, so large inputs use
+    CholeskyQR2 (two rounds of ``R = chol(Y^T Y)`` in float64, ``Q = Y R^-1``; Yamamoto et al.
+    2015), which is as accurate as Householder for the well-conditioned sketches of the
+    estimators; a rank-deficient input falls back to Householder QR.
+    """
+    if matrix.shape[0] * matrix.shape[1] < (1 << 28):
+        return torch.linalg.qr(matrix)
+    orthonormal = matrix
+    triangular = torch.eye(matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    for _ in range(2):
+        gram = (orthonormal.T @ orthonormal).double()
+        factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+        if int(info) != 0:
+            return torch.linalg.qr(matrix)
+        inverse = torch.linalg.inv(factor).to(matrix.dtype)
+        orthonormal = orthonormal @ inverse
+        triangular = factor @ triangular
+    return orthonormal, triangular.to(matrix.dtype)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._memory import tall_qr
 from ._operator import Operator
 from ._random import Distribution, draw_probes
 from ._sampling import EstimatorState, apply
@@ -109,7 +110,7 @@ def _take_sketch(
         )
     if "products" not in stage:
         stage["products"] = apply(operator, stage["probes"], state, block_size, bar)
-        stage["basis"], stage["triangular"] = torch.linalg.qr(stage["products"])
+        stage["basis"], stage["triangular"] = tall_qr(stage["products"])
     probes, products = stage["probes"], stage["products"]
     basis, triangular = stage["basis"], stage["triangular"]
     basis_products = apply(operator, basis, state, block_size, bar)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from ._memory import device_budget, vectors_within
+from ._memory import device_budget, tall_qr, vectors_within
 from ._operator import Operator
 from ._random import Distribution, draw_probes
 from ._sampling import EstimatorState, apply, mean_and_stderr
@@ -69,9 +68,7 @@ def hutchpp(
             device=operator.device,
         )
     if "basis" not in stage:
-        stage["basis"], _ = torch.linalg.qr(
-            apply(operator, stage["sketch"], state, block_size, bar)
-        )
+        stage["basis"], _ = tall_qr(apply(operator, stage["sketch"], state, block_size, bar))
         del stage["sketch"]
     basis = stage["basis"]
     if "sketched_trace" not in stage:
