@@ -399,7 +399,7 @@ def fingerprint_mismatch(saved: State, current: State) -> str | None:
         if bool(differs.any()):
             index = int(differs.any(dim=1).nonzero()[0])
             name = current["parameters"][index][0]
-            return f"the values of parameter {name!r} differ (another model state)"
+            return f"the values of parameter {name!r} differ: another model state"
         return None
     old, new = saved["probe"], current["probe"]
     rtol = max(float(saved["probe_rtol"]), float(current["probe_rtol"]))
