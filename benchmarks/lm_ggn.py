@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-fused-head", action="store_true")
+    parser.add_argument("--skip-ratios", action="store_true")
+    parser.add_argument("--head-shape", default="256x256", help="BATCHxSEQ of the fused-head run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,11 +157,16 @@ def main() -> None:
         head = fused_head_rows(device, dict(small, vocab=1000), 4, 32, 2)
     else:
         small = dict(vocab=50257, layers=12, width=768, heads=12, positions=1024)
-        ratios = ratio_table(device, small, [(8, 256), (8, 512)], args.repeats)
+        ratios = (
+            []
+            if args.skip_ratios
+            else ratio_table(device, small, [(8, 256), (8, 512)], args.repeats)
+        )
         head = []
         if not args.skip_fused_head:
             big_vocab = dict(small, vocab=128256)
-            head = fused_head_rows(device, big_vocab, 256, 256, 2)
+            head_batch, head_seq = (int(x) for x in args.head_shape.split("x"))
+            head = fused_head_rows(device, big_vocab, head_batch, head_seq, 2)
     print()
     print("| tokens | product | ms | x gradient | peak GiB (gradient) | rel. error vs exact |")
     print("|---|---|---|---|---|---|")
