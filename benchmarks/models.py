@@ -251,7 +251,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cnn": {
         "smoke": {"widths": (4, 6), "image": 6, "batch": 4},
-        "cpu": {"widths": (32, 64, 128, 256), "image": 32, "batch": 32},
+        "cpu": {"widths": (32, 64, 128, 256), "image": 32, "batch": 8},
         "cuda": {"widths": (32, 64, 128, 256), "image": 32, "batch": 256},
     },
     "gpt": {

@@ -37,7 +37,8 @@ LABEL = "PyHessian"
 MUTATES_MODEL = True  # it calls model.eval() and leaves graph-carrying .grad on the parameters
 VARIANTS = ("dataloader", "cached graph")
 POWER_ITERATION_MAX_ITER = 300  # per eigenvalue
-EIGS_TOL_LADDER = (1e-4, 1e-6, 1e-8)  # power iteration is slow: a short ladder
+EIGS_TOL_LADDER = (1e-4, 1e-6, 1e-8)
+EIGS_WHICH = "LM"  # power iteration converges to the largest magnitudes  # power iteration is slow: a short ladder
 
 
 def version() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,11 @@ class SuiteResult:
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)  # ready-made markdown (delegated suites)
+
+
+def progress(suite: str, message: str) -> None:
+    """One line of progress on stderr (long runs: the tables only print at the end)."""
+    print(f"[{suite}] {message}", file=sys.stderr, flush=True)
 
 
 def format_cell(cell: Any) -> str:

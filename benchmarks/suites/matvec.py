@@ -3,8 +3,10 @@ the CNN and the transformer, by torch-linop, every installed library and hand-ro
 
 Per implementation: the relative error against ours on the same vector, the median time per
 product, that time as a multiple of one gradient (forward + backward of the same loss) and the
-peak memory above what was allocated before the operator was built. Operators are built outside
-the timing; one warm-up product precedes the measured ones. On smoke sizes in float64 an
+peak memory above what was allocated before the operator was built. Phase 1 takes each
+implementation alone (build, warm-up, one product under the memory probe); phase 2 times all
+of them, and the gradient, in round-robin rounds, so load changes on a shared machine hit every
+implementation alike. Operators are built outside the timing. On smoke sizes in float64 an
 independent check joins each table: central differences of gradients for the Hessian and
 ``torch_linop.reference``'s dense matrices (first-order ``jacrev`` only) for the GGN and EF.
 """
@@ -12,8 +14,10 @@ independent check joins each table: central differences of gradients for the Hes
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,7 +41,7 @@ from benchmarks.suites._measure import (
     relative_error,
     time_calls,
 )
-from benchmarks.suites._report import SuiteResult, Table, short_error
+from benchmarks.suites._report import SuiteResult, Table, progress, short_error
 
 DEFAULT_MODELS = ("mlp", "cnn", "gpt")
 COLUMNS = [
@@ -50,12 +54,33 @@ COLUMNS = [
     "note",
 ]
 INDEPENDENT_CHECK_MAX_PARAMS = 5000
+TIME_BUDGET_SECONDS = {"cpu": 30.0, "cuda": 30.0}  # per model, for the timed rounds
 
 
-def _default_repeats(config: RunConfig) -> int:
-    if config.repeats is not None:
-        return config.repeats
-    return 1 if config.smoke else (5 if config.device.type == "cuda" else 3)
+@dataclass
+class Entry:
+    """One implementation of one product on one model, and what was measured of it."""
+
+    curvature: str
+    label: str
+    build: Callable[..., Callable[[torch.Tensor], torch.Tensor]]
+    build_args: tuple[Any, ...]
+    peer: Peer | None = None  # None: the gradient
+    copies_model: bool = False
+    result: torch.Tensor | None = None
+    peak: int | None = None
+    first_seconds: float | None = None
+    samples: list[float] = field(default_factory=list)
+    error_vs_ours: float | None = None
+    skipped: str | None = None
+    error: str | None = None
+
+    def make(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Build the product (on a fresh model copy for libraries that modify the model)."""
+        args = self.build_args
+        if self.copies_model:
+            args = (args[0].with_model_copy(), *args[1:])
+        return self.build(*args)
 
 
 def _release(device: torch.device) -> None:
@@ -64,33 +89,41 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(
-    build: Callable[..., Callable[[torch.Tensor], torch.Tensor]],
-    build_args: tuple[Any, ...],
-    vector: torch.Tensor,
-    device: torch.device,
-    repeats: int,
-    smoke: bool,
-) -> dict[str, Any]:
-    """Build (untimed, but its retained memory counts), warm up, measure peak memory on one
-    product, then time ``repeats`` products. Smoke runs time the single memory-probed product
-    (no warm-up): they check agreement, their timings mean nothing."""
+def _probe(entry: Entry, vector: torch.Tensor, device: torch.device, smoke: bool) -> None:
+    """Phase 1, one implementation alone: build (untimed, but memory it keeps counts), warm up
+    (not in smoke runs), then one product under the memory probe; keeps its result."""
     probe = MemoryProbe(device)
-    matvec = build(*build_args)
-    if smoke:
+    try:
+        matvec = entry.make()
+        if not smoke:
+            matvec(vector)
         start = time.perf_counter()
-        result, peak = probe.peak(lambda: matvec(vector))
-        seconds = time.perf_counter() - start
-        return {"result": result.detach(), "peak": peak, "seconds": seconds, "samples": [seconds]}
-    matvec(vector)
-    result, peak = probe.peak(lambda: matvec(vector))
-    timing = time_calls(lambda: matvec(vector), device, repeats)
-    return {
-        "result": result.detach(),
-        "peak": peak,
-        "seconds": timing.median,
-        "samples": timing.samples,
-    }
+        result, entry.peak = probe.peak(lambda: matvec(vector))
+        entry.first_seconds = time.perf_counter() - start
+        entry.result = result.detach()
+    except Unsupported as reason:
+        entry.skipped = str(reason)
+    except Exception as error:  # a library failing on a model is a result too
+        entry.error = short_error(error)
+
+
+def _time_round_robin(
+    entries: list[Entry], vector: torch.Tensor, device: torch.device, repeats: int | None
+) -> int:
+    """Phase 2: all implementations built side by side, one warm-up round, then rounds in which
+    each is timed once, so load changes on a shared machine hit all of them alike. Without
+    ``repeats``, as many rounds (3 to 25) as fit the time budget."""
+    built = [(entry, entry.make()) for entry in entries]
+    for _, matvec in built:
+        matvec(vector)
+    if repeats is None:
+        round_seconds = sum(entry.first_seconds or 0.0 for entry in entries)
+        budget = TIME_BUDGET_SECONDS[device.type]
+        repeats = int(min(25, max(3, budget // max(round_seconds, 1e-9))))
+    for _ in range(repeats):
+        for entry, matvec in built:
+            entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, 1).samples)
+    return repeats
 
 
 def _gradient_builder(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -144,20 +177,31 @@ def _label(peer: Peer, variant: str | None) -> str:
     return peer.label if variant is None else f"{peer.label} ({variant})"
 
 
+def _entries(problem: Problem, peers: list[Peer]) -> list[Entry]:
+    entries = [Entry("gradient", "gradient (reference)", _gradient_builder, (problem,))]
+    for curvature in CURVATURES:
+        for peer, variant in _implementations(peers):
+            args = (problem, curvature) if variant is None else (problem, curvature, variant)
+            entries.append(
+                Entry(
+                    curvature,
+                    _label(peer, variant),
+                    peer.routine("make_matvec"),
+                    args,
+                    peer=peer,
+                    copies_model=peer.mutates_model,
+                )
+            )
+    return entries
+
+
 def run(config: RunConfig) -> SuiteResult:
     dtype = config.dtype_or(torch.float64 if config.smoke else torch.float32)
-    repeats = _default_repeats(config)
     peers = load_peers(config.peers)
     if peers[0].name != "ours" or not peers[0].available:
         raise RuntimeError("the matvec suite needs torch-linop itself as the first implementation")
     result = SuiteResult(
-        "matvec",
-        settings={
-            "dtype": str(dtype),
-            "repeats": repeats,
-            "tier": config.tier,
-            "seed": config.seed,
-        },
+        "matvec", settings={"dtype": str(dtype), "tier": config.tier, "seed": config.seed}
     )
     skipped = [f"{peer.label}: {peer.missing}" for peer in peers if not peer.available]
     layer_norm_bug = torch_func_layer_norm_bug()
@@ -176,166 +220,161 @@ def run(config: RunConfig) -> SuiteResult:
         vector = torch.randn(problem.num_params, generator=generator, dtype=torch.float64)
         vector = vector.to(device=config.device, dtype=dtype)
         freeze_heap()
-        table = Table(
-            f"{model_name}: {problem.description}; {problem.num_params:,} parameters, "
-            f"{str(dtype).replace('torch.', '')}, {config.device.type}",
-            COLUMNS,
-        )
-        gradient = _measure(
-            _gradient_builder, (problem,), vector, config.device, repeats, config.smoke
-        )
-        gradient_seconds = gradient["seconds"]
+        entries = _entries(problem, peers)
+        for entry in entries:
+            _probe(entry, vector, config.device, config.smoke)
+            outcome = entry.skipped or entry.error or f"{entry.first_seconds:.3g} s"
+            progress("matvec", f"{model_name} {entry.curvature} {entry.label}: {outcome}")
+            _release(config.device)
+        measured = [entry for entry in entries if entry.result is not None]
+        if config.smoke:
+            for entry in measured:
+                entry.samples = [entry.first_seconds or 0.0]
+            rounds = 1
+        else:
+            rounds = _time_round_robin(measured, vector, config.device, config.repeats)
+            _release(config.device)
+        table = _model_table(model_name, problem, dtype, config, entries, rounds, layer_norm_bug)
+        if dtype == torch.float64 and problem.num_params <= INDEPENDENT_CHECK_MAX_PARAMS:
+            _add_independent_checks(table, result, model_name, problem, entries, vector)
+        if skipped:
+            table.notes.append("skipped (not importable): " + "; ".join(skipped))
+        result.tables.append(table)
+        result.records.extend(_records(model_name, problem, entries))
+        entries.clear()
+        problem = None  # free the model before the next one is built
+        _release(config.device)
+    return result
+
+
+def _model_table(
+    model_name: str,
+    problem: Problem,
+    dtype: torch.dtype,
+    config: RunConfig,
+    entries: list[Entry],
+    rounds: int,
+    layer_norm_bug: bool,
+) -> Table:
+    table = Table(
+        f"{model_name}: {problem.description}; {problem.num_params:,} parameters, "
+        f"{str(dtype).replace('torch.', '')}, {config.device.type}",
+        COLUMNS,
+    )
+    gradient_seconds = statistics.median(entries[0].samples) if entries[0].samples else None
+    ours: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        curvature = CURVATURE_LABELS.get(entry.curvature, "—")
+        if entry.skipped or entry.error:
+            why = f"not offered: {entry.skipped}" if entry.skipped else f"failed: {entry.error}"
+            table.rows.append([curvature, entry.label, None, None, None, None, why])
+            continue
+        if entry.peer is not None and entry.peer.name == "ours":
+            ours[entry.curvature] = entry.result
+        reference = ours.get(entry.curvature)
+        error = None
+        if entry.peer is not None and entry.peer.name != "ours" and reference is not None:
+            error = relative_error(entry.result, reference)
+        entry.error_vs_ours = error
+        seconds = statistics.median(entry.samples)
+        note = ""
+        if (
+            layer_norm_bug
+            and entry.peer is not None
+            and entry.peer.name == "curvlinops"
+            and entry.curvature == "hessian"
+            and model_name == "gpt"
+        ):
+            note = "torch.func LayerNorm bug (see notes)"
         table.rows.append(
             [
-                "—",
-                "gradient (reference)",
+                curvature,
+                entry.label,
+                error,
+                1e3 * seconds,
+                seconds / gradient_seconds if gradient_seconds else None,
+                mib(entry.peak),
+                note,
+            ]
+        )
+    table.notes.append(
+        f"time: median of {rounds} round-robin rounds (every implementation timed once per "
+        "round, after a warm-up round); × gradient: that over the median of one forward + "
+        "backward of the same loss, timed in the same rounds; peak: "
+        + (
+            "torch.cuda.max_memory_allocated during one product, above the memory allocated "
+            "before the operator was built"
+            if config.device.type == "cuda"
+            else "peak resident set size during one product, above the resident size before "
+            "the operator was built"
+        )
+    )
+    if layer_norm_bug and model_name == "gpt":
+        table.notes.append(TORCH_FUNC_BUG_NOTE)
+    return table
+
+
+def _add_independent_checks(
+    table: Table,
+    result: SuiteResult,
+    model_name: str,
+    problem: Problem,
+    entries: list[Entry],
+    vector: torch.Tensor,
+) -> None:
+    for entry in entries:
+        if entry.peer is None or entry.peer.name != "ours" or entry.result is None:
+            continue
+        check, how = _independent_check(problem, entry.curvature, vector)
+        error = relative_error(check, entry.result)
+        table.rows.append(
+            [
+                CURVATURE_LABELS[entry.curvature],
+                f"independent check: {how}",
+                error,
                 None,
-                1e3 * gradient_seconds,
-                1.0,
-                mib(gradient["peak"]),
-                "",
+                None,
+                None,
+                "error of ours against it",
             ]
         )
         result.records.append(
             {
                 "model": model_name,
-                "curvature": "gradient",
-                "implementation": "gradient",
-                "seconds": gradient_seconds,
-                "samples": gradient["samples"],
-                "peak_bytes": gradient["peak"],
-                "num_params": problem.num_params,
+                "curvature": entry.curvature,
+                "implementation": "independent check",
+                "method": how,
+                "rel_error_vs_ours": error,
             }
         )
-        del gradient
-        for curvature in CURVATURES:
-            ours: torch.Tensor | None = None
-            for peer, variant in _implementations(peers):
-                record: dict[str, Any] = {
-                    "model": model_name,
-                    "curvature": curvature,
-                    "implementation": _label(peer, variant),
-                    "library": peer.name,
-                    "version": peer.version,
-                    "num_params": problem.num_params,
+
+
+def _records(model_name: str, problem: Problem, entries: list[Entry]) -> list[dict[str, Any]]:
+    gradient_seconds = statistics.median(entries[0].samples) if entries[0].samples else None
+    records = []
+    for entry in entries:
+        record: dict[str, Any] = {
+            "model": model_name,
+            "curvature": entry.curvature,
+            "implementation": entry.label,
+            "library": None if entry.peer is None else entry.peer.name,
+            "version": None if entry.peer is None else entry.peer.version,
+            "num_params": problem.num_params,
+        }
+        if entry.skipped:
+            record["skipped"] = entry.skipped
+        elif entry.error:
+            record["error"] = entry.error
+        else:
+            seconds = statistics.median(entry.samples)
+            record.update(
+                {
+                    "rel_error_vs_ours": entry.error_vs_ours,
+                    "seconds": seconds,
+                    "samples": entry.samples,
+                    "times_gradient": seconds / gradient_seconds if gradient_seconds else None,
+                    "peak_bytes": entry.peak,
                 }
-                target = problem.with_model_copy() if peer.mutates_model else problem
-                make_matvec = peer.routine("make_matvec")
-                args = (target, curvature) if variant is None else (target, curvature, variant)
-                note = ""
-                try:
-                    measured = _measure(
-                        make_matvec, args, vector, config.device, repeats, config.smoke
-                    )
-                except Unsupported as reason:
-                    record["skipped"] = str(reason)
-                    table.rows.append(
-                        [
-                            CURVATURE_LABELS[curvature],
-                            _label(peer, variant),
-                            None,
-                            None,
-                            None,
-                            None,
-                            f"not offered: {reason}",
-                        ]
-                    )
-                    result.records.append(record)
-                    continue
-                except Exception as error:  # a library failing on a model is a result too
-                    record["error"] = short_error(error)
-                    table.rows.append(
-                        [
-                            CURVATURE_LABELS[curvature],
-                            _label(peer, variant),
-                            None,
-                            None,
-                            None,
-                            None,
-                            f"failed: {short_error(error)}",
-                        ]
-                    )
-                    result.records.append(record)
-                    del target
-                    _release(config.device)
-                    continue
-                if peer.name == "ours":
-                    ours = measured["result"]
-                error_vs_ours = None if ours is None else relative_error(measured["result"], ours)
-                if (
-                    peer.name == "curvlinops"
-                    and curvature == "hessian"
-                    and layer_norm_bug
-                    and model_name == "gpt"
-                ):
-                    note = "torch.func LayerNorm bug (see notes)"
-                record.update(
-                    {
-                        "rel_error_vs_ours": error_vs_ours,
-                        "seconds": measured["seconds"],
-                        "samples": measured["samples"],
-                        "times_gradient": measured["seconds"] / gradient_seconds,
-                        "peak_bytes": measured["peak"],
-                    }
-                )
-                result.records.append(record)
-                table.rows.append(
-                    [
-                        CURVATURE_LABELS[curvature],
-                        _label(peer, variant),
-                        error_vs_ours if peer.name != "ours" else None,
-                        1e3 * measured["seconds"],
-                        measured["seconds"] / gradient_seconds,
-                        mib(measured["peak"]),
-                        note,
-                    ]
-                )
-                del measured, target
-                _release(config.device)
-            if (
-                ours is not None
-                and dtype == torch.float64
-                and problem.num_params <= INDEPENDENT_CHECK_MAX_PARAMS
-            ):
-                check, how = _independent_check(problem, curvature, vector)
-                error = relative_error(check, ours)
-                table.rows.append(
-                    [
-                        CURVATURE_LABELS[curvature],
-                        f"independent check: {how}",
-                        error,
-                        None,
-                        None,
-                        None,
-                        "error of ours against it",
-                    ]
-                )
-                result.records.append(
-                    {
-                        "model": model_name,
-                        "curvature": curvature,
-                        "implementation": "independent check",
-                        "method": how,
-                        "rel_error_vs_ours": error,
-                    }
-                )
-        table.notes.append(
-            "time: median over "
-            f"{repeats} products after one warm-up; × gradient: that time over the median time "
-            "of one forward + backward of the same loss; peak: "
-            + (
-                "torch.cuda.max_memory_allocated during one product, above the memory allocated "
-                "before the operator was built"
-                if config.device.type == "cuda"
-                else "peak resident set size during one product, above the resident size before "
-                "the operator was built"
             )
-        )
-        if skipped:
-            table.notes.append("skipped (not importable): " + "; ".join(skipped))
-        if layer_norm_bug and model_name == "gpt":
-            table.notes.append(TORCH_FUNC_BUG_NOTE)
-        result.tables.append(table)
-        problem = None  # free the model before the next one is built
-        _release(config.device)
-    return result
+        records.append(record)
+    return records

@@ -22,7 +22,7 @@ from benchmarks.peers import DensityOutcome, Unsupported, load_peers
 from benchmarks.suites import RunConfig
 from benchmarks.suites._dense import exact_trace_and_spectrum
 from benchmarks.suites._measure import freeze_heap
-from benchmarks.suites._report import SuiteResult, Table, short_error
+from benchmarks.suites._report import SuiteResult, Table, progress, short_error
 
 COLUMNS = [
     "implementation",
@@ -97,6 +97,9 @@ def run(config: RunConfig) -> SuiteResult:
                     [peer.label, None, None, None, None, None, f"failed: {short_error(error)}"]
                 )
                 continue
+            progress(
+                "slq", f"{model_name} {peer.label}: {outcome.num_matvecs} matvecs, {seconds:.3g} s"
+            )
             support, weights, source = _measure_of(outcome)
             to_exact = wasserstein_distance(support, spectrum, weights, uniform) / width
             to_ours = None
