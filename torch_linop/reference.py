@@ -67,7 +67,7 @@ def dense_hessian(
             return _call(model, unflatten(vector), lambda: loss(model, batch))
 
         total += weight * hessian(loss_of)(flat)
-    return total
+    return total.detach()
 
 
 def dense_ggn(
@@ -90,7 +90,7 @@ def dense_ggn(
             lambda o, batch=batch, like=output: loss.loss(o.view_as(like), batch)
         )(output.reshape(-1))
         total += weight * jacobian.T @ out_hessian @ jacobian
-    return total
+    return total.detach()
 
 
 def dense_empirical_fisher(
@@ -115,4 +115,4 @@ def dense_empirical_fisher(
         gradients = jacrev(losses_of)(flat)
         total += gradients.T @ gradients
         count += gradients.shape[0]
-    return total / count if loss.reduction == "mean" else total
+    return (total / count if loss.reduction == "mean" else total).detach()
