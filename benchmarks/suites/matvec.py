@@ -67,7 +67,8 @@ class Entry:
     build_args: tuple[Any, ...]
     peer: Peer | None = None  # None: the gradient
     copies_model: bool = False
-    result: torch.Tensor | None = None
+    result: torch.Tensor | None = None  # kept for ours only (the others are compared at once)
+    measured: bool = False
     peak: int | None = None
     first_seconds: float | None = None
     samples: list[float] = field(default_factory=list)
@@ -101,6 +102,7 @@ def _probe(entry: Entry, vector: torch.Tensor, device: torch.device, smoke: bool
         result, entry.peak = probe.peak(lambda: matvec(vector))
         entry.first_seconds = time.perf_counter() - start
         entry.result = result.detach()
+        entry.measured = True
     except Unsupported as reason:
         entry.skipped = str(reason)
     except Exception as error:  # a library failing on a model is a result too
@@ -109,21 +111,43 @@ def _probe(entry: Entry, vector: torch.Tensor, device: torch.device, smoke: bool
 
 def _time_round_robin(
     entries: list[Entry], vector: torch.Tensor, device: torch.device, repeats: int | None
-) -> int:
+) -> tuple[int, str]:
     """Phase 2: all implementations built side by side, one warm-up round, then rounds in which
     each is timed once, so load changes on a shared machine hit all of them alike. Without
-    ``repeats``, as many rounds (3 to 25) as fit the time budget."""
-    built = [(entry, entry.make()) for entry in entries]
-    for _, matvec in built:
-        matvec(vector)
+    ``repeats``, as many rounds (3 to 25) as fit the time budget. If they do not fit in memory
+    side by side, each is timed alone instead (the returned text says which)."""
     if repeats is None:
         round_seconds = sum(entry.first_seconds or 0.0 for entry in entries)
         budget = TIME_BUDGET_SECONDS[device.type]
         repeats = int(min(25, max(3, budget // max(round_seconds, 1e-9))))
-    for _ in range(repeats):
-        for entry, matvec in built:
-            entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, 1).samples)
-    return repeats
+    try:
+        built = [(entry, entry.make()) for entry in entries]
+        for _, matvec in built:
+            matvec(vector)
+        for _ in range(repeats):
+            for entry, matvec in built:
+                entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, 1).samples)
+        return (
+            repeats,
+            "round-robin rounds (every implementation timed once per round, after a warm-up round)",
+        )
+    except torch.OutOfMemoryError:
+        built = []
+        _release(device)
+    for entry in entries:
+        entry.samples.clear()
+        try:
+            matvec = entry.make()
+            matvec(vector)
+            entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, repeats).samples)
+        except Exception as error:
+            entry.error = f"timing failed: {short_error(error)}"
+        matvec = None
+        _release(device)
+    return (
+        repeats,
+        "products per implementation, one implementation after another (side by side they did not fit in memory), after a warm-up product",
+    )
 
 
 def _gradient_builder(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -221,20 +245,28 @@ def run(config: RunConfig) -> SuiteResult:
         vector = vector.to(device=config.device, dtype=dtype)
         freeze_heap()
         entries = _entries(problem, peers)
+        ours: dict[str, torch.Tensor] = {}
         for entry in entries:
             _probe(entry, vector, config.device, config.smoke)
+            if entry.result is not None and entry.peer is not None:
+                if entry.peer.name == "ours":
+                    ours[entry.curvature] = entry.result
+                else:
+                    if entry.curvature in ours:
+                        entry.error_vs_ours = relative_error(entry.result, ours[entry.curvature])
+                    entry.result = None
             outcome = entry.skipped or entry.error or f"{entry.first_seconds:.3g} s"
             progress("matvec", f"{model_name} {entry.curvature} {entry.label}: {outcome}")
             _release(config.device)
-        measured = [entry for entry in entries if entry.result is not None]
+        measured = [entry for entry in entries if entry.measured]
         if config.smoke:
             for entry in measured:
                 entry.samples = [entry.first_seconds or 0.0]
-            rounds = 1
+            timing = (1, "product (smoke run: one product, no warm-up; timings mean nothing)")
         else:
-            rounds = _time_round_robin(measured, vector, config.device, config.repeats)
+            timing = _time_round_robin(measured, vector, config.device, config.repeats)
             _release(config.device)
-        table = _model_table(model_name, problem, dtype, config, entries, rounds, layer_norm_bug)
+        table = _model_table(model_name, problem, dtype, config, entries, timing, layer_norm_bug)
         if dtype == torch.float64 and problem.num_params <= INDEPENDENT_CHECK_MAX_PARAMS:
             _add_independent_checks(table, result, model_name, problem, entries, vector)
         if skipped:
@@ -253,7 +285,7 @@ def _model_table(
     dtype: torch.dtype,
     config: RunConfig,
     entries: list[Entry],
-    rounds: int,
+    timing: tuple[int, str],
     layer_norm_bug: bool,
 ) -> Table:
     table = Table(
@@ -262,20 +294,13 @@ def _model_table(
         COLUMNS,
     )
     gradient_seconds = statistics.median(entries[0].samples) if entries[0].samples else None
-    ours: dict[str, torch.Tensor] = {}
     for entry in entries:
         curvature = CURVATURE_LABELS.get(entry.curvature, "—")
         if entry.skipped or entry.error:
             why = f"not offered: {entry.skipped}" if entry.skipped else f"failed: {entry.error}"
             table.rows.append([curvature, entry.label, None, None, None, None, why])
             continue
-        if entry.peer is not None and entry.peer.name == "ours":
-            ours[entry.curvature] = entry.result
-        reference = ours.get(entry.curvature)
-        error = None
-        if entry.peer is not None and entry.peer.name != "ours" and reference is not None:
-            error = relative_error(entry.result, reference)
-        entry.error_vs_ours = error
+        error = entry.error_vs_ours
         seconds = statistics.median(entry.samples)
         note = ""
         if (
@@ -298,9 +323,8 @@ def _model_table(
             ]
         )
     table.notes.append(
-        f"time: median of {rounds} round-robin rounds (every implementation timed once per "
-        "round, after a warm-up round); × gradient: that over the median of one forward + "
-        "backward of the same loss, timed in the same rounds; peak: "
+        f"time: median of {timing[0]} {timing[1]}; × gradient: that over the median time of one "
+        "forward + backward of the same loss, timed alongside; peak: "
         + (
             "torch.cuda.max_memory_allocated during one product, above the memory allocated "
             "before the operator was built"
