@@ -61,10 +61,11 @@ def _ef_factory(problem: Problem):
             loss.backward()
         # grad_batch rows are gradients of the batch-mean loss: g_i / B
         rows = targets.shape[0]
-        per_sample = torch.cat([p.grad_batch.reshape(rows, -1) for p in problem.params], dim=1)
+        gradients = [getattr(p, "grad_batch") for p in problem.params]  # noqa: B009
+        per_sample = torch.cat([g.reshape(rows, -1) for g in gradients], dim=1)
         for param in problem.params:
             param.grad = None
-            del param.grad_batch
+            delattr(param, "grad_batch")
         return split(rows * (per_sample.T @ (per_sample @ flat(v))), problem.params)
 
     return product

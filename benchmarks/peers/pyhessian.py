@@ -93,7 +93,7 @@ def _counted(computer: Any, counter: MatvecCounter) -> Iterator[None]:
     from pyhessian import hessian  # noqa: F401  (imports the module)
 
     module = sys.modules["pyhessian.hessian"]  # the package re-exports a class of that name
-    original_function = module.hessian_vector_product
+    original_function = getattr(module, "hessian_vector_product")  # noqa: B009
     original_method = computer.dataloader_hv_product
 
     def counted_function(*args: Any, **kwargs: Any) -> Any:
@@ -104,12 +104,12 @@ def _counted(computer: Any, counter: MatvecCounter) -> Iterator[None]:
         counter.add(1)
         return original_method(*args, **kwargs)
 
-    module.hessian_vector_product = counted_function
+    setattr(module, "hessian_vector_product", counted_function)  # noqa: B010
     computer.dataloader_hv_product = counted_method
     try:
         yield
     finally:
-        module.hessian_vector_product = original_function
+        setattr(module, "hessian_vector_product", original_function)  # noqa: B010
         del computer.dataloader_hv_product
 
 

@@ -1,7 +1,7 @@
-"""Wall-clock time and peak memory of one call, measured the same way for every library.
+"""Peak memory of one call and the helpers for timing it, the same way for every library.
 
-Time: ``time.perf_counter`` around the call, with ``torch.cuda.synchronize`` on both sides on a
-GPU; the median of several calls after a warm-up. Peak memory: on a GPU,
+Time (in the suites): ``time.perf_counter`` around the call, with ``synchronize`` on both sides
+on a GPU. Peak memory: on a GPU,
 ``torch.cuda.max_memory_allocated`` during the call minus what was allocated before the
 operator was built (so state an operator keeps between calls, such as a cached graph, counts);
 on the CPU, the peak resident set size (``VmHWM`` after resetting it through
@@ -14,10 +14,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import re
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,6 +73,7 @@ class MemoryProbe:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.baseline: int | None
         gc.collect()
         _trim_heap()
         if device.type == "cuda":
@@ -91,34 +89,13 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
             result = fn()
             synchronize(self.device)
-            return result, torch.cuda.max_memory_allocated(self.device) - self.baseline
+            return result, torch.cuda.max_memory_allocated(self.device) - (self.baseline or 0)
         _trim_heap()
         if self.baseline is None or not _reset_peak_rss():
             return fn(), None
         result = fn()
         peak = _status_kib("VmHWM")
         return result, None if peak is None else max(peak * 1024 - self.baseline, 0)
-
-
-@dataclass
-class Timing:
-    """Seconds per call: median and all repeats."""
-
-    median: float
-    samples: list[float]
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int) -> Timing:
-    """Median wall-clock seconds of ``repeats`` calls of ``fn`` (no warm-up here)."""
-    samples = []
-    for _ in range(max(repeats, 1)):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-        del result
-    return Timing(statistics.median(samples), samples)
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -100,8 +100,8 @@ def reference_eigenvalues(
     arpack = _scipy_eigsh(problem, curvature, k, 0.0, seed + 1000)
     result: dict[str, Any] = {"values": arpack.eigenvalues, "how": "ARPACK eigsh, tol=0"}
     if magnitude:
-        by_magnitude = _scipy_eigsh(problem, curvature, k, 0.0, seed + 1000, which="LM")
-        result["magnitude"] = by_magnitude.eigenvalues
+        largest_magnitude = _scipy_eigsh(problem, curvature, k, 0.0, seed + 1000, which="LM")
+        result["magnitude"] = largest_magnitude.eigenvalues
     try:
         check = ours_adapter.top_eigenvalues(problem, curvature, k, 1e-12, seed + 1000)
         result["cross_check"] = float(_max_relative_error(check.eigenvalues, arpack.eigenvalues))

@@ -39,7 +39,7 @@ from benchmarks.suites._measure import (
     freeze_heap,
     mib,
     relative_error,
-    time_calls,
+    synchronize,
 )
 from benchmarks.suites._report import SuiteResult, Table, progress, short_error
 
@@ -121,33 +121,38 @@ def _time_round_robin(
         budget = TIME_BUDGET_SECONDS[device.type]
         repeats = int(min(25, max(3, budget // max(round_seconds, 1e-9))))
     try:
-        built = [(entry, entry.make()) for entry in entries]
-        for _, matvec in built:
-            matvec(vector)
-        for _ in range(repeats):
-            for entry, matvec in built:
-                entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, 1).samples)
+        _rounds(entries, vector, device, repeats)
         return (
             repeats,
-            "round-robin rounds (every implementation timed once per round, after a warm-up round)",
+            "round-robin rounds (each implementation timed once per round, after a warm-up round)",
         )
     except torch.OutOfMemoryError:
-        built = []
         _release(device)
     for entry in entries:
         entry.samples.clear()
         try:
-            matvec = entry.make()
-            matvec(vector)
-            entry.samples.extend(time_calls(lambda m=matvec: m(vector), device, repeats).samples)
+            _rounds([entry], vector, device, repeats)
         except Exception as error:
             entry.error = f"timing failed: {short_error(error)}"
-        matvec = None
         _release(device)
     return (
         repeats,
-        "products per implementation, one implementation after another (side by side they did not fit in memory), after a warm-up product",
+        "products per implementation, timed alone (side by side they did not fit in memory), after a warm-up product",
     )
+
+
+def _rounds(entries: list[Entry], vector: torch.Tensor, device: torch.device, repeats: int) -> None:
+    """Build ``entries`` side by side, warm each up once, then time each once per round."""
+    built = [(entry, entry.make()) for entry in entries]
+    for _, matvec in built:
+        matvec(vector)
+    for _ in range(repeats):
+        for entry, matvec in built:
+            synchronize(device)
+            start = time.perf_counter()
+            matvec(vector)
+            synchronize(device)
+            entry.samples.append(time.perf_counter() - start)
 
 
 def _gradient_builder(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -227,56 +232,66 @@ def run(config: RunConfig) -> SuiteResult:
     result = SuiteResult(
         "matvec", settings={"dtype": str(dtype), "tier": config.tier, "seed": config.seed}
     )
-    skipped = [f"{peer.label}: {peer.missing}" for peer in peers if not peer.available]
     layer_norm_bug = torch_func_layer_norm_bug()
     result.settings["torch_func_layer_norm_bug"] = layer_norm_bug
     for model_name in config.models or list(DEFAULT_MODELS):
-        problem = make_problem(
-            model_name,
-            config.tier,
-            device=config.device,
-            dtype=dtype,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-        )
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        vector = torch.randn(problem.num_params, generator=generator, dtype=torch.float64)
-        vector = vector.to(device=config.device, dtype=dtype)
-        freeze_heap()
-        entries = _entries(problem, peers)
-        ours: dict[str, torch.Tensor] = {}
-        for entry in entries:
-            _probe(entry, vector, config.device, config.smoke)
-            if entry.result is not None and entry.peer is not None:
-                if entry.peer.name == "ours":
-                    ours[entry.curvature] = entry.result
-                else:
-                    if entry.curvature in ours:
-                        entry.error_vs_ours = relative_error(entry.result, ours[entry.curvature])
-                    entry.result = None
-            outcome = entry.skipped or entry.error or f"{entry.first_seconds:.3g} s"
-            progress("matvec", f"{model_name} {entry.curvature} {entry.label}: {outcome}")
-            _release(config.device)
-        measured = [entry for entry in entries if entry.measured]
-        if config.smoke:
-            for entry in measured:
-                entry.samples = [entry.first_seconds or 0.0]
-            timing = (1, "product (smoke run: one product, no warm-up; timings mean nothing)")
-        else:
-            timing = _time_round_robin(measured, vector, config.device, config.repeats)
-            _release(config.device)
-        table = _model_table(model_name, problem, dtype, config, entries, timing, layer_norm_bug)
-        if dtype == torch.float64 and problem.num_params <= INDEPENDENT_CHECK_MAX_PARAMS:
-            _add_independent_checks(table, result, model_name, problem, entries, vector)
-        if skipped:
-            table.notes.append("skipped (not importable): " + "; ".join(skipped))
-        result.tables.append(table)
-        result.records.extend(_records(model_name, problem, entries))
-        entries.clear()
-        problem = None  # free the model before the next one is built
+        _run_model(config, model_name, dtype, peers, layer_norm_bug, result)
         _release(config.device)
     return result
+
+
+def _run_model(
+    config: RunConfig,
+    model_name: str,
+    dtype: torch.dtype,
+    peers: list[Peer],
+    layer_norm_bug: bool,
+    result: SuiteResult,
+) -> None:
+    """Both phases on one model; appends its table and records to ``result``."""
+    problem = make_problem(
+        model_name,
+        config.tier,
+        device=config.device,
+        dtype=dtype,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        seq_len=config.seq_len,
+    )
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    vector = torch.randn(problem.num_params, generator=generator, dtype=torch.float64)
+    vector = vector.to(device=config.device, dtype=dtype)
+    freeze_heap()
+    entries = _entries(problem, peers)
+    ours: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        _probe(entry, vector, config.device, config.smoke)
+        if entry.result is not None and entry.peer is not None:
+            if entry.peer.name == "ours":
+                ours[entry.curvature] = entry.result
+            else:
+                if entry.curvature in ours:
+                    entry.error_vs_ours = relative_error(entry.result, ours[entry.curvature])
+                entry.result = None
+        outcome = entry.skipped or entry.error or f"{entry.first_seconds:.3g} s"
+        progress("matvec", f"{model_name} {entry.curvature} {entry.label}: {outcome}")
+        _release(config.device)
+    measured = [entry for entry in entries if entry.measured]
+    if config.smoke:
+        for entry in measured:
+            entry.samples = [entry.first_seconds or 0.0]
+        timing = (1, "product (smoke run: one product, no warm-up; timings mean nothing)")
+    else:
+        timing = _time_round_robin(measured, vector, config.device, config.repeats)
+        _release(config.device)
+    table = _model_table(model_name, problem, dtype, config, entries, timing, layer_norm_bug)
+    if dtype == torch.float64 and problem.num_params <= INDEPENDENT_CHECK_MAX_PARAMS:
+        _add_independent_checks(table, result, model_name, problem, entries, vector)
+    skipped = [f"{peer.label}: {peer.missing}" for peer in peers if not peer.available]
+    if skipped:
+        table.notes.append("skipped (not importable): " + "; ".join(skipped))
+    result.tables.append(table)
+    result.records.extend(_records(model_name, problem, entries))
 
 
 def _model_table(
