@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
     config = make_config(args, extra)
+    threads = torch.get_num_threads()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     # exact float32 products on GPUs: TF32 would cost ~3 digits in every comparison
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         result: SuiteResult = suite.run(config)
     finally:
         gc.unfreeze()  # suites freeze the heap to keep collections cheap; let exit clean up
+        torch.set_num_threads(threads)  # leave an in-process caller (tests) as it was
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     meta["wall_seconds"] = round(time.perf_counter() - started, 1)
     markdown_path, json_path = write(result, meta, config.out)
     print(render(result, meta))

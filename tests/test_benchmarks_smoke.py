@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def run_suite(suite: str, out: Path, *extra: str) -> dict[str, Any]:
     """Run ``python -m benchmarks <suite> --smoke`` in-process; return its JSON payload."""
-    assert main([suite, "--smoke", "--out", str(out), *extra]) == 0
+    assert main([suite, "--smoke", "--threads", "1", "--out", str(out), *extra]) == 0
     (json_path,) = out.glob(f"{suite}-cpu-*.json")
     payload = json.loads(json_path.read_text())
     assert json_path.with_suffix(".md").read_text().count("|") > 10  # a table was written
