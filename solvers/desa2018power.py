@@ -24,6 +24,7 @@ from ._random import draw_probes, make_generator
 from ._validation import check_int, check_tol
 from .checkpoint import Checkpoint, seed_option
 from .eigenpairs import default_tol
+from .krylov import scaled_norm
 from .results import EigenResult
 
 
@@ -124,14 +125,14 @@ def power_iteration(
                 run["iteration"] += 1
                 bar.update(1)
                 rayleigh = float(iterate @ product)
-                residual = float(torch.linalg.vector_norm(product - rayleigh * iterate))
+                residual = float(scaled_norm(product - rayleigh * iterate))
                 if not (math.isfinite(rayleigh) and math.isfinite(residual)):
                     raise non_finite_error(run["num_matvecs"])
                 run["norm_estimate"] = max(run["norm_estimate"], abs(rayleigh))
                 if residual <= tol * run["norm_estimate"] or run["iteration"] >= max_iter:
                     break
                 update = _deflate(product, found) - momentum * run["previous"]
-                scale = torch.linalg.vector_norm(update)
+                scale = scaled_norm(update)
                 run["previous"], run["iterate"] = iterate / scale, update / scale
             run["eigenvalues"].append(rayleigh)
             run["residuals"].append(residual)

@@ -68,7 +68,9 @@ def lanczos(
     is always solved in float64. ``max_matvecs`` caps the Krylov products (default
     ``max(1000, 20 * max_basis)``); an unconverged result warns. Single-vector Lanczos (like
     ARPACK) finds one copy of a repeated eigenvalue per start vector unless the basis becomes
-    invariant: use ``block_size >= multiplicity`` when eigenvalues may repeat.
+    invariant: use ``block_size >= multiplicity`` when eigenvalues may repeat. A thick restart
+    needs room: below about ``max_basis = k + 4 * block_size`` each cycle takes a single block
+    step and convergence slows down (tiny operators with large blocks).
 
     ``checkpoint`` (a file path) makes the run resumable: it resumes from the file if it exists
     and saves its state there every ``checkpoint_every`` products and/or ``checkpoint_seconds``
@@ -299,7 +301,7 @@ class _Run:
                 self.num_residual_matvecs += len(rows)
                 self.bar.update(len(rows))
                 residual_rows = product.T.to(vectors.dtype) - theta[rows, None] * vectors[rows]
-                norms.append(torch.linalg.vector_norm(residual_rows, dim=1))
+                norms.append(krylov.scaled_norm(residual_rows, dim=1))
                 del product, residual_rows
             residuals = torch.cat(norms).cpu().double().numpy()
             eigenvectors = operator.output(vectors)

@@ -10,6 +10,7 @@ to the host: breakdowns (an invariant subspace) and non-finite operator output a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +177,12 @@ def can_step(state: KrylovState) -> bool:
 def step(state: KrylovState, operator: Operator) -> None:
     """One block Lanczos step: multiply the pending block, reorthogonalise (twice), normalise.
 
+    Single vectors: two Gram-Schmidt passes, then the norm. Blocks: block Gram-Schmidt twice,
+    each pass followed by a QR of the block (BCGS2): a QR that cancels most of a block (a nearly
+    invariant subspace) leaves rounding of the first pass's size in the small direction, which
+    the second pass removes (projecting twice before one QR left the basis orthogonal only to
+    ``eps / sigma_min`` of the coupling, 1e-4 for couplings near 1e-12).
+
     No host synchronisation happens here. When the basis already spans the whole space the step
     only records the last coefficients and marks the state ``complete``.
     """
@@ -191,6 +198,9 @@ def step(state: KrylovState, operator: Operator) -> None:
 
     coefficients = _project(basis[:size], rows)
     _subtract(rows, basis[:size], coefficients)
+    if block_size > 1 and size < basis.shape[1]:
+        _block_second_pass(state, rows, coefficients, first)
+        return
     correction = _project(basis[:size], rows)
     _subtract(rows, basis[:size], correction)
     coefficients += correction
@@ -199,14 +209,35 @@ def step(state: KrylovState, operator: Operator) -> None:
         state.complete = True
         return
     if block_size == 1:
+        # scaled by a power of two (exact): squares of the entries of an operator with a norm
+        # near the ends of the float range (below 1e-154 in float64) would underflow to 0
+        scale = power_of_two_scale(rows)
+        rows /= scale
         norm = torch.linalg.vector_norm(rows)
         rows /= norm.clamp_min(torch.finfo(acc_dtype).tiny)
-        coupling = norm.reshape(1, 1)
+        coupling = (norm * scale).reshape(1, 1)
     else:
         orthonormal, coupling = torch.linalg.qr(rows.T)
         rows = orthonormal.T
     basis[size : size + block_size] = rows.to(basis.dtype)
     state.coefficients[size : size + block_size, first:size] = coupling
+    state.size = size + block_size
+
+
+def _block_second_pass(state: KrylovState, rows: Tensor, coefficients: Tensor, first: int) -> None:
+    """Finish a block step after the first projection: QR, second projection, QR (BCGS2).
+
+    ``H X = Q C1 + W1 R1`` and ``W1 = Q C2 + W2 R2`` give ``H X = Q (C1 + C2 R1) + W2 (R2 R1)``.
+    """
+    size, block_size, basis = state.size, state.block_size, state.basis
+    first_rows, first_coupling = torch.linalg.qr(rows.T)
+    second_rows = first_rows.T.contiguous()
+    correction = _project(basis[:size], second_rows)
+    _subtract(second_rows, basis[:size], correction)
+    orthonormal, second_coupling = torch.linalg.qr(second_rows.T)
+    state.coefficients[:size, first:size] = coefficients + correction @ first_coupling
+    basis[size : size + block_size] = orthonormal.T.to(basis.dtype)
+    state.coefficients[size : size + block_size, first:size] = second_coupling @ first_coupling
     state.size = size + block_size
 
 
@@ -256,11 +287,15 @@ def ritz(state: KrylovState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """
     m = state.num_multiplied
     projected = state.coefficients[: state.size, :m].to("cpu", torch.float64, copy=True).numpy()
+    # scaled by a power of two (exact) so that tiny or huge operators do not underflow/overflow
+    largest = float(np.abs(projected).max(initial=0.0))
+    scale = float(np.ldexp(1.0, np.frexp(largest)[1] - 1)) if np.isfinite(largest) else 1.0
+    projected /= scale
     head = torch.from_numpy(projected[:m])
     # torch's LAPACK runs in torch's thread pool instead of waking numpy's BLAS threads too
     values, vectors = (x.numpy() for x in torch.linalg.eigh((head + head.T) / 2))
     estimates = np.linalg.norm(projected[m:] @ vectors, axis=0)
-    return values, vectors, estimates
+    return values * scale, vectors, estimates * scale
 
 
 def ritz_vectors(state: KrylovState, coordinates: np.ndarray) -> Tensor:
@@ -340,6 +375,23 @@ def _restart_after_breakdown(
     state.coefficients[pending, column : column + block_size] = torch.from_numpy(new_coupling)
     state.size = pending.stop
     state.complete = False
+
+
+def power_of_two_scale(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """A power of two within a factor 2 below ``max|tensor|`` (over ``dim``, kept as a size-1
+    dimension): dividing by it is exact, and the squares of the quotient can neither underflow
+    nor overflow. No host sync."""
+    largest = torch.linalg.vector_norm(tensor, ord=math.inf, dim=dim, keepdim=dim is not None)
+    _, exponent = torch.frexp(largest)
+    return torch.ldexp(torch.ones_like(largest), exponent - 1)
+
+
+def scaled_norm(tensor: Tensor, dim: int | None = None) -> Tensor:
+    """``torch.linalg.vector_norm(tensor, dim=dim)``, bit for bit where that neither underflows
+    nor overflows, and correct where it would (operators with norms near 1e-160 or 1e160)."""
+    scale = power_of_two_scale(tensor, dim)
+    norm = torch.linalg.vector_norm(tensor / scale, dim=dim, keepdim=dim is not None) * scale
+    return norm if dim is None else norm.squeeze(dim)
 
 
 def _orthonormal_rows(rows: Tensor) -> Tensor:

@@ -258,8 +258,13 @@ def _smoothed_density(
     used = weights > 0
     low, high = float(nodes[used].min()), float(nodes[used].max())
     if sigma is None:
-        spread = high - low
-        sigma = spread / lanczos_steps if spread > 0 else max(abs(high), 1.0) * 1e-3
+        spread, magnitude = high - low, max(abs(low), abs(high))
+        # nodes that differ by rounding only are one point: a width of spread / steps there
+        # would be below the float resolution at their magnitude (a grid of equal points)
+        if spread > 1000 * np.finfo(np.float64).eps * magnitude:
+            sigma = spread / lanczos_steps
+        else:
+            sigma = 1e-3 * magnitude if magnitude > 0 else 1e-3
     grid = np.linspace(low - 5 * sigma, high + 5 * sigma, grid_size)
     density = np.zeros(grid_size)
     for run_nodes, run_weights in zip(nodes, weights, strict=True):
