@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import hessian, jacrev
+from torch.func import grad, hessian, jacfwd, jacrev
 
 from torch_linop.data import move_to_device
 from torch_linop.losses.base import LossFunction, as_loss_function
@@ -66,7 +66,9 @@ def dense_hessian(
         def loss_of(vector: torch.Tensor, batch: Any = batch) -> torch.Tensor:
             return _call(model, unflatten(vector), lambda: loss(model, batch))
 
-        total += weight * hessian(loss_of)(flat)
+        # forward-over-reverse: torch 2.13's reverse-over-reverse (jacrev of grad, which
+        # torch.func.hessian uses) gets layer_norm's weight-input block wrong
+        total += weight * jacfwd(grad(loss_of))(flat)
     return total.detach()
 
 
