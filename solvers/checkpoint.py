@@ -403,7 +403,7 @@ def fingerprint_mismatch(saved: State, current: State) -> str | None:
         return None
     old, new = saved["probe"], current["probe"]
     rtol = max(float(saved["probe_rtol"]), float(current["probe_rtol"]))
-    scale = float(new[1]) * math.sqrt(current["size"]) + 1e-300
-    if float((old - new).abs().max()) > rtol * scale:
+    probe_scale = float(new[1]) * math.sqrt(current["size"]) + 1e-300
+    if float((old - new).abs().max()) > rtol * probe_scale:
         return "its product with a fixed probe differs"
     return None

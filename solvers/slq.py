@@ -130,12 +130,11 @@ def spectral_density(
         nodes[:], weights[:] = saved["nodes"].numpy(), saved["weights"].numpy()
         first_run, run_started = int(saved["run"]), bool(saved["run_started"])
 
-    def save_point(run: int, started: bool) -> None:
-        assert state is not None
+    def save_point(current: krylov.KrylovState, run: int, started: bool) -> None:
         saver.maybe_save(
-            state.num_matvecs,
+            current.num_matvecs,
             lambda: {
-                "krylov": krylov.state_dict(state),
+                "krylov": krylov.state_dict(current),
                 "nodes": nodes,
                 "weights": weights,
                 "run": run,
@@ -167,14 +166,14 @@ def spectral_density(
             while state.num_multiplied < lanczos_steps and krylov.can_step(state):
                 krylov.step(state, operator)
                 bar.update(1)
-                save_point(run, True)
+                save_point(state, run, True)
             # On a breakdown the rolled-back state holds the invariant subspace: exact quadrature.
             krylov.validate(state)
             run_nodes, run_weights = _quadrature(state)
             nodes[run, : len(run_nodes)] = run_nodes
             nodes[run, len(run_nodes) :] = run_nodes[-1]
             weights[run, : len(run_weights)] = run_weights
-            save_point(run + 1, False)
+            save_point(state, run + 1, False)
     assert state is not None
     grid, density, sigma = _smoothed_density(nodes, weights, grid_size, sigma, lanczos_steps)
     return SpectralDensityResult(grid, density, nodes, weights, sigma, state.num_matvecs)
