@@ -21,6 +21,7 @@ from torch import Tensor
 
 Matmat = Callable[[Tensor], Tensor]
 _SYMMETRY_BLOCK_ELEMENTS = 1 << 22  # entries compared at a time by check_symmetric
+_ALIGNMENT = 64  # bytes: where torch's CPU allocator starts every tensor
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def check_symmetric(matrix: Tensor, what: str) -> None:
         )
 
 
+def _aligned(matrix: Tensor) -> Tensor:
+    """``matrix``, copied if it does not start on a 64-byte boundary (numpy arrays, views):
+    MKL's products depend on the alignment of their operands, so without this the same matrix
+    could give other bits in another process, and a resumed run would not repeat the
+    uninterrupted one."""
+    if matrix.device.type == "cpu" and matrix.data_ptr() % _ALIGNMENT:
+        return matrix.clone(memory_format=torch.contiguous_format)
+    return matrix
+
+
 def _from_dense_tensor(matrix: Tensor) -> Operator:
     size = _square_size(matrix.shape, "the torch.Tensor operator")
     _check_real(matrix.dtype, "the torch.Tensor operator")
@@ -133,6 +144,7 @@ def _from_dense_tensor(matrix: Tensor) -> Operator:
             "dtype, e.g. matrix.double()"
         )
     check_symmetric(matrix, "the torch.Tensor operator")
+    matrix = _aligned(matrix)
     compute_dtype = _compute_dtype(matrix.dtype)
 
     def matmat(block: Tensor) -> Tensor:
@@ -171,7 +183,7 @@ def _from_numpy(op: Any) -> Operator:
         # a dense array multiplies in torch: same float64 numbers, and no second BLAS thread
         # pool contending with torch's on small machines
         size = _square_size(op.shape, "the numpy array operator")
-        matrix = torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64))
+        matrix = _aligned(torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64)))
         check_symmetric(matrix, "the numpy array operator")
         return Operator(
             matrix.__matmul__, size, torch.float64, matrix.device, True, _eps(torch.float64)
