@@ -113,13 +113,17 @@ class CurvatureOperator(LinearOperator):
 
     def _samples_in(self, batch: Any) -> int:
         if self.batch_size_fn is not None:
-            count = self.batch_size_fn(batch)
-            if isinstance(count, torch.Tensor) and count.numel() == 1:
-                count = count.item()
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            returned = self.batch_size_fn(batch)
+            try:  # whole numbers: ints, numpy scalars, 0-d tensors
+                value = float(returned)
+            except (TypeError, ValueError):
+                value = -1.0
+            whole = value.is_integer() and not isinstance(returned, bool)
+            count = int(value) if whole else -1
+            if count < 0:
                 raise ValueError(
-                    f"batch_size_fn returned {count!r} for a batch; it must return the batch's "
-                    "number of samples as an int >= 0"
+                    f"batch_size_fn returned {returned!r} for a batch; it must return the "
+                    "batch's number of samples as an int >= 0"
                 )
             return count
         return int(self.loss_fn.num_samples(batch))
