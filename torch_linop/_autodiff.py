@@ -23,6 +23,13 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
 
 
+def is_vmap_failure(error: BaseException) -> bool:
+    """Whether an error says that an op cannot run batched (vmap / is_grads_batched), as
+    opposed to an error of the user's model, which must propagate."""
+    message = str(error).lower()
+    return any(key in message for key in ("vmap", "batching rule", "batched", "functorch"))
+
+
 def make_leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached views of the parameters that require grad: autograd leaves, no copy."""
     return {name: param.detach().requires_grad_(True) for name, param in params.items()}
@@ -195,9 +202,10 @@ class SandwichProduct:
             try:
                 jvps = double_backward_jvps(output, leaf_list, tangents, batched=True)
             except RuntimeError as error:
-                if _is_oom(error):
+                if _is_oom(error) or not is_vmap_failure(error):
                     raise
-                self._batched_vjp_ok = False  # no vmap over this backward: loop over columns
+                jvps = double_backward_jvps(output, leaf_list, tangents, batched=False)
+                self._batched_vjp_ok = False  # the loop worked: no vmap over this backward
         if jvps is None:
             jvps = double_backward_jvps(output, leaf_list, tangents, batched=False)
         return self._vjp(output, leaf_list, middle(output.detach(), jvps))
@@ -207,20 +215,23 @@ class SandwichProduct:
             try:
                 return vjp_columns(output, leaf_list, cotangents, batched=True)
             except RuntimeError as error:
-                if _is_oom(error):
+                if _is_oom(error) or not is_vmap_failure(error):
                     raise
-                self._batched_vjp_ok = False  # no vmap over this backward: loop over columns
+                columns = vjp_columns(output, leaf_list, cotangents, batched=False)
+                self._batched_vjp_ok = False  # the loop worked: no vmap over this backward
+                return columns
         return vjp_columns(output, leaf_list, cotangents, batched=False)
 
     def _forward_mode(self, model, forward, leaves, tangents, middle):
         jvps = None
+        batched_failed = False
         if tangents[0].shape[0] > 1 and self._batched_jvp_ok:
             try:
                 jvps = self._batched_jvps(model, forward, leaves, tangents)
             except RuntimeError as error:
-                if _is_oom(error):
+                if _is_oom(error) or not (is_vmap_failure(error) or _lacks_forward_ad(error)):
                     raise
-                self._batched_jvp_ok = False  # vmap unsupported here: loop over columns instead
+                batched_failed = True  # decided once the column loop below has worked
         if jvps is None:  # one dual forward per column; the first one's graph serves the VJP
             names = list(leaves)
             columns = []
@@ -231,6 +242,8 @@ class SandwichProduct:
                 output = primal if output is None else output
                 columns.append(jvp)
             jvps = torch.stack(columns)
+            if batched_failed:
+                self._batched_jvp_ok = False  # the column loop worked: vmap is what failed
         else:
             with reparametrized(model, leaves):
                 output = forward()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_linop._autodiff import _is_oom, grads_or_zeros, make_leaves
+from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make_leaves
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
 from torch_linop.losses.base import LossFunction
@@ -187,9 +187,16 @@ class HessianOperator(CurvatureOperator):
             try:
                 return product(self.model, self.loss_fn, self.params, batch, tangents, batched=True)
             except RuntimeError as error:
-                if _is_oom(error):
+                if _is_oom(error) or not is_vmap_failure(error):
                     raise
-                self._batched_ok = False  # this model cannot vmap its backward: loop instead
+                # loop instead; batching is switched off only once the loop has worked, so a
+                # one-off error of the user's model does not cost the batched path for good
+                columns = self._looped(product, batch, tangents)
+                self._batched_ok = False
+                return columns
+        return self._looped(product, batch, tangents)
+
+    def _looped(self, product: Any, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         try:
             return product(self.model, self.loss_fn, self.params, batch, tangents, batched=False)
         except RuntimeError as error:

@@ -1,0 +1,41 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from torch_linop import GGNOperator, HessianOperator, supervised_loss
+
+
+class Flaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.fail_next = False
+
+    def forward(self, x):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("one-off failure of the user's model")
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("cls", [HessianOperator, GGNOperator])
+def test_one_off_model_error_keeps_batching(cls):
+    torch.manual_seed(0)
+    model = Flaky()
+    op = cls(
+        model,
+        [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))],
+        supervised_loss(F.cross_entropy),
+    )
+    V = torch.randn(op.shape[0], 3, dtype=torch.float64)
+    expected = op @ V
+    model.fail_next = True
+    with pytest.raises(RuntimeError, match="one-off"):
+        op @ V
+    flag = "_batched_ok" if cls is HessianOperator else None
+    if flag:
+        assert op._batched_ok
+    else:
+        assert op._sandwich._batched_jvp_ok and op._sandwich._batched_vjp_ok
+    torch.testing.assert_close(op @ V, expected)
