@@ -49,16 +49,11 @@ def softmax_ce_rows_hvp(
     logits: torch.Tensor, vectors: torch.Tensor, valid: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
     """Cross-entropy Hessian w.r.t. logits (class axis last) times ``vectors`` (``(k, ..., C)``):
-    per valid row ``p * v - p * <p, v>``, scaled; rows without a target are zero."""
-    probs = torch.softmax(
-        logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1
-    )
-    vectors_acc = vectors.to(probs.dtype)
-    inner = (probs * vectors_acc).sum(dim=-1, keepdim=True)
-    result = probs * (vectors_acc - inner) * scale
-    if valid is not None:
-        result = result * valid.unsqueeze(-1).to(result.dtype)
-    return result.to(vectors.dtype)
+    per valid row ``p * v - p * <p, v>``, scaled; rows without a target are zero. The eager
+    reference of the fused kernel computes it (it broadcasts over the column axis)."""
+    from torch_linop.kernels._ce_hvp_reference import _ce_hvp_core
+
+    return _ce_hvp_core(logits, vectors, valid, scale, vectors.dtype)
 
 
 def softmax_ce_rows_sampled_hvp(
