@@ -53,7 +53,9 @@ def test_xtrace_beats_hutchpp_on_low_rank_plus_noise(low_rank_plus_noise):
 
 @pytest.mark.parametrize("method", ["hutch++", "xtrace"])
 def test_sketching_stderr_covers_the_error(decaying, method):
-    results = [trace(decaying, 30, method=method, seed=seed) for seed in range(40)]
+    # 100 seeds: XTrace's error estimate is heavy-tailed (3-sigma coverage ~0.96 over 400
+    # seeds), so 40 seeds judged the probe stream more than the estimator
+    results = [trace(decaying, 30, method=method, seed=seed) for seed in range(100)]
     z_scores = np.array([(r.estimate - np.trace(decaying)) / r.stderr for r in results])
     assert np.mean(np.abs(z_scores) < 3) >= 0.9
 
