@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from . import krylov
 from ._memory import default_block_size, device_budget, vector_bytes
@@ -102,8 +103,9 @@ def lanczos(
     if max_basis_bytes is None:  # on a GPU: what fits in free memory, leaving room for results
         budget = device_budget(basis_device)
         if budget is not None:
-            reserve = k * vector_bytes(n, operator.dtype) if return_eigenvectors else 0
-            max_basis_bytes = max(0, budget - reserve)
+            # no room is set aside for the k eigenvectors: the residual check forms them a
+            # block at a time and the final ones go through the host if they do not fit
+            max_basis_bytes = budget
     capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
     if max_matvecs is None:
         max_matvecs = max(1000, 20 * capacity)
@@ -288,23 +290,10 @@ class _Run:
         eigenvectors: Any = None
         residuals = estimates[wanted]
         if self.return_eigenvectors:
-            vectors = krylov.ritz_vectors(state, coordinates[:, wanted]).to(operator.device)
-            vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-            theta = torch.from_numpy(eigenvalues).to(vectors.device, vectors.dtype)
-            norms = []
-            # in memory-sized blocks: k products of a 1B model at once would not fit
-            for rows in torch.arange(self.k).split(
-                default_block_size(operator.size, operator.dtype)
-            ):
-                product = operator.matmat(vectors[rows].T.to(operator.dtype))
-                check_finite(product, state.num_matvecs + self.num_residual_matvecs)
-                self.num_residual_matvecs += len(rows)
-                self.bar.update(len(rows))
-                residual_rows = product.T.to(vectors.dtype) - theta[rows, None] * vectors[rows]
-                norms.append(krylov.scaled_norm(residual_rows, dim=1))
-                del product, residual_rows
-            residuals = torch.cat(norms).cpu().double().numpy()
-            eigenvectors = operator.output(vectors)
+            residuals = self._true_residuals(coordinates[:, wanted], eigenvalues)
+            converged = residuals <= self.tol * norm
+            if converged.all() or state.complete or not self._budget_left():
+                eigenvectors = operator.output(self._eigenvectors(coordinates[:, wanted]))
         return EigenResult(
             eigenvalues=eigenvalues.copy(),
             eigenvectors=eigenvectors,
@@ -318,6 +307,49 @@ class _Run:
             norm_estimate=norm,
             residuals_are_true=self.return_eigenvectors,
         )
+
+    def _budget_left(self) -> bool:
+        state = self.state
+        return state.num_matvecs + state.block_size <= self.max_matvecs or (
+            state.num_multiplied < self.k
+        )
+
+    def _true_residuals(self, coordinates: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``||H v_i - theta_i v_i||`` for the unit Ritz vectors, formed a memory-sized block at
+        a time (one vector of a 1B model), so the check needs no room for all k vectors."""
+        operator, state = self.operator, self.state
+        norms = []
+        for rows in torch.arange(coordinates.shape[1]).split(
+            default_block_size(operator.size, operator.dtype)
+        ):
+            vectors = krylov.ritz_vectors(state, coordinates[:, rows.numpy()]).to(operator.device)
+            vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            product = operator.matmat(vectors.T.to(operator.dtype))
+            check_finite(product, state.num_matvecs + self.num_residual_matvecs)
+            self.num_residual_matvecs += len(rows)
+            self.bar.update(len(rows))
+            theta = torch.from_numpy(values[rows.numpy()]).to(vectors.device, vectors.dtype)
+            residual_rows = product.T.to(vectors.dtype) - theta[:, None] * vectors
+            norms.append(krylov.scaled_norm(residual_rows, dim=1))
+            del product, residual_rows, vectors
+        return torch.cat(norms).cpu().double().numpy()
+
+    def _eigenvectors(self, coordinates: np.ndarray) -> Tensor:
+        """The unit Ritz vectors ``(k, n)`` on the operator's device. When k more vectors do not
+        fit next to the basis (a 1B model's basis fills the GPU), they are assembled on the host
+        a column chunk at a time, the basis is released, and they move back."""
+        state, device = self.state, self.operator.device
+        k, n = coordinates.shape[1], state.basis.shape[1]
+        acc_dtype = state.coefficients.dtype
+        needed = k * vector_bytes(n, acc_dtype)
+        if device.type != "cuda" or needed + (1 << 30) <= torch.cuda.mem_get_info(device)[0]:
+            vectors = krylov.ritz_vectors(state, coordinates).to(device)
+        else:
+            vectors = krylov.ritz_vectors_on_host(state, coordinates)
+            state.basis = state.basis[:0]  # the run is over: free the basis before moving back
+            torch.cuda.empty_cache()
+            vectors = vectors.to(device)
+        return vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:

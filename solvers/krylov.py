@@ -23,6 +23,7 @@ from ._random import draw_probes
 
 _ROW_CHUNK = 32  # basis rows converted at a time when the basis is stored in a cheaper dtype
 _COLUMN_CHUNK = 1 << 18  # columns rewritten at a time by a thick restart
+_HOST_COLUMN_CHUNK = 1 << 24  # columns of Ritz vectors assembled at a time on the host
 
 
 @dataclass
@@ -304,6 +305,19 @@ def ritz_vectors(state: KrylovState, coordinates: np.ndarray) -> Tensor:
     weights = torch.from_numpy(np.ascontiguousarray(coordinates))
     weights = weights.to(state.basis.device, state.coefficients.dtype)
     return _combine(weights, state.basis[:m])
+
+
+def ritz_vectors_on_host(state: KrylovState, coordinates: np.ndarray) -> Tensor:
+    """:func:`ritz_vectors` assembled in host memory a column chunk at a time (for when they do
+    not fit on the device next to the basis)."""
+    m, n = state.num_multiplied, state.basis.shape[1]
+    acc_dtype = state.coefficients.dtype
+    weights = torch.from_numpy(np.ascontiguousarray(coordinates)).to(state.basis.device, acc_dtype)
+    vectors = torch.empty(coordinates.shape[1], n, dtype=acc_dtype, device="cpu")
+    for start_column in range(0, n, _HOST_COLUMN_CHUNK):
+        columns = slice(start_column, min(n, start_column + _HOST_COLUMN_CHUNK))
+        vectors[:, columns] = _combine(weights, state.basis[:m, columns]).cpu()
+    return vectors
 
 
 def thick_restart(state: KrylovState, coordinates: np.ndarray, values: np.ndarray) -> None:
