@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ DEFAULT_SECONDS = 300.0
 _TEMP_SUFFIX = ".tmp"
 # relative agreement of parameter checksums (float64 sums: rounding differences are ~1e-13)
 _PARAMETER_RTOL = 1e-9
+_SPACE_MARGIN = 1 << 28  # 256 MiB left free beyond a checkpoint's size
 _PROBE_SEED = 0x5EED  # fixed probe for operators without parameters (own generator)
 
 State = dict[str, Any]
@@ -73,6 +76,7 @@ class Checkpoint:
         self.last_matvecs = 0
         self.last_time = time.monotonic()
         self.num_saves = 0
+        self.warned_space = False
         self.fingerprint: State | None = None
         if self.path is not None:
             self.fingerprint = fingerprint(op, operator)
@@ -153,6 +157,11 @@ class Checkpoint:
         )
         if not due or num_matvecs == self.last_matvecs:
             return False
+        state = make_state()
+        if not self._fits(_state_bytes(state)):
+            self.last_matvecs = num_matvecs  # try again at the next due point
+            self.last_time = time.monotonic()
+            return False
         payload = {
             "format": FORMAT,
             "version": VERSION,
@@ -160,13 +169,63 @@ class Checkpoint:
             "options": self.options,
             "fingerprint": self.fingerprint,
             "num_matvecs": int(num_matvecs),
-            "state": _to_cpu(make_state()),
+            "state": _to_cpu(state),
         }
         atomic_save(payload, self.path)
         self.last_matvecs = num_matvecs
         self.last_time = time.monotonic()
         self.num_saves += 1
         return True
+
+    def _fits(self, num_bytes: int) -> bool:
+        """Whether a checkpoint of ``num_bytes`` fits on the disk and in host memory (it is
+        staged there); if not, warn (once) and let the run go on unsaved instead of failing a
+        long run at its save point."""
+        assert self.path is not None
+        disk_free = shutil.disk_usage(self.path.parent).free
+        # the old file is replaced only after the new one is written: both exist for a moment
+        host_free = _available_host_memory()
+        if num_bytes + _SPACE_MARGIN <= disk_free and (
+            host_free is None or num_bytes + _SPACE_MARGIN <= host_free
+        ):
+            return True
+        if not self.warned_space:
+            warnings.warn(
+                f"checkpoint not saved: its state takes {num_bytes / 2**30:.1f} GiB but "
+                f"{disk_free / 2**30:.1f} GiB are free on the disk of {self.path} and "
+                f"{'?' if host_free is None else f'{host_free / 2**30:.1f}'} GiB in host "
+                "memory; the run goes on without checkpoints (free space, use a smaller "
+                "basis: max_basis=..., or checkpoint elsewhere)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.warned_space = True
+        return False
+
+
+def _state_bytes(value: Any) -> int:
+    """Bytes of the tensors and arrays in a nested state (what a checkpoint will hold)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_state_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_state_bytes(item) for item in value)
+    return 0
+
+
+def _available_host_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def atomic_save(payload: Any, path: Path) -> None:

@@ -157,3 +157,23 @@ def test_dense_matrices_give_the_same_bits_wherever_they_lie_in_memory():
             result = lanczos(operand, 3, seed=0)
             assert (result.eigenvalues == aligned.eigenvalues).all()
             assert (np.asarray(result.eigenvectors) == aligned.eigenvectors.numpy()).all()
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_warns_and_the_run_goes_on(
+    tmp_path, monkeypatch
+):
+    import shutil
+
+    from torch_linop.solvers import checkpoint as checkpoint_module
+    from torch_linop.solvers import lanczos
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        checkpoint_module.shutil, "disk_usage", lambda path: usage._replace(free=1000)
+    )
+    matrix = np.diag(np.arange(1.0, 61.0))
+    path = tmp_path / "run.pt"
+    with pytest.warns(RuntimeWarning, match="checkpoint not saved"):
+        result = lanczos(matrix, 3, seed=0, checkpoint=path, checkpoint_every=1)
+    assert not path.exists()
+    np.testing.assert_allclose(result.eigenvalues, [60.0, 59.0, 58.0], rtol=1e-10)
