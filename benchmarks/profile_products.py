@@ -1,0 +1,105 @@
+"""Where the time of a curvature product goes: torch.profiler tables for one gradient, one GGN
+product and one Hessian product of GPT-2 small (from its config, random weights).
+
+    python benchmarks/profile_products.py --out results/        # on a GPU
+    python benchmarks/profile_products.py --smoke               # tiny, CPU is fine
+
+Prints, per product, the wall time, the summed device-kernel time (the gap is launch and host
+overhead) and the operators with the most device (or CPU) time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from torch_linop import GGNOperator, HessianOperator, hf_lm_loss
+
+
+def build(smoke: bool, device: torch.device, batch: int, seq: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    sizes = (
+        dict(vocab_size=211, n_layer=2, n_embd=32, n_head=4, n_positions=64)
+        if smoke
+        else dict(vocab_size=50257, n_layer=12, n_embd=768, n_head=12, n_positions=1024)
+    )
+    with torch.device(device):
+        model = GPT2LMHeadModel(GPT2Config(**sizes)).eval()
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, sizes["vocab_size"], (batch, seq), generator=generator)
+    return model, [{"input_ids": tokens.to(device)}]
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def profile_one(name: str, fn: Callable[[], Any], device: torch.device, rows: int) -> str:
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
+    header = (
+        f"## {name}: wall {1e3 * timed(fn, device):.1f} ms, device kernels "
+        f"{kernel_us / 1e3:.1f} ms, kernel launches {launches}\n"
+    )
+    return header + events.table(sort_by=sort, row_limit=rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--shape", default="8x256", help="BATCHxSEQ")
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batch, seq = (2, 16) if args.smoke else (int(x) for x in args.shape.split("x"))
+    model, data = build(args.smoke, device, batch, seq)
+    loss = hf_lm_loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ggn = GGNOperator(model, data, loss)
+    hessian = HessianOperator(model, data, loss)
+    vector = torch.randn(ggn.shape[0], generator=torch.Generator().manual_seed(2)).to(device)
+    products = {
+        "gradient": lambda: torch.autograd.grad(loss(model, data[0]), params),
+        "GGN (forward-mode JVP, CE Hessian, VJP)": lambda: ggn @ vector,
+        "Hessian (double backward)": lambda: hessian @ vector,
+    }
+    report = "".join(profile_one(n, fn, device, args.rows) for n, fn in products.items())
+    print(report)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profile_products.txt"), "w") as handle:
+            handle.write(report)
+
+
+if __name__ == "__main__":
+    main()
