@@ -1,8 +1,8 @@
 """What every product runs inside: swapped-in parameters, differentiable attention, warnings.
 
 Parameters are never written: the module is re-parametrised with the operator's tensors for the
-duration of one call (``torch.func.functional_call`` does the same), and training-mode buffers
-(BatchNorm statistics) are cloned so a product cannot update them.
+duration of one call (``torch.func.functional_call`` does the same), and when any submodule is in
+training mode the buffers (BatchNorm statistics) are cloned so a product cannot update them.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 @contextlib.contextmanager
 def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Run ``module`` with ``tensors`` in place of its parameters; restored even on exceptions."""
+    """Run ``module`` with ``tensors`` in place of its parameters; restored even on exceptions.
+
+    Buffers are cloned when any submodule is in training mode (not only the root: a BatchNorm
+    left in train mode inside an eval-mode model updates its statistics too)."""
     replacement = dict(tensors)
-    if module.training:
+    if any(submodule.training for submodule in module.modules()):
         for name, buffer in module.named_buffers():
             if buffer is not None and name not in replacement:
                 replacement[name] = buffer.clone()

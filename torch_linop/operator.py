@@ -8,7 +8,7 @@ model's device in between), the torch path (``H @ tensor`` stays on the device),
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch_linop._context import differentiable_attention, reparametrized, warn_
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.params import ParamFilter, join_tensors, select_parameters, split_vector
+from torch_linop.params import ParamFilter, select_parameters, split_vector
 
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float64: np.dtype(np.float64),
@@ -73,6 +73,7 @@ class CurvatureOperator(LinearOperator):
         self.loss_fn = as_loss_function(loss_fn)
         self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
         self._shapes = [param.shape for param in self.params.values()]
+        self._sizes = [int(param.numel()) for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
         self.batch_size_fn = batch_size_fn
         if num_data is not None and (
@@ -181,21 +182,52 @@ class CurvatureOperator(LinearOperator):
         with differentiable_attention():
             yield
 
+    def _weighted_products(
+        self, tangents: list[torch.Tensor]
+    ) -> Generator[tuple[float, list[torch.Tensor]], None, None]:
+        """``(weight, per-batch product)`` over the data, inside the product context. Hook: the
+        Hessian's cached-graph mode multiplies with kept per-batch graphs instead."""
+        with self._product_context():
+            for weight, batch in self.weighted_batches():
+                yield weight, self.batch_product(batch, tangents)
+
+    def _split_columns(self, columns: torch.Tensor) -> list[torch.Tensor]:
+        """``(k, *param.shape)`` views of ``(n, k)`` columns; one column is split without the
+        transposing copy that :func:`split_vector` makes for several."""
+        if columns.shape[1] != 1:
+            return split_vector(columns, self._shapes)
+        pieces = torch.split(columns.view(-1), self._sizes)
+        return [piece.view(1, *shape) for piece, shape in zip(pieces, self._shapes)]
+
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         """Matrix times ``columns`` of shape ``(n, k)``, both torch on the model's device."""
-        tangents = split_vector(columns, self._shapes)
-        totals = [torch.zeros_like(tangent) for tangent in tangents]
+        num_columns = columns.shape[1]
+        tangents = self._split_columns(columns)
+        totals: list[torch.Tensor] | None = None
+        owned = False  # whether ``totals`` may be written in place (not a batch's own product)
+        products = self._weighted_products(tangents)
         try:
-            with self._product_context():
-                for weight, batch in self.weighted_batches():
-                    for total, product in zip(totals, self.batch_product(batch, tangents)):
-                        total.add_(product, alpha=weight)
+            with contextlib.closing(products):
+                for weight, batch_products in products:
+                    with torch.no_grad():
+                        if totals is None and weight == 1.0:  # one batch, or sums: no scaling
+                            totals = list(batch_products)
+                        elif totals is None:
+                            totals, owned = list(torch._foreach_mul(batch_products, weight)), True
+                        elif owned:
+                            torch._foreach_add_(totals, batch_products, alpha=weight)
+                        else:
+                            totals = list(torch._foreach_add(totals, batch_products, alpha=weight))
+                            owned = True
         except Exception as error:
-            self._share_failure(error, columns.shape[1])
+            self._share_failure(error, num_columns)
             if _is_oom(error):
                 raise torch.OutOfMemoryError(self._out_of_memory_message(columns, error)) from error
             raise
-        return self._all_reduce_product(join_tensors(totals, batched=True))
+        if totals is None:  # no batch held a sample with a weight
+            return self._all_reduce_product(torch.zeros_like(columns))
+        joined = torch.cat([total.reshape(num_columns, -1) for total in totals], dim=1).T
+        return self._all_reduce_product(joined)
 
     def _out_of_memory_message(self, columns: torch.Tensor, error: BaseException) -> str:
         """The knobs that reduce a product's memory, for an out-of-memory error."""
