@@ -8,6 +8,7 @@ training mode the buffers (BatchNorm statistics) are cloned so a product cannot 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -46,6 +47,9 @@ def differentiable_hf_attention(module: nn.Module) -> Iterator[None]:
     SDPA (eager where the model has no SDPA) for the duration; the user's setting is restored.
     SDPA itself then runs on the math backend under :func:`differentiable_attention`."""
     switched: dict[int, tuple[object, str]] = {}
+    if "transformers" not in sys.modules:  # no HuggingFace config can exist: skip the walk
+        yield
+        return
     for submodule in module.modules():
         config = getattr(submodule, "config", None)
         implementation = getattr(config, "_attn_implementation_internal", None)

@@ -20,6 +20,9 @@ from benchmarks.peers import (
 
 LABEL = "torch-linop"
 MUTATES_MODEL = False
+# matvec rows: the default operator, and the Hessian with its gradient graphs kept between
+# products (``HessianOperator(cache_graph=True)``, the counterpart of PyHessian's cached graph)
+VARIANTS = (None, "cached graph")
 
 TRACE_METHODS = {"hutchinson": "hutchinson", "hutch++": "hutch++", "xtrace": "xtrace"}
 
@@ -30,8 +33,9 @@ def version() -> str:
     return str(torch_linop.__version__)
 
 
-def make_operator(problem: Problem, curvature: str) -> Any:
-    """Our ``HessianOperator`` / ``GGNOperator`` / ``EmpiricalFisherOperator`` on the problem."""
+def make_operator(problem: Problem, curvature: str, variant: str | None = None) -> Any:
+    """Our ``HessianOperator`` / ``GGNOperator`` / ``EmpiricalFisherOperator`` on the problem;
+    ``variant="cached graph"``: the Hessian with ``cache_graph=True``."""
     from torch_linop import (
         EmpiricalFisherOperator,
         GGNOperator,
@@ -42,11 +46,18 @@ def make_operator(problem: Problem, curvature: str) -> Any:
     classes = {"hessian": HessianOperator, "ggn": GGNOperator, "ef": EmpiricalFisherOperator}
     if curvature not in classes:
         raise Unsupported(f"unknown curvature {curvature!r}")
-    return classes[curvature](problem.model, problem.batches, supervised_loss(problem.criterion))
+    loss = supervised_loss(problem.criterion)
+    if variant == "cached graph":
+        if curvature != "hessian":
+            raise Unsupported("the cached gradient graph is a Hessian option")
+        return HessianOperator(problem.model, problem.batches, loss, cache_graph=True)
+    if variant is not None:
+        raise Unsupported(f"unknown variant {variant!r}")
+    return classes[curvature](problem.model, problem.batches, loss)
 
 
-def make_matvec(problem: Problem, curvature: str) -> MatvecFn:
-    return make_operator(problem, curvature).apply
+def make_matvec(problem: Problem, curvature: str, variant: str | None = None) -> MatvecFn:
+    return make_operator(problem, curvature, variant).apply
 
 
 class CountingOperator:
