@@ -143,6 +143,8 @@ simple(
     ),
 )
 simple("op-unknown-method", lambda: hessian(method="exact"))
+simple("op-cache-graph-method", lambda: hessian(method="forward", cache_graph=True))
+simple("op-cache-graph-type", lambda: hessian(cache_graph=1))
 simple("op-unknown-jvp-method", lambda: GGNOperator(mlp(), batches(), CE, jvp_method="reverse"))
 simple("op-mc-samples", lambda: MCFisherOperator(mlp(), batches(), CE, mc_samples=0))
 simple("op-num-batches", lambda: hessian(num_batches=0))
