@@ -1295,6 +1295,7 @@ def _two_pass_candidates(vocab: int) -> list[VariantConfig]:
         VariantConfig(2048, 4, programs_per_sm=4),
         VariantConfig(4096, 8, programs_per_sm=2),
         VariantConfig(4096, 8, programs_per_sm=4),
+        VariantConfig(4096, 8, programs_per_sm=1, prefetch=True),
         VariantConfig(4096, 8, programs_per_sm=2, prefetch=True),
         VariantConfig(8192, 16, programs_per_sm=1),
         VariantConfig(8192, 16, programs_per_sm=1, prefetch=True),
@@ -1307,6 +1308,7 @@ def _split_coop_candidates(vocab: int) -> list[VariantConfig]:
         return _small_vocab(vocab, programs_per_sm=4)
     candidates = [
         # Segments re-read from L2; working set = resident programs x segment length.
+        VariantConfig(2048, 4, seg_chunks=2, programs_per_sm=4, prefetch=True),
         VariantConfig(2048, 4, seg_chunks=4, programs_per_sm=4),
         VariantConfig(2048, 4, seg_chunks=4, programs_per_sm=4, prefetch=True),
         VariantConfig(4096, 8, seg_chunks=2, programs_per_sm=2),
@@ -1350,26 +1352,40 @@ class _Variant:
     default: Callable[[int], VariantConfig]
 
 
-def _first(candidates: Callable[[int], list[VariantConfig]], index: int):
+def _preferring(candidates: Callable[[int], list[VariantConfig]], preferred: VariantConfig):
+    """Default config: ``preferred`` when it is a candidate for V, else the first candidate."""
+
     def pick(vocab: int) -> VariantConfig:
         options = candidates(vocab)
-        return options[min(index, len(options) - 1)]
+        return preferred if preferred in options else options[0]
 
     return pick
 
 
 _VARIANTS: dict[str, _Variant] = {
-    "two_pass": _Variant(_two_pass_launch, _two_pass_candidates, _first(_two_pass_candidates, 1)),
+    "two_pass": _Variant(
+        _two_pass_launch,
+        _two_pass_candidates,
+        _preferring(_two_pass_candidates, VariantConfig(4096, 8, programs_per_sm=2)),
+    ),
     "split_coop": _Variant(
-        _split_coop_launch, _split_coop_candidates, _first(_split_coop_candidates, 2)
+        _split_coop_launch,
+        _split_coop_candidates,
+        _preferring(
+            _split_coop_candidates, VariantConfig(4096, 8, seg_chunks=2, programs_per_sm=2)
+        ),
     ),
     "split_two_kernel": _Variant(
         _split_two_kernel_launch,
         _split_two_kernel_candidates,
-        _first(_split_two_kernel_candidates, 1),
+        _preferring(
+            _split_two_kernel_candidates, VariantConfig(4096, 8, seg_chunks=2, block_mb=40)
+        ),
     ),
     "current_sweep": _Variant(
-        _current_launch, _current_sweep_candidates, _first(_current_sweep_candidates, 3)
+        _current_launch,
+        _current_sweep_candidates,
+        _preferring(_current_sweep_candidates, VariantConfig(16384, 16)),
     ),
 }
 

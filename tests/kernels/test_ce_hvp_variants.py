@@ -158,7 +158,7 @@ def variant_config(variant: str, config: str, vocab: int):
     seg_chunks = 1 if config == "tile" else 3
     return variants.VariantConfig(
         block,
-        1,
+        max(1, min(8, block // 512)),  # at most 16 entries per thread on a GPU
         seg_chunks=seg_chunks,
         programs_per_sm=1,
         block_mb=1,
