@@ -1,7 +1,9 @@
 """FSDP2-sharded products on gloo (2 ranks, uneven shards, unequal batch counts): the sharded
 finite-difference Hessian and GGN equal the single-process finite-difference operators on the
-union of the data (same step rule, so to rounding), approximate the exact matrices, leave the
-model and its gradients untouched; sharded Lanczos finds the top eigenvalues on every rank.
+union of the data (same step rule, so to rounding) and approximate the exact matrices; the exact
+methods (reverse-over-forward Hessian, forward-mode GGN, also with a parameter filter that skips
+a block) equal the dense torch.func matrices to rounding; no product changes the model or its
+gradients; sharded Lanczos finds the top eigenvalues on every rank.
 """
 
 from __future__ import annotations
@@ -28,7 +30,18 @@ TOP_K = 3
 LAUNCH_TIMEOUT_S = 60.0
 SAME_APPROXIMATION = 1e-9  # sharded vs single-process finite differences (same step rule)
 EXACT = 1e-8  # finite differences vs exact matrices, relative to the largest entry (~5e-10)
+ROUNDING = 1e-12  # exact sharded products vs dense matrices, relative to the largest entry
 LOSS = supervised_loss(F.cross_entropy)
+EXACT_COLUMNS = 4  # random vectors multiplied by each exact operator
+
+
+def first_and_last_bias(name: str, _param: Any) -> bool:
+    """A filter that selects from two blocks and skips the middle of the model's parameters."""
+    return name in ("0.weight", "2.bias")
+
+
+def exact_vectors() -> torch.Tensor:
+    return torch.randn(43, EXACT_COLUMNS, generator=torch.Generator().manual_seed(5)).double()
 
 
 def make_model() -> nn.Module:
@@ -80,7 +93,7 @@ def worker(rank: int, out: Path) -> None:
     results: dict[str, Any] = {}
     for name, op in (
         ("hessian", FSDPHessianOperator(model, own, LOSS)),
-        ("ggn", FSDPGGNOperator(model, own, LOSS)),
+        ("ggn", FSDPGGNOperator(model, own, LOSS, jvp_method="finite_difference")),
     ):
         size = op.shape[0]
         identity = torch.eye(size, dtype=torch.float64)
@@ -94,6 +107,22 @@ def worker(rank: int, out: Path) -> None:
         results[name]["lanczos"] = eig.eigenvalues
         results[name]["lanczos_same"] = same_on_all_ranks(torch.from_numpy(eig.eigenvalues))
         results[name]["eigenvectors"] = op.full_vector(eig.eigenvectors)
+    for name, exact_op in (
+        ("hessian_exact", FSDPHessianOperator(model, own, LOSS, method="autograd")),
+        ("ggn_exact", FSDPGGNOperator(model, own, LOSS)),  # forward-mode JVP by default
+        (
+            "hessian_exact_filtered",
+            FSDPHessianOperator(
+                model, own, LOSS, method="autograd", param_filter=first_and_last_bias
+            ),
+        ),
+    ):
+        vectors = exact_vectors()[: exact_op.shape[0]]
+        results[name] = exact_op.full_vector(exact_op @ exact_op.shard_vector(vectors))
+    with pytest.raises(ValueError, match="method must be one of"):
+        FSDPHessianOperator(model, own, LOSS, method="forward")
+    with pytest.raises(ValueError, match="jvp_method must be one of"):
+        FSDPGGNOperator(model, own, LOSS, jvp_method="double_backward")
     results["params_restored"] = all(
         torch.equal(before[name], p.to_local()) for name, p in model.named_parameters()
     )
@@ -153,6 +182,13 @@ def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
             "ggn": GGNOperator(model, data, LOSS, jvp_method="finite_difference") @ identity,
         }
         exact = {"hessian": dense_hessian(model, data, LOSS), "ggn": dense_ggn(model, data, LOSS)}
+        exact_truths = {
+            "hessian_exact": exact["hessian"],
+            "ggn_exact": exact["ggn"],
+            "hessian_exact_filtered": dense_hessian(
+                model, data, LOSS, param_filter=first_and_last_bias
+            ),
+        }
     finally:
         torch.set_num_threads(threads)
     assert sum(r["hessian"]["local_size"] for r in per_rank) == 43  # vectors stay sharded
@@ -178,6 +214,15 @@ def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
             vectors = got["eigenvectors"]
             residual = exact[name] @ vectors - vectors * torch.from_numpy(top.copy())
             assert float(residual.norm(dim=0).max()) < 1e-6 * scale, where
+        for name, matrix in exact_truths.items():
+            want = matrix @ exact_vectors()[: matrix.shape[0]]
+            torch.testing.assert_close(
+                results[name],
+                want,
+                rtol=0,
+                atol=ROUNDING * float(matrix.abs().max()),
+                msg=f"{name} on rank {rank}",
+            )
 
 
 if __name__ == "__main__":

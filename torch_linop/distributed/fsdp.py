@@ -26,15 +26,21 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
+from torch_linop._context import differentiable_attention
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
+from torch_linop.distributed.fsdp_forward_ad import exp_outputs_copied, sharded_tangents
 from torch_linop.ggn import _require_split, output_hvp_of
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
+
+FSDP_HESSIAN_METHODS = ("finite_difference", "autograd")
+FSDP_GGN_JVP_METHODS = ("forward", "finite_difference")
 
 
 def local_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
@@ -145,14 +151,15 @@ class ShardedOperator:
             numel = _numel(shape)
             block = columns[offset : offset + numel].reshape(*shape, -1)
             start, stop = local_rows(shape[0], self.world, self.rank)
-            parts.append(block[start:stop].reshape(-1, columns.shape[1]))
+            rows = (stop - start) * (numel // max(1, shape[0]))
+            parts.append(block[start:stop].reshape(rows, columns.shape[1]))
             offset += numel
         local = torch.cat(parts).to(self.device, self.torch_dtype)
         return local.reshape(-1) if full.dim() == 1 else local
 
     def full_vector(self, local: torch.Tensor) -> torch.Tensor:
         """The full vector from every rank's part (a collective; for tests and small models)."""
-        columns = local.reshape(self.local_size, -1)
+        columns = local if local.dim() == 2 else local[:, None]  # (no -1: parts may be empty)
         pieces = self._split(columns)
         full = []
         for piece, shape in zip(pieces, self.global_shapes):
@@ -182,7 +189,7 @@ class ShardedOperator:
         """``(local_size, k)`` -> per parameter ``(k, *local_shape)``."""
         sizes = [_numel(shape) for shape in self.local_shapes]
         return [
-            block.T.reshape(-1, *shape)
+            block.T.reshape(columns.shape[1], *shape)
             for block, shape in zip(torch.split(columns, sizes), self.local_shapes)
         ]
 
@@ -314,6 +321,16 @@ class ShardedOperator:
             model_param.grad = None
         return grads
 
+    def _tangents(self, direction: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Forwards inside carry the exact tangent of ``direction`` (this rank's shards)."""
+        return sharded_tangents(
+            self.model,
+            dict(zip(self.params, direction)),
+            {name: shape[0] for name, shape in zip(self.params, self.global_shapes)},
+            group=self.group,
+            world=self.world,
+        )
+
     # ------------------------------------------------------------------ products
     def _column(self, direction: list[torch.Tensor], norm: float) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -330,7 +347,7 @@ class ShardedOperator:
                 f"vector is {local.dtype} on {local.device}, the operator computes in "
                 f"{self.torch_dtype} on {self.device}"
             )
-        columns = local.reshape(self.local_size, -1)
+        columns = local if local.dim() == 2 else local[:, None]  # (no -1: parts may be empty)
         directions = self._split(columns)
         norms = self._norms(columns)
         results = torch.zeros_like(columns)
@@ -356,8 +373,32 @@ class ShardedOperator:
 
 
 class FSDPHessianOperator(ShardedOperator):
-    """Hessian of an FSDP2 model's dataset loss by central differences of FSDP gradients:
-    ``(g(theta + h v) - g(theta - h v)) / 2h``, two full-data gradient passes per column."""
+    """Hessian of an FSDP2 model's dataset loss.
+
+    ``method="finite_difference"`` (default): central differences of FSDP gradients,
+    ``(g(theta + h v) - g(theta - h v)) / 2h``, two full-data gradient passes per column, memory
+    of FSDP training. ``method="autograd"``: exact, reverse-over-forward (the loss's forward-mode
+    tangent ``g^T v`` backpropagated through FSDP's backward), one forward+backward per column
+    and batch, but each block's all-gathered direction is kept for the backward (one full-length
+    vector per rank in total); see ``fsdp_forward_ad``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFunction | Callable[..., torch.Tensor],
+        *,
+        method: str = "finite_difference",
+        **kwargs: Any,
+    ) -> None:
+        if method not in FSDP_HESSIAN_METHODS:
+            raise ValueError(
+                f"method must be one of {FSDP_HESSIAN_METHODS}, got {method!r}; "
+                "'autograd' is exact, 'finite_difference' needs no full-length vector per rank"
+            )
+        self.method = method
+        super().__init__(model, data, loss_fn, **kwargs)
 
     def _gradient(self, direction: list[torch.Tensor], step: float) -> list[torch.Tensor]:
         with self._shifted(direction, step):
@@ -366,6 +407,8 @@ class FSDPHessianOperator(ShardedOperator):
         return self._take_gradients()
 
     def _column(self, direction: list[torch.Tensor], norm: float) -> list[torch.Tensor]:
+        if self.method == "autograd":
+            return self._exact_column(direction)
         step = self._step(norm)
         acc = self._accumulation_dtype()
         plus = self._gradient(direction, step)
@@ -375,10 +418,27 @@ class FSDPHessianOperator(ShardedOperator):
             for p, m in zip(plus, minus)
         ]
 
+    def _exact_column(self, direction: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``H v``: FSDP's gradient of the loss's directional derivative ``g(theta)^T v``."""
+        for scale, batch in self._scaled_batches():
+            with self._tangents(direction), differentiable_attention(), exp_outputs_copied():
+                loss = self.loss_fn(self.model, batch)
+                tangent = fwAD.unpack_dual(loss).tangent
+                if tangent is None:  # the loss does not depend on the selected parameters
+                    tangent = fwAD.unpack_dual(loss).primal * 0.0
+                (tangent * scale).backward()
+        return self._take_gradients()
+
 
 class FSDPGGNOperator(ShardedOperator):
-    """GGN ``J^T H_loss J`` of an FSDP2 model: central-difference JVP (two no-grad forwards per
-    column and batch), exact loss Hessian on the output, exact VJP through FSDP's backward."""
+    """GGN ``J^T H_loss J`` of an FSDP2 model: a JVP, the exact loss Hessian on the output, and
+    an exact VJP through FSDP's backward.
+
+    ``jvp_method="forward"`` (default): exact forward-mode JVP through FSDP's blocks (one no-grad
+    forward per column and batch; each block's direction is all-gathered and freed with it).
+    ``"finite_difference"``: central-difference JVP (two no-grad forwards), for models with
+    operations that have no forward-mode rule.
+    """
 
     def __init__(
         self,
@@ -386,23 +446,41 @@ class FSDPGGNOperator(ShardedOperator):
         data: Iterable[Any],
         loss_fn: LossFunction | Callable[..., torch.Tensor],
         loss_of_output_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        jvp_method: str = "forward",
         **kwargs: Any,
     ) -> None:
+        if jvp_method not in FSDP_GGN_JVP_METHODS:
+            raise ValueError(
+                f"jvp_method must be one of {FSDP_GGN_JVP_METHODS}, got {jvp_method!r}; use "
+                "'finite_difference' for models whose operations have no forward-mode AD rule"
+            )
+        self.jvp_method = jvp_method
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
         super().__init__(model, data, loss, **kwargs)
 
-    def _column(self, direction: list[torch.Tensor], norm: float) -> list[torch.Tensor]:
-        step = self._step(norm)
+    def _jvp(self, batch: Any, direction: list[torch.Tensor], norm: float) -> torch.Tensor:
+        """``J v`` of the model's output on ``batch``."""
         acc = self._accumulation_dtype()
+        if self.jvp_method == "forward":
+            with torch.no_grad(), self._tangents(direction), differentiable_attention():
+                dual = self.loss_fn.forward(self.model, batch)
+                primal, tangent = fwAD.unpack_dual(dual)
+            return torch.zeros_like(primal) if tangent is None else tangent
+        step = self._step(norm)
+        with torch.no_grad():
+            with self._shifted(direction, step):
+                plus = self.loss_fn.forward(self.model, batch).to(acc)
+            with self._shifted(direction, -step):
+                minus = self.loss_fn.forward(self.model, batch).to(acc)
+        return (plus - minus) / (2.0 * step)
+
+    def _column(self, direction: list[torch.Tensor], norm: float) -> list[torch.Tensor]:
         for scale, batch in self._scaled_batches():
-            with torch.no_grad():
-                with self._shifted(direction, step):
-                    plus = self.loss_fn.forward(self.model, batch).to(acc)
-                with self._shifted(direction, -step):
-                    minus = self.loss_fn.forward(self.model, batch).to(acc)
+            jvp = self._jvp(batch, direction, norm)
             output = self.loss_fn.forward(self.model, batch)
-            jvp = ((plus - minus) / (2.0 * step)).to(output.dtype)
+            jvp = jvp.to(output.dtype)
             cotangent = output_hvp_of(self.loss_fn, batch)(output.detach(), jvp.unsqueeze(0))[0]
             ((output * cotangent).sum() * scale).backward()
         return self._take_gradients()

@@ -5,6 +5,8 @@ Each rank keeps its rows of the Krylov basis; inner products are local products 
 all-reduce, so every scalar (tridiagonal entries, convergence tests) is identical on all ranks and
 no rank leaves the loop early. Full reorthogonalisation (classical Gram-Schmidt, twice) keeps the
 basis orthogonal; the basis costs ``num_iterations * local_size`` entries per rank.
+
+Hutch++ and SLQ on sharded vectors are in ``sharded_estimators``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from torch_linop.distributed.seeds import rank_consistent_seed
 
 Which = Literal["LA", "SA", "LM"]
 
@@ -39,7 +43,7 @@ def sharded_lanczos(
     which: Which = "LA",
     max_iterations: int | None = None,
     tol: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> ShardedEigenResult:
     """The ``k`` eigenpairs of the sharded symmetric ``op`` selected by ``which`` ("LA" largest,
     "SA" smallest algebraic, "LM" largest magnitude).
@@ -48,8 +52,9 @@ def sharded_lanczos(
     ``a.T @ b``) and ``random_vector(generator)`` — what ``ShardedOperator`` provides. Stops when
     the ``k`` Ritz residual estimates are below ``tol * max|theta|`` (default ``1e-8`` in float64,
     ``1e-4`` otherwise: finite-difference products are not more accurate) or after
-    ``max_iterations`` (default ``min(n, max(30, 4 k))``) products. ``seed`` must be the same on
-    every rank: the start vector is drawn on the CPU from it, one parameter at a time.
+    ``max_iterations`` (default ``min(n, max(30, 4 k))``) products. The start vector is drawn on
+    the CPU from ``seed``, one parameter at a time; pass the same int on every rank, or None for
+    one fresh seed drawn on rank 0 and broadcast (a collective).
     """
     size = int(op.shape[0])
     if not isinstance(k, int) or not 1 <= k < size:
@@ -63,7 +68,10 @@ def sharded_lanczos(
         tol = 1e-8 if op.torch_dtype == torch.float64 else 1e-4
     acc = torch.float64 if op.torch_dtype == torch.float64 else torch.float32
 
-    generator = torch.Generator().manual_seed(int(seed))
+    shared = rank_consistent_seed(seed, op)
+    if not isinstance(shared, int) or isinstance(shared, bool):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    generator = torch.Generator().manual_seed(shared)
     vector = op.random_vector(generator).to(acc)
     vector = vector / float(op.dot(vector[:, None], vector[:, None]).sqrt())
     basis = torch.zeros(limit, op.local_size, dtype=acc, device=vector.device)

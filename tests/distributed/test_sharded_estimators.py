@@ -1,0 +1,293 @@
+"""Hutch++/Hutchinson trace and SLQ density on FSDP2-sharded vectors (2 and 4 gloo ranks, uneven
+shards, one rank of four holding no rows of some parameters) equal the single-process solvers of
+``torch_linop.solvers`` on the unsharded operator with the same seed (same probes), to 1e-10 in
+float64, including SLQ runs cut short by an invariant subspace and ranks holding no entries; the
+TSQR basis is orthonormal and spans the block; ``seed=None`` gives the same numbers on every
+rank, for sharded and for data-parallel operators.
+
+The ranks run this file as a script and write their results with ``torch.save``; the
+assertions run in the pytest process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_linop import GGNOperator, HessianOperator, supervised_loss
+from torch_linop.solvers import spectral_density, trace
+
+BATCH_SIZES = (3, 5, 2, 4)  # one or two batches per rank, unequal sample counts
+TOL = 1e-10
+LAUNCH_TIMEOUT_S = 90.0  # a guard against hangs on a loaded machine, not a time budget
+LOSS = supervised_loss(F.cross_entropy)
+LAST_WEIGHT = "2.weight"  # 3 rows: with 4 ranks, the last rank holds none
+
+# (label, operator, solver, keyword arguments): run sharded and single-process with equal seeds
+CASES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("hessian_hutchpp", "hessian", "trace", {"num_matvecs": 7, "seed": 0}),
+    ("ggn_hutchpp_gaussian", "ggn", "trace", {"num_matvecs": 6, "seed": 3, "distribution": "gaussian", "block_size": 2}),  # noqa: E501
+    ("ggn_hutchinson", "ggn", "trace", {"num_matvecs": 3, "seed": 4, "method": "hutchinson", "block_size": 2}),  # noqa: E501
+    ("hessian_slq", "hessian", "density", {"num_runs": 2, "lanczos_steps": 4, "seed": 1, "grid_size": 64}),  # noqa: E501
+    ("matrix_slq_breakdown", "matrix", "density", {"num_runs": 3, "lanczos_steps": 6, "seed": 5, "grid_size": 32}),  # noqa: E501
+)  # fmt: skip
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(size, 4, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (size,), generator=generator),
+        )
+        for size in BATCH_SIZES
+    ]
+
+
+def only_last_weight(name: str, _param: Any) -> bool:
+    return name == LAST_WEIGHT
+
+
+def block_matrix() -> torch.Tensor:
+    """10 x 10 with eigenvalues 0.5, 1, 1.5, 3 (eigenvectors (1, +-1) in each 2 x 2 block) and
+    entries that are powers of two: products are exact, so a Lanczos run from a sign vector finds
+    its (at most 4-d) invariant subspace with a coupling of ~1e-18 of the breakdown threshold, on
+    one rank as on several, and the weights depend on the probe's signs."""
+    block = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    return torch.block_diag(block, 2 * block, block, 2 * block, block)
+
+
+class ShardedMatrix:
+    """A dense symmetric matrix seen as a sharded operator over one "parameter" of n rows (the
+    interface of ``ShardedOperator`` that the sharded solvers use)."""
+
+    def __init__(self, matrix: torch.Tensor, group: Any) -> None:
+        import torch.distributed as dist
+
+        from torch_linop.distributed.fsdp import local_rows
+
+        self.matrix, self.group = matrix, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.shape = tuple(matrix.shape)
+        self.global_shapes = [(matrix.shape[0],)]
+        self.rows = local_rows(matrix.shape[0], self.world, self.rank)
+        self.local_size = self.rows[1] - self.rows[0]
+        self.device, self.torch_dtype = matrix.device, matrix.dtype
+
+    def shard_vector(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.rows[0] : self.rows[1]]
+
+    def apply(self, local: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        chunk = -(-self.shape[0] // self.world)
+        padded = torch.zeros(chunk, local.shape[1], dtype=local.dtype)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded, group=self.group)
+        full = torch.cat(parts)[: self.shape[0]]
+        return self.shard_vector(self.matrix @ full)
+
+
+def summary(result: Any) -> dict[str, Any]:
+    if hasattr(result, "estimate"):
+        return {"estimate": result.estimate, "stderr": result.stderr, "n": result.num_matvecs}
+    return {
+        "nodes": result.nodes,
+        "weights": result.weights,
+        "density": result.density,
+        "grid": result.grid,
+        "n": result.num_matvecs,
+    }
+
+
+# ----------------------------------------------------------------------------- worker side
+def worker(rank: int, world: int, out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_linop.distributed import same_on_all_ranks
+    from torch_linop.distributed.fsdp import FSDPGGNOperator, FSDPHessianOperator
+    from torch_linop.distributed.seeds import rank_consistent_seed
+    from torch_linop.distributed.sharded_estimators import (
+        sharded_spectral_density,
+        sharded_trace,
+    )
+    from torch_linop.distributed.sharded_linalg import tall_skinny_qr
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'store'}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=LAUNCH_TIMEOUT_S),
+    )
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    own = batches()[rank::world]
+    ops = {
+        "hessian": FSDPHessianOperator(model, own, LOSS, method="autograd"),
+        "ggn": FSDPGGNOperator(model, own, LOSS),
+        "last_ggn": FSDPGGNOperator(model, own, LOSS, param_filter=only_last_weight),
+        "matrix": ShardedMatrix(block_matrix(), None),
+    }
+    results: dict[str, Any] = {"local_sizes": {name: op.local_size for name, op in ops.items()}}
+    results["last_ggn_trace"] = summary(sharded_trace(ops["last_ggn"], 4, seed=6))
+    for label, name, solver, kwargs in CASES:
+        run = sharded_trace if solver == "trace" else sharded_spectral_density
+        results[label] = summary(run(ops[name], **kwargs))  # type: ignore[operator]
+
+    # seed=None: one seed for all ranks, sharded and data-parallel
+    unseeded = sharded_trace(ops["matrix"], 4, seed=None)
+    results["unseeded_same"] = same_on_all_ranks(torch.tensor([unseeded.estimate]))
+    data_parallel = HessianOperator(make_model(), own, LOSS)
+    seed = rank_consistent_seed(None, data_parallel)
+    results["dp_seed_same"] = isinstance(seed, int) and same_on_all_ranks(torch.tensor([seed]))
+    estimate = trace(data_parallel, 6, method="hutchinson", seed=seed).estimate
+    results["dp_trace_same"] = same_on_all_ranks(torch.tensor([estimate]))
+    local_only = HessianOperator(make_model(), own, LOSS, process_group=False)
+    results["local_seed"] = rank_consistent_seed(None, local_only)  # no collective: None
+    results["int_seed_kept"] = rank_consistent_seed(7, data_parallel)
+
+    # TSQR of a sharded 43 x 5 block
+    op = ops["ggn"]
+    block = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(9)).double()
+    results["tsqr"] = op.full_vector(tall_skinny_qr(op, op.shard_vector(block)))
+    results["tsqr_block"] = block
+    torch.save(results, out / f"rank{rank}.pt")
+    exit_cleanly()
+
+
+def exit_cleanly() -> None:
+    """Barrier, destroy the group, and skip C++ static destructors (gloo's threads otherwise
+    sometimes abort the interpreter at exit)."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- parent side
+def run_ranks(world: int, tmp_path: Path) -> list[dict[str, Any]]:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), str(world), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    for rank, process in enumerate(processes):
+        try:
+            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"{world} sharded ranks did not finish in {LAUNCH_TIMEOUT_S} s")
+        assert process.returncode == 0, f"rank {rank} of {world} failed:\n{stderr}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, Any]:
+    """The single-process solvers on the unsharded exact operators over all the data."""
+    model, data = make_model(), batches()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ops = {
+            "hessian": HessianOperator(model, data, LOSS),
+            "ggn": GGNOperator(model, data, LOSS),
+            "last_ggn": GGNOperator(model, data, LOSS, param_filter=only_last_weight),
+            "matrix": block_matrix(),
+        }
+        refs: dict[str, Any] = {}
+        for label, name, solver, kwargs in CASES:
+            if solver == "trace":
+                refs[label] = summary(trace(ops[name], **kwargs))
+            else:
+                refs[label] = summary(spectral_density(ops[name], **kwargs))
+        refs["last_ggn_trace"] = summary(trace(ops["last_ggn"], 4, seed=6))
+    finally:
+        torch.set_num_threads(threads)
+    return refs
+
+
+def test_the_breakdown_case_breaks_down(references: dict[str, Any]) -> None:
+    """Every 6-step run on the block matrix ends at an invariant subspace of at most 4
+    dimensions (zero weights after it), and the runs' probes differ (different weights), so the
+    sharded runs match only if they cut each run at the same step and consume the generator as
+    the single-process solver does after a breakdown."""
+    weights = references["matrix_slq_breakdown"]["weights"]
+    assert (weights[:, 4:] == 0).all()
+    assert not np.allclose(weights[0], weights[1]) or not np.allclose(weights[1], weights[2])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_estimators_match_single_process(
+    world: int, tmp_path: Path, references: dict[str, Any]
+) -> None:
+    per_rank = run_ranks(world, tmp_path)
+    assert sum(r["local_sizes"]["hessian"] for r in per_rank) == 43
+    assert sum(r["local_sizes"]["last_ggn"] for r in per_rank) == 15
+    if world == 4:  # 3 rows in chunks of 1: the last rank holds none
+        assert per_rank[3]["local_sizes"]["last_ggn"] == 0
+    for rank, results in enumerate(per_rank):
+        where = f"rank {rank} of {world}"
+        for label, solver in [(case[0], case[2]) for case in CASES] + [("last_ggn_trace", "trace")]:
+            got, want = results[label], references[label]
+            message = f"{label} on {where}"
+            assert got["n"] == want["n"], message
+            if solver == "trace":
+                for key in ("estimate", "stderr"):
+                    assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), message
+            else:
+                for key in ("nodes", "weights", "grid"):
+                    np.testing.assert_allclose(
+                        got[key], want[key], rtol=TOL, atol=TOL, err_msg=message
+                    )
+                np.testing.assert_allclose(
+                    got["density"],
+                    want["density"],
+                    rtol=0,
+                    atol=1e-8 * float(want["density"].max()),
+                    err_msg=message,
+                )
+        assert results["unseeded_same"], f"{where}: seed=None gave rank-dependent probes"
+        assert results["dp_seed_same"], f"{where}: data-parallel seed=None not shared"
+        assert results["dp_trace_same"], f"{where}: data-parallel trace differs between ranks"
+        assert results["local_seed"] is None, where
+        assert results["int_seed_kept"] == 7, where
+        basis, block = results["tsqr"], results["tsqr_block"]
+        torch.testing.assert_close(basis.T @ basis, torch.eye(5).double(), rtol=0, atol=1e-13)
+        torch.testing.assert_close(basis @ (basis.T @ block), block, rtol=0, atol=1e-12)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
