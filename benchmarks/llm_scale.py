@@ -13,6 +13,8 @@ import argparse
 import gc
 import json
 import math
+import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +25,7 @@ import torch
 from torch_linop import GGNOperator, HessianOperator
 from torch_linop.losses.language_models import hf_lm_loss
 from torch_linop.solvers import lanczos, spectral_density, trace
+from torch_linop.solvers._memory import device_budget, vector_bytes
 
 FULL = dict(
     hidden_size=2048,
@@ -31,6 +34,7 @@ FULL = dict(
     num_attention_heads=16,
     vocab_size=32000,
 )
+CHECKPOINT_SECONDS = 120.0  # solver checkpoints every two minutes (where they fit on the disk)
 SMOKE = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=97
 )
@@ -93,14 +97,36 @@ def gradient_fn(model, batches, loss):
 
 
 class Phases:
-    """Collects one row per phase: seconds, matvecs, peak GiB above the model, notes."""
+    """Collects one row per phase: seconds, matvecs, peak GiB above the model, notes.
 
-    def __init__(self, device: torch.device, model_gib: float) -> None:
+    After every phase the rows are written to ``results_path`` (the run's phase-level
+    checkpoint): a rerun with ``--resume`` keeps the finished phases and runs the rest.
+    """
+
+    def __init__(
+        self, device: torch.device, model_gib: float, results_path: str | None, resume: bool
+    ) -> None:
         self.device = device
         self.model_gib = model_gib
+        self.results_path = results_path
         self.rows: list[dict[str, Any]] = []
+        self.done: dict[str, dict[str, Any]] = {}
+        if resume and results_path and os.path.exists(results_path):
+            with open(results_path) as handle:
+                saved = json.load(handle)["rows"]
+            self.done = {row["phase"]: row for row in saved if "error" not in row}
+
+    def save(self, extra: dict[str, Any]) -> None:
+        if self.results_path:
+            os.makedirs(os.path.dirname(self.results_path) or ".", exist_ok=True)
+            with open(self.results_path, "w") as handle:
+                json.dump({**extra, "rows": self.rows}, handle, indent=1, default=str)
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if name in self.done:
+            print(f"{name}: kept from the previous run", flush=True)
+            self.rows.append(self.done[name])
+            return self.done[name]
         reset_peak(self.device)
         synchronize(self.device)
         start = time.perf_counter()
@@ -118,6 +144,7 @@ class Phases:
             **info,
         }
         self.rows.append(row)
+        self.save({})
         print(json.dumps(row, default=str), flush=True)
         gc.collect()
         if self.device.type == "cuda":
@@ -125,11 +152,26 @@ class Phases:
         return row
 
 
-def eig_phase(op, k: int, tol: float, seed: int, which: str = "LA"):
+def eig_phase(op, k: int, tol: float, seed: int, checkpoint: str | None, **options: Any):
     """Top-k eigenpairs; the basis size is chosen by the solver from free device memory."""
 
     def run() -> dict[str, Any]:
-        result = lanczos(op, k=k, which=which, tol=tol, seed=seed, progress=True)
+        basis_dtype = options.get("basis_dtype", op.torch_dtype)
+        budget = device_budget(op.device)
+        basis = max(100, 4 * k)
+        if budget is not None:
+            basis = min(basis, budget // vector_bytes(op.shape[0], basis_dtype))
+        result = lanczos(
+            op,
+            k=k,
+            which="LA",
+            tol=tol,
+            seed=seed,
+            progress=True,
+            checkpoint=checkpoint,
+            checkpoint_seconds=CHECKPOINT_SECONDS,
+            **options,
+        )
         relative = result.residuals / max(result.norm_estimate, 1e-30)  # ||Hv - lv|| / ||H||
         return {
             "matvecs": result.num_matvecs,
@@ -137,6 +179,7 @@ def eig_phase(op, k: int, tol: float, seed: int, which: str = "LA"):
             "converged": int(result.converged.sum()),
             "eigenvalues": [float(x) for x in result.eigenvalues],
             "max_relative_residual": float(relative.max()),
+            "basis": basis,
         }
 
     return run
@@ -166,6 +209,18 @@ def seed_library_phase(model, batches, k: int, device: torch.device):
     return run
 
 
+def checkpoint_path(folder: str | None, phase: str) -> str | None:
+    return None if folder is None else os.path.join(folder, phase.replace(" ", "_") + ".pt")
+
+
+def matvec_row(op, vector, gradient_seconds: float, device: torch.device):
+    def run() -> dict[str, Any]:
+        seconds = median_seconds(lambda: op @ vector, device)
+        return {"median_s": seconds, "x_gradient": seconds / gradient_seconds}
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model (CPU is fine)")
@@ -176,7 +231,11 @@ def main() -> None:
     parser.add_argument("--trace-matvecs", type=int, default=99)
     parser.add_argument("--slq-steps", type=int, default=90)
     parser.add_argument("--skip", default="", help="comma-separated phases to skip")
-    parser.add_argument("--out", default=None, help="folder for results.json")
+    parser.add_argument("--out", default=None, help="folder for llm_scale.json")
+    parser.add_argument(
+        "--checkpoints", default=None, help="folder for solver checkpoints (not under --out)"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep finished phases from --out")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -185,38 +244,63 @@ def main() -> None:
     sizes = SMOKE if args.smoke else FULL
     seq = 16 if args.smoke else args.seq
     skip = set(filter(None, args.skip.split(",")))
+    if args.checkpoints:
+        os.makedirs(args.checkpoints, exist_ok=True)
 
     model = build_model(sizes, torch.float32, device, seed=0)
     batches = make_batches(sizes["vocab_size"], args.batch, seq, device, seed=1)
     num_params = sum(p.numel() for p in model.parameters())
     model_gib = num_params * 4 / 2**30
     print(f"model: {num_params / 1e9:.3f}B parameters, {model_gib:.1f} GiB fp32; device {device}")
-    phases = Phases(device, model_gib)
+    results_path = os.path.join(args.out, "llm_scale.json") if args.out else None
+    phases = Phases(device, model_gib, results_path, args.resume)
     loss = hf_lm_loss()
+    # default SDPA attention stays as HuggingFace sets it; the operators switch to the math
+    # backend only inside their products (SDPA's fused kernels have no double backward)
     hessian = HessianOperator(model, batches, loss)
+    cached = HessianOperator(model, batches, loss, cache_graph=True)
     ggn = GGNOperator(model, batches, loss)
-    vector = torch.randn(hessian.shape[0], device=device, generator=None)
+    vector = torch.randn(hessian.shape[0], generator=torch.Generator().manual_seed(2))
+    vector = vector.to(device)
 
     gradient_seconds = median_seconds(gradient_fn(model, batches, loss), device)
     phases.run("gradient", lambda: {"median_s": gradient_seconds})
-    for name, op in (("hessian matvec", hessian), ("ggn matvec", ggn)):
-        phases.run(
-            name,
-            lambda op=op: {
-                "median_s": (s := median_seconds(lambda: op @ vector, device)),
-                "x_gradient": s / gradient_seconds,
-            },
-        )
+    phases.run("hessian matvec", matvec_row(hessian, vector, gradient_seconds, device))
+    phases.run(
+        "hessian matvec (cached graph)", matvec_row(cached, vector, gradient_seconds, device)
+    )
+    phases.run("ggn matvec", matvec_row(ggn, vector, gradient_seconds, device))
+    del vector
+    cached.clear_cache()  # the eigen phases build it again and keep it while they run
+    ckpt = args.checkpoints
     if "hessian_eigs" not in skip:
-        phases.run("hessian top-10", eig_phase(hessian, args.k, args.tol, 0))
+        phases.run(
+            "hessian top-10",
+            eig_phase(cached, args.k, args.tol, 0, checkpoint_path(ckpt, "hessian top-10")),
+        )
     if "ggn_eigs" not in skip:
-        phases.run("ggn top-10", eig_phase(ggn, args.k, args.tol, 0))
+        phases.run(
+            "ggn top-10", eig_phase(ggn, args.k, args.tol, 0, checkpoint_path(ckpt, "ggn top-10"))
+        )
     if "trace" not in skip:
         phases.run(
             "hutch++ trace",
             lambda: (
-                lambda r: {"estimate": r.estimate, "stderr": r.stderr, "matvecs": r.num_matvecs}
-            )(trace(hessian, num_matvecs=args.trace_matvecs, seed=0, progress=True)),
+                lambda r: {
+                    "estimate": r.estimate,
+                    "stderr": r.stderr,
+                    "matvecs": r.num_matvecs,
+                }
+            )(
+                trace(
+                    cached,
+                    num_matvecs=args.trace_matvecs,
+                    seed=0,
+                    progress=True,
+                    checkpoint=checkpoint_path(ckpt, "hutchpp"),
+                    checkpoint_seconds=CHECKPOINT_SECONDS,
+                )
+            ),
         )
     if "slq" not in skip:
         phases.run(
@@ -226,17 +310,37 @@ def main() -> None:
                     "matvecs": args.slq_steps,
                     "support": [float(r.nodes.min()), float(r.nodes.max())],
                 }
-            )(spectral_density(hessian, num_runs=1, lanczos_steps=args.slq_steps, seed=0)),
+            )(
+                spectral_density(
+                    cached,
+                    num_runs=1,
+                    lanczos_steps=args.slq_steps,
+                    seed=0,
+                    progress=True,
+                    checkpoint=checkpoint_path(ckpt, "slq"),
+                    checkpoint_seconds=CHECKPOINT_SECONDS,
+                )
+            ),
         )
+    cached.clear_cache()
     fp32_top = next((r for r in phases.rows if r["phase"] == "hessian top-10"), {})
     if "bf16" not in skip:
-        del hessian, ggn
+        del hessian, cached, ggn
         model = model.to(torch.bfloat16)
-        bf16_hessian = HessianOperator(model, batches, loss)
+        bf16_hessian = HessianOperator(model, batches, loss, cache_graph=True)
         phases.model_gib = num_params * 2 / 2**30
+        # bf16 products (float32 accumulation inside matmuls and in the CE closed form), the
+        # Lanczos basis and its arithmetic in float32: orthogonality is where precision matters
         row = phases.run(
             "bf16 hessian top-10",
-            eig_phase(bf16_hessian, args.k, max(args.tol, 1e-2), 0),
+            eig_phase(
+                bf16_hessian,
+                args.k,
+                max(args.tol, 1e-2),
+                0,
+                checkpoint_path(ckpt, "bf16 top-10"),
+                basis_dtype=torch.float32,
+            ),
         )
         if "eigenvalues" in row and "eigenvalues" in fp32_top:
             diffs = [
@@ -258,24 +362,31 @@ def main() -> None:
     for row in phases.rows:
         notes = row.get("error") or (
             f"converged {row['converged']}/{args.k}, max rel residual "
-            f"{row['max_relative_residual']:.2e}, restarts {row['restarts']}"
+            f"{row['max_relative_residual']:.2e}, restarts {row['restarts']}, "
+            f"basis {row.get('basis', '?')}"
             if "converged" in row
             else ""
         )
         if "max_rel_diff_vs_fp32" in row:
             notes += f"; vs fp32 {row['max_rel_diff_vs_fp32']:.2e}"
+        if "median_s" in row:
+            notes += f"median {1e3 * row['median_s']:.0f} ms"
+        if "estimate" in row:
+            notes += f"estimate {row['estimate']:.4g} +- {row['stderr']:.2g}"
+        if "support" in row:
+            notes += f"nodes in [{row['support'][0]:.4g}, {row['support'][1]:.4g}]"
+        if "hvp_seconds" in row:
+            top = ", ".join(f"{x:.4g}" for x in row["eigenvalues"][:4])
+            notes += f"its HVP {1e3 * row['hvp_seconds']:.0f} ms; its eigenvalues {top}, ..."
+        if "eigenvalues" in row and "converged" in row:
+            notes += "; top " + ", ".join(f"{x:.4g}" for x in row["eigenvalues"][:3])
         ratio = row.get("x_gradient")
         print(
             f"| {row['phase']} | {row['seconds']:.1f} | {row.get('matvecs', '')} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} | "
             f"{row['peak_gib_above_model']:.1f} | {notes} |"
         )
-    if args.out:
-        import os
-
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "llm_scale.json"), "w") as handle:
-            json.dump({"params": num_params, "rows": phases.rows}, handle, indent=1, default=str)
+    phases.save({"params": num_params, "command": " ".join(sys.argv)})
     if not math.isfinite(gradient_seconds):
         raise SystemExit(1)
 

@@ -81,7 +81,13 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
             "GGN finite-difference JVP": GGNOperator(
                 model, data, loss, jvp_method="finite_difference"
             ),
+            "GGN one-sided difference JVP": GGNOperator(
+                model, data, loss, jvp_method="forward_difference"
+            ),
             "Hessian (double backward)": HessianOperator(model, data, loss),
+            "Hessian (double backward, cached graph)": HessianOperator(
+                model, data, loss, cache_graph=True
+            ),
             "Hessian (finite differences)": HessianOperator(
                 model, data, loss, method="finite_difference"
             ),
