@@ -217,10 +217,11 @@ class HessianOperator(CurvatureOperator):
     The products are the same numbers as without the cache: the graphs are rebuilt at the next
     product when a parameter or buffer of the model changes (in place, by optimiser steps or
     ``copy_``, or by replacement), when a module switches between train and eval mode, when a
-    batch tensor of a list/tuple ``data`` changes or the operator's data, loss or parameters are
-    replaced. Writes that bypass PyTorch's version counters cannot be seen: after changing values
-    through ``param.data`` (or a numpy view), or the contents of a ``DataLoader``'s dataset, call
-    :meth:`clear_cache`. A product that raises drops the cache.
+    tensor in a batch of a list/tuple ``data`` changes (batches of tensors, tuples, lists, dicts)
+    or the operator's data, loss or parameters are replaced. Writes that bypass PyTorch's
+    version counters cannot be seen: after changing values through ``param.data`` (or a numpy
+    view), or the contents of a ``DataLoader``'s dataset, call :meth:`clear_cache`. A product
+    that raises drops the cache.
     """
 
     def __init__(

@@ -2,9 +2,9 @@
 the CNN and the transformer, by torch-linop, every installed library and hand-rolled autograd.
 
 Per implementation: the relative error against ours (our default operator; our Hessian with
-kept gradient graphs, ``cache_graph=True``, is a row of its own) on the same vector, the median time per
-product, that time as a multiple of one gradient (forward + backward of the same loss) and the
-peak memory above what was allocated before the operator was built. Phase 1 takes each
+kept gradient graphs, ``cache_graph=True``, is a row of its own) on the same vector, the median
+time per product, that time as a multiple of one gradient (forward + backward of the same loss)
+and the peak memory above what was allocated before the operator was built. Phase 1 takes each
 implementation alone (build, warm-up, one product under the memory probe); phase 2 times all
 of them, and the gradient, in round-robin rounds, so load changes on a shared machine hit every
 implementation alike. Operators are built outside the timing. On smoke sizes in float64 an
