@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from torch_linop._context import differentiable_attention
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
-from torch_linop.distributed.fsdp_forward_ad import exp_outputs_copied, sharded_tangents
+from torch_linop.distributed.fsdp_forward_ad import reverse_over_forward_fixes, sharded_tangents
 from torch_linop.ggn import _require_split, output_hvp_of
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
@@ -421,7 +421,11 @@ class FSDPHessianOperator(ShardedOperator):
     def _exact_column(self, direction: list[torch.Tensor]) -> list[torch.Tensor]:
         """``H v``: FSDP's gradient of the loss's directional derivative ``g(theta)^T v``."""
         for scale, batch in self._scaled_batches():
-            with self._tangents(direction), differentiable_attention(), exp_outputs_copied():
+            with (
+                self._tangents(direction),
+                differentiable_attention(),
+                reverse_over_forward_fixes(),
+            ):
                 loss = self.loss_fn(self.model, batch)
                 tangent = fwAD.unpack_dual(loss).tangent
                 if tangent is None:  # the loss does not depend on the selected parameters
