@@ -13,9 +13,14 @@ over one GPU, and ``torch.cuda.max_memory_allocated`` per rank. Rows:
 
 - data-parallel ``GGNOperator`` and ``HessianOperator`` (replicated parameters, one all-reduce
   per matvec) — exact products, the same matrix as one GPU on all the data;
-- FSDP2 (``fully_shard`` per block and at the root) ``FSDPGGNOperator`` and
-  ``FSDPHessianOperator`` — finite-difference approximations on sharded parameters and vectors,
-  plus ``sharded_lanczos`` for the top eigenvalue (``--lanczos-iterations`` products).
+- FSDP2 (``fully_shard`` per block and at the root) on sharded parameters and vectors:
+  ``FSDPGGNOperator`` (exact forward-mode JVP, and the finite-difference JVP) and
+  ``FSDPHessianOperator`` (exact reverse-over-forward ``method="autograd"``, and finite
+  differences), each with ``sharded_lanczos`` for the top eigenvalue (``--lanczos-iterations``
+  products);
+- solvers: Hutch++ trace of the GGN (``--trace-matvecs`` products, seed 0), data-parallel
+  ``trace`` against FSDP2 ``sharded_trace`` (the same probes: the estimates must agree), and one
+  FSDP2 ``sharded_spectral_density`` run (``--slq-steps`` products).
 
 Agreement columns: ``v^T A v`` for a fixed Gaussian ``v`` (seeded), so the 1- and 2-GPU runs and
 the exact and FSDP operators can be compared without moving 124M-entry vectors around.
@@ -64,8 +69,8 @@ def build_model(tiny: bool, device: torch.device) -> torch.nn.Module:
         config = GPT2Config()  # GPT-2 small: 12 layers, 768 wide, 50257 tokens, 124M parameters
     config.attn_pdrop = config.embd_pdrop = config.resid_pdrop = 0.0
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = GPT2LMHeadModel(config).to(device=device, dtype=torch.float32).eval()
-    return model
+    model: Any = GPT2LMHeadModel(config)
+    return model.to(device=device, dtype=torch.float32).eval()
 
 
 def all_batches(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -126,7 +131,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from torch_linop import GGNOperator, HessianOperator
     from torch_linop.distributed import FSDPGGNOperator, FSDPHessianOperator, sharded_lanczos
+    from torch_linop.distributed.sharded_estimators import sharded_spectral_density, sharded_trace
     from torch_linop.losses.language_models import hf_lm_loss
+    from torch_linop.solvers import trace
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "cuda":
@@ -140,7 +147,7 @@ def worker(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    model = build_model(args.tiny, device)
+    model: Any = build_model(args.tiny, device)
     batches = my_batches(all_batches(args, model.config.vocab_size), rank, world)
     tokens = args.sequences * args.seq_len
     loss = hf_lm_loss()
@@ -164,6 +171,15 @@ def worker(args: argparse.Namespace) -> None:
             }
         )
 
+    def timed(solver: Any, *solver_args: Any, **options: Any) -> tuple[Any, float]:
+        synchronize(device)
+        start = time.perf_counter()
+        result = solver(*solver_args, **options)
+        synchronize(device)
+        return result, time.perf_counter() - start
+
+    solver_rows: list[dict[str, Any]] = []
+
     # data parallel: replicated parameters, one all-reduce per matvec
     for name, op in (
         ("GGN", GGNOperator(model, batches, loss)),
@@ -171,6 +187,13 @@ def worker(args: argparse.Namespace) -> None:
     ):
         timing, product = time_products(op.apply, probe, args.reps, device)
         record("data-parallel", name, timing, float(probe @ product), {})
+        if name == "GGN":
+            estimate, seconds = timed(trace, op, args.trace_matvecs, seed=0)
+            solver_rows.append(
+                {"solver": "trace (Hutch++)", "kind": "data-parallel", "operator": name,
+                 "gpus": world, "seconds": seconds, "matvecs": estimate.num_matvecs,
+                 "estimate": estimate.estimate, "stderr": estimate.stderr}
+            )  # fmt: skip
         del op, product
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -179,8 +202,17 @@ def worker(args: argparse.Namespace) -> None:
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
-    for name, cls in (("GGN", FSDPGGNOperator), ("Hessian", FSDPHessianOperator)):
-        op = cls(model, batches, loss)
+    fsdp_operators: tuple[tuple[str, Any], ...] = (
+        ("GGN", lambda: FSDPGGNOperator(model, batches, loss)),
+        (
+            "GGN (FD JVP)",
+            lambda: FSDPGGNOperator(model, batches, loss, jvp_method="finite_difference"),
+        ),
+        ("Hessian", lambda: FSDPHessianOperator(model, batches, loss, method="autograd")),
+        ("Hessian (FD)", lambda: FSDPHessianOperator(model, batches, loss)),
+    )
+    for name, build in fsdp_operators:
+        op = build()
         local_probe = op.shard_vector(probe)
         timing, product = time_products(op.apply, local_probe, args.reps, device)
         quadratic = float(op.dot(local_probe[:, None], product[:, None]))
@@ -202,6 +234,21 @@ def worker(args: argparse.Namespace) -> None:
             "lanczos_max_memory_gib_per_rank": [m / 2**30 for m in lanczos_memory],
         }
         record("fsdp2", name, timing, quadratic, extra)
+        if name == "GGN":
+            estimate, seconds = timed(sharded_trace, op, args.trace_matvecs, seed=0)
+            solver_rows.append(
+                {"solver": "trace (Hutch++)", "kind": "fsdp2", "operator": name,
+                 "gpus": world, "seconds": seconds, "matvecs": estimate.num_matvecs,
+                 "estimate": estimate.estimate, "stderr": estimate.stderr}
+            )  # fmt: skip
+            density, seconds = timed(
+                sharded_spectral_density, op, num_runs=1, lanczos_steps=args.slq_steps, seed=0
+            )
+            solver_rows.append(
+                {"solver": "SLQ density", "kind": "fsdp2", "operator": name, "gpus": world,
+                 "seconds": seconds, "matvecs": density.num_matvecs,
+                 "estimate": float(density.nodes.max()), "stderr": None}
+            )  # fmt: skip
         del op, product
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -216,7 +263,9 @@ def worker(args: argparse.Namespace) -> None:
             "batch": args.batch,
             "seq_len": args.seq_len,
         }
-        Path(args.result).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        Path(args.result).write_text(
+            json.dumps({"meta": meta, "rows": rows, "solvers": solver_rows}, indent=2)
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -234,6 +283,7 @@ def launch(args: argparse.Namespace) -> None:
             "--device", args.device, "--sequences", str(args.sequences),
             "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--reps", str(args.reps),
             "--lanczos-iterations", str(args.lanczos_iterations),
+            "--trace-matvecs", str(args.trace_matvecs), "--slq-steps", str(args.slq_steps),
         ] + (["--tiny"] if args.tiny else [])  # fmt: skip
         print("running:", " ".join(command), flush=True)
         started = time.perf_counter()
@@ -258,14 +308,25 @@ def summarize(runs: dict[int, dict]) -> dict:
                 row["vTAv_rel_diff_vs_1_gpu"] = abs(row["vTAv"] - base["vTAv"]) / abs(base["vTAv"])
             exact = next(
                 r for r in runs[gpus]["rows"]
-                if r["kind"] == "data-parallel" and r["operator"] == row["operator"]
+                if r["kind"] == "data-parallel" and r["operator"] == row["operator"].split()[0]
             )  # fmt: skip
             if exact["vTAv"]:
                 row["vTAv_rel_diff_vs_exact"] = abs(row["vTAv"] - exact["vTAv"]) / abs(
                     exact["vTAv"]
                 )
             rows.append(row)
-    return {"meta": {g: runs[g]["meta"] for g in GPUS}, "rows": rows}
+    solvers = []
+    single = {(r["solver"], r["kind"]): r for r in runs[1]["solvers"]}
+    for gpus in GPUS:
+        for row in runs[gpus]["solvers"]:
+            row = dict(row)
+            base = single[(row["solver"], row["kind"])]
+            row["speedup_vs_1_gpu"] = base["seconds"] / row["seconds"]
+            row["estimate_rel_diff_vs_1_gpu"] = abs(row["estimate"] - base["estimate"]) / abs(
+                base["estimate"]
+            )
+            solvers.append(row)
+    return {"meta": {g: runs[g]["meta"] for g in GPUS}, "rows": rows, "solvers": solvers}
 
 
 def markdown(summary: dict) -> str:
@@ -301,6 +362,16 @@ def markdown(summary: dict) -> str:
             f"| {row['top_residual_estimate']:.1e} | {row['lanczos_matvecs']} "
             f"| {row['lanczos_seconds']:.1f} | {memory} | {entries} |"
         )
+    lines += ["", "Solvers on the GGN (seed 0: data-parallel `trace` and FSDP2 `sharded_trace` use "
+              "the same probes; SLQ: the largest node of one run).", "",
+              "| solver | kind | GPUs | matvecs | s | speed-up | estimate | rel. diff vs 1 GPU |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in summary["solvers"]:
+        lines.append(
+            f"| {row['solver']} | {row['kind']} | {row['gpus']} | {row['matvecs']} "
+            f"| {row['seconds']:.2f} | {row['speedup_vs_1_gpu']:.2f}x | {row['estimate']:.8g} "
+            f"| {row['estimate_rel_diff_vs_1_gpu']:.1e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +385,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--lanczos-iterations", type=int, default=8)
+    parser.add_argument("--trace-matvecs", type=int, default=12)
+    parser.add_argument("--slq-steps", type=int, default=10)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
