@@ -349,7 +349,7 @@ class _Run:
             state.basis = state.basis[:0]  # the run is over: free the basis before moving back
             torch.cuda.empty_cache()
             vectors = vectors.to(device)
-        return vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+        return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:

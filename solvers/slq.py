@@ -10,6 +10,7 @@ smoothing each node with a Gaussian gives a density of eigenvalues that integrat
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -73,12 +74,6 @@ def spectral_density(
 
     generator = make_generator(seed)
     if basis_device is None and basis_dtype is None and _basis_too_big(operator, lanczos_steps):
-        if checkpoint is not None:
-            raise ValueError(
-                f"a {lanczos_steps + 1}-vector basis does not fit in free device memory, and "
-                "checkpointing needs it; pass basis_device='cpu' or a cheaper basis_dtype, or "
-                "fewer lanczos_steps"
-            )
         warnings.warn(
             f"spectral_density: a {lanczos_steps + 1}-vector basis does not fit in free device "
             "memory, so runs use the three-term recurrence with local reorthogonalisation "
@@ -87,8 +82,24 @@ def spectral_density(
             RuntimeWarning,
             stacklevel=2,
         )
+        saver = Checkpoint(
+            checkpoint,
+            solver="spectral_density",
+            options={
+                "num_runs": num_runs,
+                "lanczos_steps": lanczos_steps,
+                "grid_size": grid_size,
+                "sigma": sigma,
+                "seed": seed_option(seed),
+                "recurrence": "three-term",
+            },
+            op=op,
+            operator=operator,
+            every_matvecs=checkpoint_every,
+            every_seconds=checkpoint_seconds,
+        )
         return _local_spectral_density(
-            operator, num_runs, lanczos_steps, grid_size, sigma, generator, progress
+            operator, num_runs, lanczos_steps, grid_size, sigma, generator, progress, saver
         )
     basis_device = (
         operator.device if basis_device is None else as_device("basis_device", basis_device)
@@ -192,26 +203,54 @@ def _local_spectral_density(
     sigma: float | None,
     generator: torch.Generator,
     progress: bool | None,
+    saver: Checkpoint,
 ) -> SpectralDensityResult:
     """SLQ with the three-term recurrence (three vectors alive), for operators whose full basis
     does not fit: Lanczos quadrature is accurate without global orthogonality (Greenbaum 1989;
-    Knizhnerman 1996), at the price of repeated copies of converged extreme nodes."""
+    Knizhnerman 1996), at the price of repeated copies of converged extreme nodes. Checkpoints
+    hold the two current vectors, the coefficients so far and the generator's state."""
     n = operator.size
     acc = torch.float64 if operator.dtype == torch.float64 else torch.float32
     nodes = np.zeros((num_runs, lanczos_steps))
     weights = np.zeros((num_runs, lanczos_steps))
-    num_matvecs = 0
-    with progress_bar("spectral density (SLQ, local)", num_runs * lanczos_steps, progress) as bar:
-        for run in range(num_runs):
-            start = draw_probes(
-                1, n, generator, distribution="rademacher", dtype=acc, device=operator.device
-            )[:, 0]
-            vector = start / torch.linalg.vector_norm(start)
-            previous = torch.zeros_like(vector)
-            alphas: list[float] = []
-            betas: list[float] = []
-            beta = 0.0
-            for _ in range(lanczos_steps):
+    num_matvecs, first_run = 0, 0
+    resumed: dict[str, Any] | None = None
+    saved = saver.load()
+    if saved is not None:
+        nodes[:], weights[:] = saved["nodes"].numpy(), saved["weights"].numpy()
+        num_matvecs, first_run = int(saved["num_matvecs"]), int(saved["run"])
+        generator.set_state(saved["generator"])
+        resumed = saved.get("in_run")
+
+    def run_state(run: int, in_run: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "nodes": nodes,
+            "weights": weights,
+            "num_matvecs": num_matvecs,
+            "run": run,
+            "generator": generator.get_state(),
+            "in_run": in_run,
+        }
+
+    total = num_runs * lanczos_steps
+    with progress_bar("spectral density (SLQ, local)", total, progress) as bar:
+        bar.update(num_matvecs)
+        for run in range(first_run, num_runs):
+            if resumed is not None:
+                vector = resumed["vector"].to(operator.device, acc)
+                previous = resumed["previous"].to(operator.device, acc)
+                alphas = [float(a) for a in resumed["alphas"]]
+                betas = [float(b) for b in resumed["betas"]]
+                beta = float(resumed["beta"])
+                resumed = None
+            else:
+                start = draw_probes(
+                    1, n, generator, distribution="rademacher", dtype=acc, device=operator.device
+                )[:, 0]
+                vector = start / torch.linalg.vector_norm(start)
+                previous = torch.zeros_like(vector)
+                alphas, betas, beta = [], [], 0.0
+            while True:
                 product = operator.matmat(vector[:, None].to(operator.dtype))[:, 0].to(acc)
                 num_matvecs += 1
                 bar.update(1)
@@ -226,7 +265,16 @@ def _local_spectral_density(
                 if beta <= 1e-12 * max(abs(a) for a in alphas) or len(alphas) == lanczos_steps:
                     break
                 betas.append(beta)
-                previous, vector = vector, product / beta
+                previous, vector = vector, product.div_(beta)
+                del product
+                in_run = {
+                    "vector": vector,
+                    "previous": previous,
+                    "alphas": np.array(alphas),
+                    "betas": np.array(betas),
+                    "beta": beta,
+                }
+                saver.maybe_save(num_matvecs, functools.partial(run_state, run, in_run))
             values, vectors = scipy.linalg.eigh_tridiagonal(
                 np.array(alphas), np.array(betas[: len(alphas) - 1])
             )
@@ -234,6 +282,7 @@ def _local_spectral_density(
             nodes[run, : len(values)] = values
             nodes[run, len(values) :] = values[-1]
             weights[run, : len(values)] = run_weights / run_weights.sum()
+            saver.maybe_save(num_matvecs, functools.partial(run_state, run + 1, None))
     grid, density, sigma = _smoothed_density(nodes, weights, grid_size, sigma, lanczos_steps)
     return SpectralDensityResult(grid, density, nodes, weights, sigma, num_matvecs)
 

@@ -37,9 +37,37 @@ def test_local_path_density_has_the_clusters_mass(monkeypatch):
     assert result.nodes.min() > 0.7 and result.nodes.max() < 5.3
 
 
-def test_local_path_refuses_checkpoints(monkeypatch, tmp_path):
+class _FailingAfter:
+    """A square tensor operator whose product fails after ``limit`` calls (an interruption)."""
+
+    def __init__(self, matrix: torch.Tensor, limit: int) -> None:
+        self.matrix, self.limit, self.calls = matrix, limit, 0
+        self.shape, self.device, self.torch_dtype = matrix.shape, matrix.device, matrix.dtype
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.limit:
+            raise KeyboardInterrupt
+        return self.matrix @ block
+
+
+def test_local_path_checkpoints_resume_bit_identically(monkeypatch, tmp_path):
     monkeypatch.setattr(slq, "_basis_too_big", lambda operator, steps: True)
-    with pytest.raises(ValueError, match="basis_device='cpu'"):
-        spectral_density(
-            _two_cluster_matrix(), lanczos_steps=5, seed=0, checkpoint=tmp_path / "c.pt"
+    matrix = _two_cluster_matrix()
+    options = dict(num_runs=3, lanczos_steps=9, seed=5, progress=False)
+    with pytest.warns(RuntimeWarning, match="three-term"):
+        uninterrupted = spectral_density(matrix, **options)
+    path = tmp_path / "slq.pt"
+    for limit in (4, 13):  # mid-run, then mid-way through the second run
+        with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning):
+            spectral_density(
+                _FailingAfter(matrix, limit), checkpoint=path, checkpoint_every=1, **options
+            )
+        assert path.exists()
+    with pytest.warns(RuntimeWarning):
+        resumed = spectral_density(
+            _FailingAfter(matrix, 10**9), checkpoint=path, checkpoint_every=1, **options
         )
+    np.testing.assert_array_equal(resumed.nodes, uninterrupted.nodes)
+    np.testing.assert_array_equal(resumed.weights, uninterrupted.weights)
+    assert resumed.num_matvecs == uninterrupted.num_matvecs == 27
