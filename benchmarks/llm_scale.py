@@ -34,6 +34,9 @@ FULL = dict(
     num_attention_heads=16,
     vocab_size=32000,
 )
+# bf16 products carry ~1e-2 relative rounding noise, so true residuals cannot go far below it
+BF16_TOL = 3e-2
+BF16_MAX_MATVECS = 400
 CHECKPOINT_SECONDS = 120.0  # solver checkpoints every two minutes (where they fit on the disk)
 SMOKE = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=97
@@ -336,10 +339,11 @@ def main() -> None:
             eig_phase(
                 bf16_hessian,
                 args.k,
-                max(args.tol, 1e-2),
+                max(args.tol, BF16_TOL),
                 0,
                 checkpoint_path(ckpt, "bf16 top-10"),
                 basis_dtype=torch.float32,
+                max_matvecs=BF16_MAX_MATVECS,
             ),
         )
         if "eigenvalues" in row and "eigenvalues" in fp32_top:
