@@ -3,7 +3,8 @@ shards, one rank of four holding no rows of some parameters) equal the single-pr
 ``torch_linop.solvers`` on the unsharded operator with the same seed (same probes), to 1e-10 in
 float64, including SLQ runs cut short by an invariant subspace and ranks holding no entries; the
 TSQR basis is orthonormal and spans the block; ``seed=None`` gives the same numbers on every
-rank, for sharded and for data-parallel operators.
+rank, for sharded and for data-parallel operators; sharded Lanczos (seed=None) finds the top
+eigenvalue with a rank that holds no entries.
 
 The ranks run this file as a script and write their results with ``torch.save``; the
 assertions run in the pytest process.
@@ -121,7 +122,7 @@ def worker(rank: int, world: int, out: Path) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from torch_linop.distributed import same_on_all_ranks
+    from torch_linop.distributed import same_on_all_ranks, sharded_lanczos
     from torch_linop.distributed.fsdp import FSDPGGNOperator, FSDPHessianOperator
     from torch_linop.distributed.seeds import rank_consistent_seed
     from torch_linop.distributed.sharded_estimators import (
@@ -151,6 +152,9 @@ def worker(rank: int, world: int, out: Path) -> None:
     }
     results: dict[str, Any] = {"local_sizes": {name: op.local_size for name, op in ops.items()}}
     results["last_ggn_trace"] = summary(sharded_trace(ops["last_ggn"], 4, seed=6))
+    top = sharded_lanczos(ops["last_ggn"], 1, max_iterations=15, seed=None)
+    results["last_ggn_top"] = top.eigenvalues
+    results["last_ggn_top_same"] = same_on_all_ranks(torch.from_numpy(top.eigenvalues))
     for label, name, solver, kwargs in CASES:
         run = sharded_trace if solver == "trace" else sharded_spectral_density
         results[label] = summary(run(ops[name], **kwargs))  # type: ignore[operator]
@@ -233,6 +237,8 @@ def references() -> dict[str, Any]:
             else:
                 refs[label] = summary(spectral_density(ops[name], **kwargs))
         refs["last_ggn_trace"] = summary(trace(ops["last_ggn"], 4, seed=6))
+        last_ggn = ops["last_ggn"] @ torch.eye(15, dtype=torch.float64)
+        refs["last_ggn_top"] = float(torch.linalg.eigvalsh(last_ggn)[-1])
     finally:
         torch.set_num_threads(threads)
     return refs
@@ -279,6 +285,9 @@ def test_sharded_estimators_match_single_process(
                     err_msg=message,
                 )
         assert results["unseeded_same"], f"{where}: seed=None gave rank-dependent probes"
+        assert results["last_ggn_top_same"], f"{where}: sharded Lanczos differs between ranks"
+        top = references["last_ggn_top"]
+        assert abs(results["last_ggn_top"][0] - top) <= TOL * top, where
         assert results["dp_seed_same"], f"{where}: data-parallel seed=None not shared"
         assert results["dp_trace_same"], f"{where}: data-parallel trace differs between ranks"
         assert results["local_seed"] is None, where

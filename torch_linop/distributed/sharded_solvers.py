@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from torch_linop.distributed.seeds import rank_consistent_seed
+from torch_linop.distributed.sharded_linalg import local_probes
+from torch_linop.solvers._random import make_generator
 
 Which = Literal["LA", "SA", "LM"]
 
@@ -52,9 +54,10 @@ def sharded_lanczos(
     ``a.T @ b``) and ``random_vector(generator)`` — what ``ShardedOperator`` provides. Stops when
     the ``k`` Ritz residual estimates are below ``tol * max|theta|`` (default ``1e-8`` in float64,
     ``1e-4`` otherwise: finite-difference products are not more accurate) or after
-    ``max_iterations`` (default ``min(n, max(30, 4 k))``) products. The start vector is drawn on
-    the CPU from ``seed``, one parameter at a time; pass the same int on every rank, or None for
-    one fresh seed drawn on rank 0 and broadcast (a collective).
+    ``max_iterations`` (default ``min(n, max(30, 4 k))``) products. The start vector is the
+    Gaussian probe that ``torch_linop.solvers.lanczos`` starts from with the same ``seed``, each
+    rank generating only its own entries; pass the same int on every rank, or None for one fresh
+    seed drawn on rank 0 and broadcast (a collective).
     """
     size = int(op.shape[0])
     if not isinstance(k, int) or not 1 <= k < size:
@@ -71,8 +74,8 @@ def sharded_lanczos(
     shared = rank_consistent_seed(seed, op)
     if not isinstance(shared, int) or isinstance(shared, bool):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    generator = torch.Generator().manual_seed(shared)
-    vector = op.random_vector(generator).to(acc)
+    generator = make_generator(shared)
+    vector = local_probes(op, 1, generator, "gaussian", acc)[:, 0]
     vector = vector / float(op.dot(vector[:, None], vector[:, None]).sqrt())
     basis = torch.zeros(limit, op.local_size, dtype=acc, device=vector.device)
     alphas: list[float] = []
