@@ -66,7 +66,7 @@ class TinyLM(nn.Module):
         return self.head(self.norm(hidden)).reshape(-1, VOCAB)
 
 
-def make_model() -> nn.Module:
+def make_model() -> TinyLM:
     torch.manual_seed(0)
     return TinyLM().double()
 

@@ -44,7 +44,7 @@ CASES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
 )  # fmt: skip
 
 
-def make_model() -> nn.Module:
+def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
@@ -144,7 +144,7 @@ def worker(rank: int, world: int, out: Path) -> None:
             fully_shard(layer)
     fully_shard(model)
     own = batches()[rank::world]
-    ops = {
+    ops: dict[str, Any] = {
         "hessian": FSDPHessianOperator(model, own, LOSS, method="autograd"),
         "ggn": FSDPGGNOperator(model, own, LOSS),
         "last_ggn": FSDPGGNOperator(model, own, LOSS, param_filter=only_last_weight),
@@ -224,7 +224,7 @@ def references() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ops = {
+        ops: dict[str, Any] = {
             "hessian": HessianOperator(model, data, LOSS),
             "ggn": GGNOperator(model, data, LOSS),
             "last_ggn": GGNOperator(model, data, LOSS, param_filter=only_last_weight),
