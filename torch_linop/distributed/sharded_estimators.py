@@ -1,11 +1,11 @@
 """Hutch++ trace and SLQ spectral density on sharded vectors (FSDP2 operators).
 
 The algorithms are those of ``torch_linop.solvers.trace(method="hutch++"|"hutchinson")`` and
-``torch_linop.solvers.spectral_density``, step for step, with the same probes: each probe's key is drawn
-from the seed as the single-process solver draws it, and each rank generates only its entries of
-the probe. So a sharded run gives the single-process numbers on the same operator (to rounding),
-and no rank ever holds a full vector. Inner products, norms and the
-Hutch++ sketch's QR (TSQR) are reduced over ranks, so every rank takes the same steps.
+``torch_linop.solvers.spectral_density``, step for step, with the same probes: each probe's key
+is drawn from the seed as the single-process solver draws it, and each rank generates only its
+entries of the probe. So a sharded run gives the single-process numbers on the same operator (to
+rounding), and no rank ever holds a full vector. Inner products, norms and the Hutch++ sketch's
+QR (TSQR) are reduced over ranks, so every rank takes the same steps.
 """
 
 from __future__ import annotations
