@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torch_linop.distributed.seeds import rank_consistent_seed
+
 from ._operator import as_operator, non_finite_error
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
@@ -64,7 +66,7 @@ def power_iteration(
     if not (isinstance(momentum, int | float) and math.isfinite(momentum) and momentum >= 0):
         raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
 
-    generator = make_generator(seed)
+    generator = make_generator(rank_consistent_seed(seed, op))
     saver = Checkpoint(
         checkpoint,
         solver="power_iteration",

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from torch_linop.distributed.seeds import rank_consistent_seed
+
 from . import krylov
 from ._memory import default_block_size, device_budget, vector_bytes
 from ._operator import Operator, as_operator, check_finite
@@ -111,7 +113,7 @@ def lanczos(
         max_matvecs = max(1000, 20 * capacity)
     check_int("max_matvecs", max_matvecs, k)
 
-    generator = make_generator(seed)
+    generator = make_generator(rank_consistent_seed(seed, op))
     saver = Checkpoint(
         checkpoint,
         solver="lanczos",

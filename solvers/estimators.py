@@ -7,18 +7,22 @@ from typing import Any, Literal
 
 import torch
 
-from . import epperly2024xtrace, meyer2021hutchpp
+from torch_linop.distributed.seeds import rank_consistent_seed
+
+from . import chen2023krylov_aware, epperly2024xtrace, meyer2021hutchpp
 from ._operator import Operator, as_operator
 from ._progress import progress_bar
 from ._random import Distribution, check_distribution, make_generator
 from ._sampling import EstimatorState, mean_and_stderr
 from .checkpoint import Checkpoint, seed_option
+from .chen2023krylov_aware import krylov_aware_trace
 from .epperly2024xtrace import xdiag, xtrace
 from .hutchinson import hutchinson_samples
 from .meyer2021hutchpp import hutchpp
 from .results import DiagonalResult, TraceResult
 
-TraceMethod = Literal["hutch++", "hutchinson", "xtrace"]
+TraceMethod = Literal["hutch++", "hutchinson", "xtrace", "krylov"]
+TRACE_METHODS = ("hutch++", "hutchinson", "xtrace", "krylov")
 DiagonalMethod = Literal["hutchinson", "xdiag"]
 # The fewest products with which each method gives an estimate and a standard error.
 _MIN_MATVECS = {
@@ -26,9 +30,15 @@ _MIN_MATVECS = {
     "hutchinson": 2,
     "xtrace": epperly2024xtrace.MIN_MATVECS,
     "xdiag": epperly2024xtrace.MIN_MATVECS,
+    "krylov": chen2023krylov_aware.MIN_MATVECS,
 }
 # Products that go into a sketch whose size may not exceed n.
-_SKETCH_FRACTION = {"hutch++": 3, "xtrace": 2, "xdiag": 2}
+_SKETCH_FRACTION = {
+    "hutch++": 3,
+    "xtrace": 2,
+    "xdiag": 2,
+    "krylov": chen2023krylov_aware.SKETCH_FRACTION,
+}
 
 
 def trace(
@@ -46,18 +56,26 @@ def trace(
 ) -> TraceResult:
     """Estimate ``tr(op)`` with about ``num_matvecs`` products, with a standard error.
 
-    "hutch++" (default) and "hutchinson" spend exactly ``num_matvecs``; "xtrace" spends the
-    largest even number not above it (``result.num_matvecs`` says). Products are taken
-    ``block_size`` columns at a time (default: all at once); Hutchinson and the Hutchinson part of
-    Hutch++ also draw their probes block by block, so a block bounds their memory (the streaming
-    variants), while XTrace keeps its whole sketch.
+    Methods: "hutchinson" (plain Hutchinson), "hutch++" (default; Meyer et al. 2021: a third of
+    the products find a dominant subspace, a third take its trace exactly, a third run
+    Hutchinson on the rest), "xtrace" (Epperly et al. 2024: every probe is used in the sketch
+    and, left out of it, as a Hutchinson probe) and "krylov" (Krylov-aware, Chen and Hallman
+    2023: half of the products run single-vector Lanczos with full reorthogonalisation, whose
+    recurrence gives the trace of the Krylov space for free, the other half Hutchinson on its
+    complement; the most accurate on decaying and Hessian spectra, keeping ``num_matvecs / 2``
+    n-vectors). "hutch++", "hutchinson" and "krylov" spend exactly ``num_matvecs``; "xtrace"
+    spends the largest even number not above it (``result.num_matvecs`` says). Products are taken
+    ``block_size`` columns at a time (default: all at once); Hutchinson and the Hutchinson parts
+    of Hutch++ and "krylov" also draw their probes block by block, so a block bounds their memory
+    (the streaming variants), while XTrace keeps its whole sketch and "krylov" its Lanczos basis
+    (one product per Lanczos step).
 
     ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: resumable runs, as for
     :func:`lanczos` (bit-identical results after a resume); the state is saved between blocks
     of products, so ``block_size`` also bounds the work an interruption can lose.
     """
     operator = as_operator(op)
-    _check_request(method, ("hutch++", "hutchinson", "xtrace"), num_matvecs, operator.size)
+    _check_request(method, TRACE_METHODS, num_matvecs, operator.size)
     check_distribution(distribution)
     _check_block_size(block_size)
     options = {"method": method, "distribution": distribution}
@@ -69,6 +87,15 @@ def trace(
         bar.update(state.num_matvecs)  # products of a resumed run
         if method == "hutch++":
             estimate, stderr = hutchpp(
+                operator,
+                num_matvecs,
+                state,
+                distribution=distribution,
+                block_size=block_size,
+                bar=bar,
+            )
+        elif method == "krylov":
+            estimate, stderr = krylov_aware_trace(
                 operator,
                 num_matvecs,
                 state,
@@ -158,7 +185,7 @@ def _start(
     checkpoint_seconds: float | None,
 ) -> EstimatorState:
     """A fresh estimator state, or the checkpointed one of a compatible earlier run."""
-    generator = make_generator(seed)
+    generator = make_generator(rank_consistent_seed(seed, op))
     saver = Checkpoint(
         checkpoint,
         solver=solver,

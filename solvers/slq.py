@@ -21,6 +21,8 @@ import scipy.integrate
 import scipy.linalg
 import torch
 
+from torch_linop.distributed.seeds import rank_consistent_seed
+
 from . import krylov
 from ._memory import device_budget, vectors_within
 from ._operator import as_operator
@@ -72,7 +74,7 @@ def spectral_density(
     ):
         raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
 
-    generator = make_generator(seed)
+    generator = make_generator(rank_consistent_seed(seed, op))
     if basis_device is None and basis_dtype is None and _basis_too_big(operator, lanczos_steps):
         warnings.warn(
             f"spectral_density: a {lanczos_steps + 1}-vector basis does not fit in free device "

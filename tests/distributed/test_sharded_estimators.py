@@ -167,6 +167,9 @@ def worker(rank: int, world: int, out: Path) -> None:
     results["dp_seed_same"] = isinstance(seed, int) and same_on_all_ranks(torch.tensor([seed]))
     estimate = trace(data_parallel, 6, method="hutchinson", seed=seed).estimate
     results["dp_trace_same"] = same_on_all_ranks(torch.tensor([estimate]))
+    # the solvers themselves turn seed=None into one shared seed on a data-parallel operator
+    plain_none = trace(data_parallel, 6, method="hutchinson", seed=None).estimate
+    results["dp_trace_none_same"] = same_on_all_ranks(torch.tensor([plain_none]))
     local_only = HessianOperator(make_model(), own, LOSS, process_group=False)
     results["local_seed"] = rank_consistent_seed(None, local_only)  # no collective: None
     results["int_seed_kept"] = rank_consistent_seed(7, data_parallel)
@@ -290,6 +293,7 @@ def test_sharded_estimators_match_single_process(
         assert abs(results["last_ggn_top"][0] - top) <= TOL * top, where
         assert results["dp_seed_same"], f"{where}: data-parallel seed=None not shared"
         assert results["dp_trace_same"], f"{where}: data-parallel trace differs between ranks"
+        assert results["dp_trace_none_same"], f"{where}: seed=None gave rank-dependent probes"
         assert results["local_seed"] is None, where
         assert results["int_seed_kept"] == 7, where
         basis, block = results["tsqr"], results["tsqr_block"]

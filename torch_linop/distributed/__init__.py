@@ -24,6 +24,9 @@ _LAZY = {
     "ShardedOperator": "torch_linop.distributed.fsdp",
     "sharded_lanczos": "torch_linop.distributed.sharded_solvers",
     "ShardedEigenResult": "torch_linop.distributed.sharded_solvers",
+    "sharded_trace": "torch_linop.distributed.sharded_estimators",
+    "sharded_spectral_density": "torch_linop.distributed.sharded_estimators",
+    "rank_consistent_seed": "torch_linop.distributed.seeds",
 }
 
 
@@ -37,6 +40,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DataParallel",
+    "rank_consistent_seed",
+    "sharded_spectral_density",
+    "sharded_trace",
     "FSDPGGNOperator",
     "FSDPHessianOperator",
     "RankFailedError",
