@@ -392,6 +392,9 @@ def _launch(
     else:
         claim = count = torch.empty(1, dtype=torch.int32, device=device)
         stats = torch.empty(1, dtype=acc_dtype, device=device)
+    if acc_fp64 and not isinstance(scale, torch.Tensor):
+        # a Python float reaches the kernel as a float32 argument: pass float64 scales in memory
+        scale = torch.full((), float(scale), dtype=torch.float64, device=device)
     if isinstance(scale, torch.Tensor):
         scale_tensor, scale_value = scale.to(acc_dtype), 1.0
     else:

@@ -147,7 +147,13 @@ def _run_backend(
             )
         if target3 is None:
             target3 = torch.empty(logits3.shape, dtype=result_dtype, device=logits3.device)
-        return triton_backend.ce_hvp_triton(
+        if torch.float64 in (logits3.dtype, u3.dtype):  # accuracy, not speed: the split kernel
+            return triton_backend.ce_hvp_triton(
+                logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
+            )
+        from ._ce_hvp_variants import ce_hvp_two_pass
+
+        return ce_hvp_two_pass(
             logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
         )
     mask = row_mask(
