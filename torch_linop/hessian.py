@@ -14,6 +14,7 @@ from torch import nn
 from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make_leaves
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
+from torch_linop._finite_difference import entry_cap, rms, step_size
 from torch_linop.losses.base import LossFunction
 from torch_linop.operator import CurvatureOperator
 from torch_linop.params import ParamFilter
@@ -158,7 +159,9 @@ def hessian_product_finite_difference(
 ) -> list[torch.Tensor]:
     """Per-batch ``H v ~ (g(theta + h v) - g(theta - h v)) / 2h``.
 
-    The step is ``eps**(1/3) * max(1, ||theta||) / ||v||`` with ``eps`` of the *parameters'*
+    The step is ``eps**(1/3) * max(1, ||theta||) / ||v||``, capped so that no entry moves by
+    more than ``eps**(1/3) * (|theta_i| + rms(theta))`` (torch_linop/_finite_difference.py), with
+    ``eps`` of the *parameters'*
     dtype: the shifted parameters are rounded to that dtype, so a step sized for float32 would be
     lost in bf16 rounding (measured: 48% error in bf16, 2% with this step). The step, the
     direction and the difference of gradients are carried in float32 or better. The model is
@@ -168,14 +171,17 @@ def hessian_product_finite_difference(
     names = list(params)
     acc_dtype = torch.float64 if theta[0].dtype == torch.float64 else torch.float32
     eps = torch.finfo(theta[0].dtype).eps
-    theta_norm = _norm([t.to(acc_dtype) for t in theta])
+    acc_theta = [t.to(acc_dtype) for t in theta]
+    theta_norm = _norm(acc_theta)
+    num_entries = sum(t.numel() for t in theta)
     results = [torch.zeros_like(t) for t in tangents]
     for j in range(tangents[0].shape[0]):
         direction = [t[j].to(acc_dtype) for t in tangents]
         v_norm = _norm(direction)
         if v_norm == 0.0:
             continue
-        step = eps ** (1.0 / 3.0) * max(1.0, theta_norm) / v_norm
+        cap = entry_cap(acc_theta, direction, rms(theta_norm, num_entries))
+        step = step_size(eps, 1.0 / 3.0, theta_norm, num_entries, v_norm, cap)
         grads = []
         for sign in (1.0, -1.0):
             shifted = {

@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from torch_linop._context import differentiable_attention
+from torch_linop._finite_difference import entry_cap, rms, step_size
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed.fsdp_forward_ad import reverse_over_forward_fixes, sharded_tangents
 from torch_linop.ggn import _require_split, output_hvp_of
@@ -262,9 +263,18 @@ class ShardedOperator:
             self._theta_norm = float(total.sqrt())
         return self._theta_norm
 
-    def _step(self, direction_norm: float) -> float:
+    def _step(self, direction: list[torch.Tensor], direction_norm: float) -> float:
+        """The single-process step rule (torch_linop/_finite_difference.py) over all ranks:
+        the per-entry cap is a local minimum, then an all-reduce MIN."""
         eps = torch.finfo(self.torch_dtype).eps
-        return eps ** (1.0 / 3.0) * max(1.0, self.theta_norm()) / direction_norm
+        acc = self._accumulation_dtype()
+        theta = [_local(p).to(acc) for p in self.params.values()]
+        num_entries = sum(_numel(tuple(p.shape)) for p in self.params.values())
+        scale = rms(self.theta_norm(), num_entries)
+        local_cap = entry_cap(theta, [d.to(acc) for d in direction], scale)
+        cap = torch.tensor([local_cap], dtype=torch.float64, device=_comm_device(self))
+        dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=self.group)
+        return step_size(eps, 1.0 / 3.0, self.theta_norm(), num_entries, direction_norm, float(cap))
 
     def _norms(self, columns: torch.Tensor) -> list[float]:
         squares = (columns.to(self._accumulation_dtype()) ** 2).sum(dim=0).double()
@@ -409,7 +419,7 @@ class FSDPHessianOperator(ShardedOperator):
     def _column(self, direction: list[torch.Tensor], norm: float) -> list[torch.Tensor]:
         if self.method == "autograd":
             return self._exact_column(direction)
-        step = self._step(norm)
+        step = self._step(direction, norm)
         acc = self._accumulation_dtype()
         plus = self._gradient(direction, step)
         minus = self._gradient(direction, -step)
@@ -472,7 +482,7 @@ class FSDPGGNOperator(ShardedOperator):
                 dual = self.loss_fn.forward(self.model, batch)
                 primal, tangent = fwAD.unpack_dual(dual)
             return torch.zeros_like(primal) if tangent is None else tangent
-        step = self._step(norm)
+        step = self._step(direction, norm)
         with torch.no_grad():
             with self._shifted(direction, step):
                 plus = self.loss_fn.forward(self.model, batch).to(acc)
