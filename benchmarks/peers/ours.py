@@ -24,7 +24,12 @@ MUTATES_MODEL = False
 # products (``HessianOperator(cache_graph=True)``, the counterpart of PyHessian's cached graph)
 VARIANTS = (None, "cached graph")
 
-TRACE_METHODS = {"hutchinson": "hutchinson", "hutch++": "hutch++", "xtrace": "xtrace"}
+TRACE_METHODS = {
+    "hutchinson": "hutchinson",
+    "hutch++": "hutch++",
+    "xtrace": "xtrace",
+    "krylov": "krylov",
+}
 
 
 def version() -> str:

@@ -1,6 +1,6 @@
-"""Suite ``trace``: relative error of Hutchinson, Hutch++ and XTrace trace estimates against the
-exact Hessian trace, at several matvec budgets and over several seeds, for ours and each library
-that offers the estimator.
+"""Suite ``trace``: relative error of Hutchinson, Hutch++, XTrace and Krylov-aware trace estimates
+against the exact Hessian trace, at several matvec budgets and over several seeds, for ours and
+each library that offers the estimator (Krylov-aware: ours only).
 
 The model is ``mlp-small`` (a trained ~2.7k-parameter MLP): its exact trace is the sum of the
 diagonal of the dense Hessian, formed from n products with unit vectors. Tables give the
@@ -25,7 +25,7 @@ from benchmarks.suites._dense import exact_trace_and_spectrum
 from benchmarks.suites._measure import freeze_heap
 from benchmarks.suites._report import SuiteResult, Table, progress, short_error
 
-METHODS = ("hutchinson", "hutch++", "xtrace")
+METHODS = ("hutchinson", "hutch++", "xtrace", "krylov")
 
 
 def _settings(config: RunConfig) -> tuple[list[int], int]:
