@@ -281,7 +281,12 @@ class CurvatureOperator(LinearOperator):
         self._check_tensor(tensor)
         if tensor.dim() == 2 and tensor.shape[1] == 0:
             return torch.zeros_like(tensor)
-        result = self._apply(tensor.unsqueeze(1) if tensor.dim() == 1 else tensor)
+        # products differentiate the model: they work inside torch.no_grad() and
+        # torch.inference_mode() too (the caller's vector is copied out of inference mode)
+        with torch.inference_mode(False), torch.enable_grad():
+            if tensor.is_inference():
+                tensor = tensor.clone()
+            result = self._apply(tensor.unsqueeze(1) if tensor.dim() == 1 else tensor)
         if not _all_finite(result):
             raise ValueError(
                 f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
