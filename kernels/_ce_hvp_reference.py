@@ -78,8 +78,8 @@ def loss_scale(
         num_valid = num_rows - (num_rows // seq_len if shift else 0)
         return 1.0 / max(num_valid, 1)
     targets = labels[..., 1:] if shift else labels
-    num_valid = (targets != ignore_index).sum()
-    return 1.0 / num_valid.clamp_min(1).to(dtype)
+    valid_count = (targets != ignore_index).sum()
+    return 1.0 / valid_count.clamp_min(1).to(dtype)
 
 
 def _ce_hvp_core(

@@ -468,10 +468,13 @@ def _tune(
     sub_logits = _leading_rows(logits, tune_rows)
     sub_u = _leading_rows(u, tune_rows)
     sub_labels = _leading_rows(labels, tune_rows)
+    assert sub_logits is not None and sub_u is not None  # only labels may be absent
     if out.data_ptr() == u.data_ptr():
         sub_out = torch.empty(sub_u.shape, dtype=out.dtype, device=out.device)
     else:
-        sub_out = _leading_rows(out, tune_rows)
+        leading_out = _leading_rows(out, tune_rows)
+        assert leading_out is not None
+        sub_out = leading_out
     for config in candidates:
 
         def run(config: KernelConfig = config) -> None:
