@@ -18,6 +18,7 @@ METHOD_NAMES = {
     "hutchinson": "Hutchinson",
     "xtrace": "XTrace",
     "xdiag": "XDiag",
+    "krylov": "Krylov-aware",
 }
 
 
