@@ -182,8 +182,12 @@ def worker(args: argparse.Namespace) -> None:
 
     # data parallel: replicated parameters, one all-reduce per matvec
     for name, op in (
-        ("GGN", GGNOperator(model, batches, loss)),
-        ("Hessian", HessianOperator(model, batches, loss)),
+        ()
+        if "dp" not in args.parts.split(",")
+        else (
+            ("GGN", GGNOperator(model, batches, loss)),
+            ("Hessian", HessianOperator(model, batches, loss)),
+        )
     ):
         timing, product = time_products(op.apply, probe, args.reps, device)
         record("data-parallel", name, timing, float(probe @ product), {})
@@ -199,18 +203,20 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
 
     # FSDP2: parameters and vectors sharded
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-    fsdp_operators: tuple[tuple[str, Any], ...] = (
-        ("GGN", lambda: FSDPGGNOperator(model, batches, loss)),
-        (
-            "GGN (FD JVP)",
-            lambda: FSDPGGNOperator(model, batches, loss, jvp_method="finite_difference"),
-        ),
-        ("Hessian", lambda: FSDPHessianOperator(model, batches, loss, method="autograd")),
-        ("Hessian (FD)", lambda: FSDPHessianOperator(model, batches, loss)),
-    )
+    fsdp_operators: tuple[tuple[str, Any], ...] = ()
+    if "fsdp" in args.parts.split(","):
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        fsdp_operators = (
+            ("GGN", lambda: FSDPGGNOperator(model, batches, loss)),
+            (
+                "GGN (FD JVP)",
+                lambda: FSDPGGNOperator(model, batches, loss, jvp_method="finite_difference"),
+            ),
+            ("Hessian", lambda: FSDPHessianOperator(model, batches, loss, method="autograd")),
+            ("Hessian (FD)", lambda: FSDPHessianOperator(model, batches, loss)),
+        )
     for name, build in fsdp_operators:
         op = build()
         local_probe = op.shard_vector(probe)
@@ -284,6 +290,7 @@ def launch(args: argparse.Namespace) -> None:
             "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--reps", str(args.reps),
             "--lanczos-iterations", str(args.lanczos_iterations),
             "--trace-matvecs", str(args.trace_matvecs), "--slq-steps", str(args.slq_steps),
+            "--parts", args.parts,
         ] + (["--tiny"] if args.tiny else [])  # fmt: skip
         print("running:", " ".join(command), flush=True)
         started = time.perf_counter()
@@ -387,6 +394,11 @@ def main() -> None:
     parser.add_argument("--lanczos-iterations", type=int, default=8)
     parser.add_argument("--trace-matvecs", type=int, default=12)
     parser.add_argument("--slq-steps", type=int, default=10)
+    parser.add_argument(
+        "--parts",
+        default="dp,fsdp",
+        help="dp (data-parallel products and trace), fsdp (FSDP2 products and solvers), or both",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
