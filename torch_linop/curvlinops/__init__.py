@@ -6,6 +6,12 @@ tensors and tensor lists) built with curvlinops' arguments and conventions.
 
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
+from torch_linop.curvlinops.estimator_classes import (
+    HutchinsonDiagonalEstimator,
+    HutchinsonSquaredFrobeniusNormEstimator,
+    HutchinsonTraceEstimator,
+    HutchPPTraceEstimator,
+)
 from torch_linop.curvlinops.fisher import FisherMCLinearOperator
 from torch_linop.curvlinops.ggn import GGNLinearOperator
 from torch_linop.curvlinops.hessian import HessianLinearOperator
@@ -36,6 +42,10 @@ __all__ = [
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
+    "HutchPPTraceEstimator",
+    "HutchinsonDiagonalEstimator",
+    "HutchinsonSquaredFrobeniusNormEstimator",
+    "HutchinsonTraceEstimator",
     "JacobianLinearOperator",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
