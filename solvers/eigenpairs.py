@@ -344,14 +344,21 @@ class _Run:
         k, n = coordinates.shape[1], state.basis.shape[1]
         acc_dtype = state.coefficients.dtype
         needed = k * vector_bytes(n, acc_dtype)
-        if device.type != "cuda" or needed + (1 << 30) <= torch.cuda.mem_get_info(device)[0]:
+        if device.type != "cuda" or needed + (1 << 30) <= _available_device_memory(device):
             vectors = krylov.ritz_vectors(state, coordinates).to(device)
         else:
             vectors = krylov.ritz_vectors_on_host(state, coordinates)
-            state.basis = state.basis[:0]  # the run is over: free the basis before moving back
+            # the run is over: free the basis (a new empty tensor: a slice would keep its storage)
+            state.basis = state.basis.new_empty((0, n))
             torch.cuda.empty_cache()
             vectors = vectors.to(device)
         return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
+
+
+def _available_device_memory(device: torch.device) -> int:
+    """Free device memory plus what PyTorch's caching allocator holds unused (it reuses that)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:
