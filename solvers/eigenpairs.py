@@ -344,21 +344,26 @@ class _Run:
         k, n = coordinates.shape[1], state.basis.shape[1]
         acc_dtype = state.coefficients.dtype
         needed = k * vector_bytes(n, acc_dtype)
-        if device.type != "cuda" or needed + (1 << 30) <= _available_device_memory(device):
+        if _fits_on_device(device, needed):
             vectors = krylov.ritz_vectors(state, coordinates).to(device)
         else:
             vectors = krylov.ritz_vectors_on_host(state, coordinates)
             # the run is over: free the basis (a new empty tensor: a slice would keep its storage)
             state.basis = state.basis.new_empty((0, n))
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             vectors = vectors.to(device)
         return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
 
 
-def _available_device_memory(device: torch.device) -> int:
-    """Free device memory plus what PyTorch's caching allocator holds unused (it reuses that)."""
+def _fits_on_device(device: torch.device, num_bytes: int) -> bool:
+    """Whether ``num_bytes`` more fit on ``device`` (with 1 GiB to spare), counting what
+    PyTorch's caching allocator holds unused (it reuses that). Always true off CUDA."""
+    if device.type != "cuda":
+        return True
     free, _total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return num_bytes + (1 << 30) <= free + unused_cache
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:
