@@ -274,6 +274,11 @@ def interpreter_results(tmp_path_factory) -> dict[str, torch.Tensor]:
         text=True,
         timeout=240,
     )
+    if "only 0-dimensional arrays can be converted" in completed.stderr:
+        # Triton < 3.7's interpreter hands out program ids as 1-element arrays, which numpy
+        # >= 2.4 refuses to convert to ints: an environment limit (the GPU image's Triton 3.6),
+        # not a kernel bug. The test extra installs a Triton whose interpreter works.
+        pytest.skip("this Triton's interpreter does not work with this numpy")
     assert completed.returncode == 0, f"interpreter run failed:\n{completed.stderr[-4000:]}"
     return torch.load(results_path)
 

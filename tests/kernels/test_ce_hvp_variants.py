@@ -371,6 +371,9 @@ def interpreter_results(tmp_path_factory) -> dict:
         text=True,
         timeout=240,
     )
+    if "only 0-dimensional arrays can be converted" in completed.stderr:
+        # Triton < 3.7's interpreter with numpy >= 2.4 (the GPU image): an environment limit
+        pytest.skip("this Triton's interpreter does not work with this numpy")
     assert completed.returncode == 0, f"interpreter run failed:\n{completed.stderr[-4000:]}"
     results = torch.load(results_path)
     results["smoke_folder"] = folder / "smoke"
