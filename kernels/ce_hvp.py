@@ -116,6 +116,10 @@ def _backend_order(backend: str, logits: torch.Tensor, u: torch.Tensor) -> list[
     return [name for name in ("triton", "compile") if name not in _failed_backends] + ["eager"]
 
 
+# Tests of the split kernel's chunk configs and claim path set this; users never need to.
+_use_split_kernel = False
+
+
 def _run_backend(
     name: str,
     logits3: torch.Tensor,
@@ -147,7 +151,8 @@ def _run_backend(
             )
         if target3 is None:
             target3 = torch.empty(logits3.shape, dtype=result_dtype, device=logits3.device)
-        if torch.float64 in (logits3.dtype, u3.dtype):  # accuracy, not speed: the split kernel
+        # float64 (accuracy, not speed) and tests that force a chunk config: the split kernel
+        if torch.float64 in (logits3.dtype, u3.dtype) or _use_split_kernel:
             return triton_backend.ce_hvp_triton(
                 logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
             )

@@ -224,12 +224,15 @@ def run_triton(case: Case, logits, u, labels) -> torch.Tensor:
 
     if case.block is None:
         return call_ce_hvp(case, logits, u, labels, "triton")
+    dispatch = importlib.import_module("torch_linop.kernels.ce_hvp")
     saved_default, saved_env = launcher._default_config, os.environ.get(AUTOTUNE_ENV)
     os.environ[AUTOTUNE_ENV] = "0"
     launcher._default_config = lambda vocab: launcher.KernelConfig(*case.block)
+    dispatch._use_split_kernel = True  # a forced chunk config is the split kernel's
     try:
         return call_ce_hvp(case, logits, u, labels, "triton")
     finally:
+        dispatch._use_split_kernel = False
         launcher._default_config = saved_default
         if saved_env is None:
             del os.environ[AUTOTUNE_ENV]
