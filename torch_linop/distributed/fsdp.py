@@ -361,12 +361,24 @@ class ShardedOperator:
         directions = self._split(columns)
         norms = self._norms(columns)
         results = torch.zeros_like(columns)
-        with self._gradients_aside():
+        with self._gradients_aside(), _buffers_restored(self.model):
             for j, norm in enumerate(norms):
                 if norm == 0.0:
                     continue
                 product = self._column([d[j] for d in directions], norm)
                 results[:, j] = torch.cat([p.reshape(-1) for p in product])
+        # every rank learns whether any rank's part is non-finite, so all raise together
+        flag = torch.tensor(
+            [0.0 if bool(torch.isfinite(results).all()) else 1.0], device=_comm_device(self)
+        )
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() > 0:
+            raise ValueError(
+                f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input "
+                "on some rank: the model's output or loss is non-finite on some batch (check "
+                "the data for NaN/Inf and the model for overflow; for half precision, try "
+                "float32)"
+            )
         return results.reshape(local.shape)
 
     def __matmul__(self, local: torch.Tensor) -> torch.Tensor:
@@ -498,6 +510,23 @@ class FSDPGGNOperator(ShardedOperator):
             cotangent = output_hvp_of(self.loss_fn, batch)(output.detach(), jvp.unsqueeze(0))[0]
             ((output * cotangent).sum() * scale).backward()
         return self._take_gradients()
+
+
+@contextlib.contextmanager
+def _buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Products run the model's own forward: in training mode that moves batch-norm running
+    statistics (and counters). Keep copies of the buffers while any module trains and write
+    them back afterwards, also after an exception, so a product never changes the model."""
+    if not any(module.training for module in model.modules()):
+        yield
+        return
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
 
 
 def _local(tensor: DTensor) -> torch.Tensor:
