@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
-from torch_linop.solvers import spectral_density, trace
+from torch_linop.solvers import diagonal, spectral_density, trace
 
 BATCH_SIZES = (3, 5, 2, 4)  # one or two batches per rank, unequal sample counts
 TOL = 1e-10
@@ -126,6 +126,7 @@ def worker(rank: int, world: int, out: Path) -> None:
     from torch_linop.distributed.fsdp import FSDPGGNOperator, FSDPHessianOperator
     from torch_linop.distributed.seeds import rank_consistent_seed
     from torch_linop.distributed.sharded_estimators import (
+        sharded_diagonal,
         sharded_spectral_density,
         sharded_trace,
     )
@@ -158,6 +159,10 @@ def worker(rank: int, world: int, out: Path) -> None:
     for label, name, solver, kwargs in CASES:
         run = sharded_trace if solver == "trace" else sharded_spectral_density
         results[label] = summary(run(ops[name], **kwargs))  # type: ignore[operator]
+
+    diagonal_part = sharded_diagonal(ops["ggn"], 5, seed=2, block_size=2)
+    results["ggn_diagonal"] = ops["ggn"].full_vector(diagonal_part.estimate)
+    results["ggn_diagonal_stderr"] = ops["ggn"].full_vector(diagonal_part.stderr)
 
     # seed=None: one seed for all ranks, sharded and data-parallel
     unseeded = sharded_trace(ops["matrix"], 4, seed=None)
@@ -240,6 +245,8 @@ def references() -> dict[str, Any]:
             else:
                 refs[label] = summary(spectral_density(ops[name], **kwargs))
         refs["last_ggn_trace"] = summary(trace(ops["last_ggn"], 4, seed=6))
+        single = diagonal(ops["ggn"], 5, seed=2, block_size=2)
+        refs["ggn_diagonal"], refs["ggn_diagonal_stderr"] = single.estimate, single.stderr
         last_ggn = ops["last_ggn"] @ torch.eye(15, dtype=torch.float64)
         refs["last_ggn_top"] = float(torch.linalg.eigvalsh(last_ggn)[-1])
     finally:
@@ -296,6 +303,10 @@ def test_sharded_estimators_match_single_process(
         assert results["dp_trace_none_same"], f"{where}: seed=None gave rank-dependent probes"
         assert results["local_seed"] is None, where
         assert results["int_seed_kept"] == 7, where
+        for key in ("ggn_diagonal", "ggn_diagonal_stderr"):
+            torch.testing.assert_close(
+                results[key], references[key], rtol=TOL, atol=TOL, msg=f"{key} on {where}"
+            )
         basis, block = results["tsqr"], results["tsqr_block"]
         torch.testing.assert_close(basis.T @ basis, torch.eye(5).double(), rtol=0, atol=1e-13)
         torch.testing.assert_close(basis @ (basis.T @ block), block, rtol=0, atol=1e-12)

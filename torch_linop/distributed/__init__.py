@@ -25,6 +25,7 @@ _LAZY = {
     "sharded_lanczos": "torch_linop.distributed.sharded_solvers",
     "ShardedEigenResult": "torch_linop.distributed.sharded_solvers",
     "sharded_trace": "torch_linop.distributed.sharded_estimators",
+    "sharded_diagonal": "torch_linop.distributed.sharded_estimators",
     "sharded_spectral_density": "torch_linop.distributed.sharded_estimators",
     "rank_consistent_seed": "torch_linop.distributed.seeds",
 }
@@ -41,6 +42,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DataParallel",
     "rank_consistent_seed",
+    "sharded_diagonal",
     "sharded_spectral_density",
     "sharded_trace",
     "FSDPGGNOperator",

@@ -1,4 +1,5 @@
-"""Hutch++ trace and SLQ spectral density on sharded vectors (FSDP2 operators).
+"""Hutch++ trace, Hutchinson diagonal and SLQ spectral density on sharded vectors (FSDP2
+operators).
 
 The algorithms are those of ``torch_linop.solvers.trace(method="hutch++"|"hutchinson")`` and
 ``torch_linop.solvers.spectral_density``, step for step, with the same probes: each probe's key
@@ -20,7 +21,7 @@ from torch import Tensor
 from torch_linop.distributed import sharded_linalg as sl
 from torch_linop.distributed.seeds import rank_consistent_seed
 from torch_linop.solvers._random import check_distribution, make_generator
-from torch_linop.solvers.results import SpectralDensityResult, TraceResult
+from torch_linop.solvers.results import DiagonalResult, SpectralDensityResult, TraceResult
 from torch_linop.solvers.slq import _smoothed_density
 
 ShardedTraceMethod = Literal["hutch++", "hutchinson"]
@@ -123,6 +124,47 @@ def sharded_trace(
     mean = float(values.mean())
     stderr = float(values.std(ddof=1) / math.sqrt(len(values)))
     return TraceResult(sketched_trace + mean, stderr, num_matvecs, method)
+
+
+def sharded_diagonal(
+    op: Any,
+    num_matvecs: int,
+    *,
+    seed: int | torch.Generator | None = None,
+    block_size: int | None = None,
+) -> DiagonalResult:
+    """Estimate this rank's part of ``diag(op)`` with an entrywise standard error, from
+    ``num_matvecs`` Rademacher probes: ``torch_linop.solvers.diagonal(method="hutchinson")`` on
+    sharded vectors (the same probes for the same ``seed``, so each rank's part equals the
+    matching entries of the single-process estimate). Everything but the products is local: the
+    estimate never leaves its rank; ``op.full_vector`` gathers it where a full one is wanted.
+    ``seed=None``: one fresh seed drawn on rank 0 and broadcast.
+    """
+    _check_count("num_matvecs", num_matvecs, 2)
+    if block_size is not None:
+        _check_count("block_size", block_size, 1)
+    dtype = torch.float64 if op.torch_dtype == torch.float64 else torch.float32
+    generator = _generator(op, seed)
+    count_so_far = 0
+    mean = m2 = torch.zeros(op.local_size, dtype=dtype, device=op.device)
+    remaining = num_matvecs
+    while remaining > 0:
+        count = min(remaining, block_size or remaining)
+        probes = sl.local_probes(op, count, generator, "rademacher", dtype)
+        products = _apply(op, probes, block_size)
+        _check_finite(op, products, "the diagonal probes")
+        samples = (probes * products).T  # (count, local_size)
+        # the single-process solvers' streaming update (Chan et al.), entrywise
+        block_mean = samples.mean(dim=0)
+        block_m2 = ((samples - block_mean) ** 2).sum(dim=0)
+        total = count_so_far + count
+        delta = block_mean - mean
+        mean = mean + delta * (count / total)
+        m2 = m2 + block_m2 + delta**2 * (count_so_far * count / total)
+        count_so_far = total
+        remaining -= count
+    stderr = (m2 / (count_so_far - 1) / count_so_far).sqrt()
+    return DiagonalResult(mean, stderr, num_matvecs, "hutchinson")
 
 
 def sharded_spectral_density(
