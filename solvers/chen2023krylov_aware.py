@@ -36,8 +36,8 @@ from . import krylov
 from ._memory import device_budget, vectors_within
 from ._operator import Operator
 from ._random import Distribution, draw_probes
-from ._sampling import EstimatorState, mean_and_stderr
-from .hutchinson import hutchinson_samples
+from ._sampling import EstimatorState
+from .hutchinson import deflated_trace
 
 MIN_MATVECS = 4  # two Lanczos vectors and two Hutchinson probes (a standard error needs two)
 SKETCH_FRACTION = 2  # num_matvecs // 2 products build the Krylov space, which must fit in n
@@ -102,21 +102,16 @@ def krylov_aware_trace(
     projected_trace = float(stage["projected_trace"])
     num_probes = num_matvecs - int(stage["krylov_matvecs"])
 
-    def deflate(probes: Tensor) -> Tensor:
-        return probes - basis.T @ (basis @ probes)
-
-    hutchinson_samples(
+    residual_mean, residual_stderr = deflated_trace(
         operator,
         num_probes,
         state,
-        diagonal=False,
+        basis.T,  # orthonormal columns
         distribution=distribution,
         block_size=block_size,
         bar=bar,
-        project=deflate,
     )
-    residual_mean, residual_stderr = mean_and_stderr(state)
-    return projected_trace + float(residual_mean), float(residual_stderr)
+    return projected_trace + residual_mean, residual_stderr
 
 
 def _krylov_space(

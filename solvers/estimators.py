@@ -85,26 +85,9 @@ def trace(
     )  # fmt: skip
     with progress_bar(f"trace ({method})", num_matvecs, progress) as bar:
         bar.update(state.num_matvecs)  # products of a resumed run
-        if method == "hutch++":
-            estimate, stderr = hutchpp(
-                operator,
-                num_matvecs,
-                state,
-                distribution=distribution,
-                block_size=block_size,
-                bar=bar,
-            )
-        elif method == "krylov":
-            estimate, stderr = krylov_aware_trace(
-                operator,
-                num_matvecs,
-                state,
-                distribution=distribution,
-                block_size=block_size,
-                bar=bar,
-            )
-        elif method == "xtrace":
-            estimate, stderr = xtrace(
+        sketching = _SKETCHING_TRACE_ESTIMATORS.get(method)
+        if sketching is not None:
+            estimate, stderr = sketching(
                 operator,
                 num_matvecs,
                 state,
@@ -125,6 +108,15 @@ def trace(
             mean, standard_error = mean_and_stderr(state)
             estimate, stderr = float(mean), float(standard_error)
     return TraceResult(estimate, stderr, state.num_matvecs, method)
+
+
+# the trace estimators with one signature: (operator, num_matvecs, state, distribution=,
+# block_size=, bar=) -> (estimate, stderr); plain Hutchinson is inline in trace()
+_SKETCHING_TRACE_ESTIMATORS = {
+    "hutch++": hutchpp,
+    "krylov": krylov_aware_trace,
+    "xtrace": xtrace,
+}
 
 
 def diagonal(

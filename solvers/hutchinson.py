@@ -16,7 +16,7 @@ from torch import Tensor
 from ._memory import default_block_size
 from ._operator import Operator
 from ._random import Distribution, draw_probes
-from ._sampling import EstimatorState, accumulate, apply
+from ._sampling import EstimatorState, accumulate, apply, mean_and_stderr
 
 
 def hutchinson_samples(
@@ -54,3 +54,34 @@ def hutchinson_samples(
         accumulate(state, samples.T if diagonal else samples.sum(dim=0).double())
         remaining -= count
         state.save_point()
+
+
+def deflated_trace(
+    operator: Operator,
+    num_probes: int,
+    state: EstimatorState,
+    basis: Tensor,
+    *,
+    distribution: Distribution,
+    block_size: int | None,
+    bar: Any,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of ``tr((I - QQ^T) H (I - QQ^T))`` for orthonormal columns ``Q =
+    basis`` and its standard error: the part of the trace outside a subspace whose own trace the
+    caller knows exactly (Hutch++'s sketch, a Krylov space)."""
+
+    def deflate(probes: Tensor) -> Tensor:
+        return probes - basis @ (basis.T @ probes)
+
+    hutchinson_samples(
+        operator,
+        num_probes,
+        state,
+        diagonal=False,
+        distribution=distribution,
+        block_size=block_size,
+        bar=bar,
+        project=deflate,
+    )
+    mean, stderr = mean_and_stderr(state)
+    return float(mean), float(stderr)

@@ -13,13 +13,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torch import Tensor
-
 from ._memory import device_budget, tall_qr, vectors_within
 from ._operator import Operator
 from ._random import Distribution, draw_probes
-from ._sampling import EstimatorState, apply, mean_and_stderr
-from .hutchinson import hutchinson_samples
+from ._sampling import EstimatorState, apply
+from .hutchinson import deflated_trace
 
 MIN_MATVECS = 4  # a 1-vector sketch, its product, and two Hutchinson probes for a stderr
 
@@ -76,18 +74,13 @@ def hutchpp(
         stage["sketched_trace"] = float((basis * products).sum())
     sketched_trace = stage["sketched_trace"]
 
-    def deflate(probes: Tensor) -> Tensor:
-        return probes - basis @ (basis.T @ probes)
-
-    hutchinson_samples(
+    residual_mean, residual_stderr = deflated_trace(
         operator,
         num_probes,
         state,
-        diagonal=False,
+        basis,
         distribution=distribution,
         block_size=block_size,
         bar=bar,
-        project=deflate,
     )
-    residual_mean, residual_stderr = mean_and_stderr(state)
-    return sketched_trace + float(residual_mean), float(residual_stderr)
+    return sketched_trace + residual_mean, residual_stderr
