@@ -28,17 +28,26 @@ def entry_cap(theta: list[torch.Tensor], direction: list[torch.Tensor], rms: flo
 
 
 def step_size(
-    eps: float,
-    power: float,
-    theta_norm: float,
-    num_entries: int,
-    direction_norm: float,
-    cap: float,
+    eps: float, power: float, theta_norm: float, direction_norm: float, cap: float
 ) -> float:
     """``eps**power * min(max(1, ||theta||) / ||v||, cap)``, with ``cap`` from
-    :func:`entry_cap` (computed with ``rms = ||theta|| / sqrt(num_entries)``)."""
+    :func:`entry_cap` (computed with ``rms = ||theta|| / sqrt(number of entries)``)."""
     global_step = max(1.0, theta_norm) / direction_norm
     return eps**power * min(global_step, cap)
+
+
+def local_step(
+    theta: list[torch.Tensor],
+    direction: list[torch.Tensor],
+    theta_norm: float,
+    direction_norm: float,
+    eps: float,
+    power: float,
+) -> float:
+    """The step for ``theta + h v`` when all of ``theta`` and ``v`` are on this process."""
+    num_entries = sum(t.numel() for t in theta)
+    cap = entry_cap(theta, direction, rms(theta_norm, num_entries))
+    return step_size(eps, power, theta_norm, direction_norm, cap)
 
 
 def rms(theta_norm: float, num_entries: int) -> float:

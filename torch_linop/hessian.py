@@ -14,7 +14,7 @@ from torch import nn
 from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make_leaves
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
-from torch_linop._finite_difference import entry_cap, rms, step_size
+from torch_linop._finite_difference import local_step
 from torch_linop.losses.base import LossFunction
 from torch_linop.operator import CurvatureOperator
 from torch_linop.params import ParamFilter
@@ -173,15 +173,13 @@ def hessian_product_finite_difference(
     eps = torch.finfo(theta[0].dtype).eps
     acc_theta = [t.to(acc_dtype) for t in theta]
     theta_norm = _norm(acc_theta)
-    num_entries = sum(t.numel() for t in theta)
     results = [torch.zeros_like(t) for t in tangents]
     for j in range(tangents[0].shape[0]):
         direction = [t[j].to(acc_dtype) for t in tangents]
         v_norm = _norm(direction)
         if v_norm == 0.0:
             continue
-        cap = entry_cap(acc_theta, direction, rms(theta_norm, num_entries))
-        step = step_size(eps, 1.0 / 3.0, theta_norm, num_entries, v_norm, cap)
+        step = local_step(acc_theta, direction, theta_norm, v_norm, eps, 1.0 / 3.0)
         grads = []
         for sign in (1.0, -1.0):
             shifted = {

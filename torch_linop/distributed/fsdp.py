@@ -274,7 +274,7 @@ class ShardedOperator:
         local_cap = entry_cap(theta, [d.to(acc) for d in direction], scale)
         cap = torch.tensor([local_cap], dtype=torch.float64, device=_comm_device(self))
         dist.all_reduce(cap, op=dist.ReduceOp.MIN, group=self.group)
-        return step_size(eps, 1.0 / 3.0, self.theta_norm(), num_entries, direction_norm, float(cap))
+        return step_size(eps, 1.0 / 3.0, self.theta_norm(), direction_norm, float(cap))
 
     def _norms(self, columns: torch.Tensor) -> list[float]:
         squares = (columns.to(self._accumulation_dtype()) ** 2).sum(dim=0).double()
