@@ -25,7 +25,8 @@ import torch
 from torch_linop import GGNOperator, HessianOperator
 from torch_linop.losses.language_models import hf_lm_loss
 from torch_linop.solvers import lanczos, spectral_density, trace
-from torch_linop.solvers._memory import device_budget, vector_bytes
+from torch_linop.solvers._memory import device_budget
+from torch_linop.solvers.eigenpairs import _capacity
 
 FULL = dict(
     hidden_size=2048,
@@ -159,11 +160,9 @@ def eig_phase(op, k: int, tol: float, seed: int, checkpoint: str | None, **optio
     """Top-k eigenpairs; the basis size is chosen by the solver from free device memory."""
 
     def run() -> dict[str, Any]:
+        # the basis the solver will allocate, by its own rule (reported in the table)
         basis_dtype = options.get("basis_dtype", op.torch_dtype)
-        budget = device_budget(op.device)
-        basis = max(100, 4 * k)
-        if budget is not None:
-            basis = min(basis, budget // vector_bytes(op.shape[0], basis_dtype))
+        basis = _capacity(op.shape[0], k, 1, None, device_budget(op.device), basis_dtype)
         result = lanczos(
             op,
             k=k,

@@ -32,6 +32,16 @@ def device_budget(device: torch.device) -> int | None:
     return int(free * DEVICE_FRACTION)
 
 
+def fits_on_device(device: torch.device, num_bytes: int) -> bool:
+    """Whether ``num_bytes`` more fit on ``device`` (with 1 GiB to spare), counting what
+    PyTorch's caching allocator holds unused (it reuses that). Always true off CUDA."""
+    if device.type != "cuda":
+        return True
+    free, _total = torch.cuda.mem_get_info(device)
+    unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return num_bytes + (1 << 30) <= free + unused_cache
+
+
 def vectors_within(
     budget: int | None, size: int, dtype: torch.dtype, copies: int = 1
 ) -> int | None:

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch_linop.distributed.seeds import rank_consistent_seed
 
 from . import krylov
-from ._memory import default_block_size, device_budget, vector_bytes
+from ._memory import default_block_size, device_budget, fits_on_device, vector_bytes
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
 from ._random import draw_probes, make_generator
@@ -344,7 +344,7 @@ class _Run:
         k, n = coordinates.shape[1], state.basis.shape[1]
         acc_dtype = state.coefficients.dtype
         needed = k * vector_bytes(n, acc_dtype)
-        if _fits_on_device(device, needed):
+        if fits_on_device(device, needed):
             vectors = krylov.ritz_vectors(state, coordinates).to(device)
         else:
             vectors = krylov.ritz_vectors_on_host(state, coordinates)
@@ -354,16 +354,6 @@ class _Run:
                 torch.cuda.empty_cache()
             vectors = vectors.to(device)
         return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
-
-
-def _fits_on_device(device: torch.device, num_bytes: int) -> bool:
-    """Whether ``num_bytes`` more fit on ``device`` (with 1 GiB to spare), counting what
-    PyTorch's caching allocator holds unused (it reuses that). Always true off CUDA."""
-    if device.type != "cuda":
-        return True
-    free, _total = torch.cuda.mem_get_info(device)
-    unused_cache = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return num_bytes + (1 << 30) <= free + unused_cache
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:

@@ -75,6 +75,25 @@ def spectral_density(
         raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
 
     generator = make_generator(rank_consistent_seed(seed, op))
+    options = {
+        "num_runs": num_runs,
+        "lanczos_steps": lanczos_steps,
+        "grid_size": grid_size,
+        "sigma": sigma,
+        "seed": seed_option(seed),
+    }
+
+    def saver_for(recurrence_options: dict[str, Any]) -> Checkpoint:
+        return Checkpoint(
+            checkpoint,
+            solver="spectral_density",
+            options={**options, **recurrence_options},
+            op=op,
+            operator=operator,
+            every_matvecs=checkpoint_every,
+            every_seconds=checkpoint_seconds,
+        )
+
     if basis_device is None and basis_dtype is None and _basis_too_big(operator, lanczos_steps):
         warnings.warn(
             f"spectral_density: a {lanczos_steps + 1}-vector basis does not fit in free device "
@@ -84,22 +103,7 @@ def spectral_density(
             RuntimeWarning,
             stacklevel=2,
         )
-        saver = Checkpoint(
-            checkpoint,
-            solver="spectral_density",
-            options={
-                "num_runs": num_runs,
-                "lanczos_steps": lanczos_steps,
-                "grid_size": grid_size,
-                "sigma": sigma,
-                "seed": seed_option(seed),
-                "recurrence": "three-term",
-            },
-            op=op,
-            operator=operator,
-            every_matvecs=checkpoint_every,
-            every_seconds=checkpoint_seconds,
-        )
+        saver = saver_for({"recurrence": "three-term"})
         return _local_spectral_density(
             operator, num_runs, lanczos_steps, grid_size, sigma, generator, progress, saver
         )
@@ -108,22 +112,7 @@ def spectral_density(
     )
     basis_dtype = operator.dtype if basis_dtype is None else basis_dtype
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
-    saver = Checkpoint(
-        checkpoint,
-        solver="spectral_density",
-        options={
-            "num_runs": num_runs,
-            "lanczos_steps": lanczos_steps,
-            "grid_size": grid_size,
-            "sigma": sigma,
-            "seed": seed_option(seed),
-            "basis_dtype": basis_dtype,
-        },
-        op=op,
-        operator=operator,
-        every_matvecs=checkpoint_every,
-        every_seconds=checkpoint_seconds,
-    )
+    saver = saver_for({"basis_dtype": basis_dtype})
     saved = saver.load()
     nodes = np.zeros((num_runs, lanczos_steps))
     weights = np.zeros((num_runs, lanczos_steps))
