@@ -12,44 +12,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from lm_ggn import gpt2, measure, tokens  # sibling script: same models, data and timing
 from torch.profiler import ProfilerActivity, profile
 
 from torch_linop import GGNOperator, HessianOperator, hf_lm_loss
 
-
-def build(smoke: bool, device: torch.device, batch: int, seq: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    sizes = (
-        dict(vocab_size=211, n_layer=2, n_embd=32, n_head=4, n_positions=64)
-        if smoke
-        else dict(vocab_size=50257, n_layer=12, n_embd=768, n_head=12, n_positions=1024)
-    )
-    with torch.device(device):
-        model = GPT2LMHeadModel(GPT2Config(**sizes)).eval()
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, sizes["vocab_size"], (batch, seq), generator=generator)
-    return model, [{"input_ids": tokens.to(device)}]
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+SMOKE = dict(vocab=211, layers=2, width=32, heads=4, positions=64)
+GPT2_SMALL = dict(vocab=50257, layers=12, width=768, heads=12, positions=1024)
 
 
 def profile_one(name: str, fn: Callable[[], Any], device: torch.device, rows: int) -> str:
@@ -66,7 +39,7 @@ def profile_one(name: str, fn: Callable[[], Any], device: torch.device, rows: in
     kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
     launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
     header = (
-        f"## {name}: wall {1e3 * timed(fn, device):.1f} ms, device kernels "
+        f"## {name}: wall {1e3 * measure(fn, device, 5)[0]:.1f} ms, device kernels "
         f"{kernel_us / 1e3:.1f} ms, kernel launches {launches}\n"
     )
     return header + events.table(sort_by=sort, row_limit=rows) + "\n"
@@ -82,7 +55,9 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     batch, seq = (2, 16) if args.smoke else (int(x) for x in args.shape.split("x"))
-    model, data = build(args.smoke, device, batch, seq)
+    sizes = SMOKE if args.smoke else GPT2_SMALL
+    model = gpt2(**sizes, device=device)
+    data = tokens(sizes["vocab"], batch, seq, device)
     loss = hf_lm_loss()
     params = [p for p in model.parameters() if p.requires_grad]
     ggn = GGNOperator(model, data, loss)
