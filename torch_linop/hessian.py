@@ -3,8 +3,7 @@ differences of gradients."""
 
 from __future__ import annotations
 
-from collections import UserDict
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +14,8 @@ from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
 from torch_linop._finite_difference import local_step
+from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
-from torch_linop.operator import CurvatureOperator
 from torch_linop.params import ParamFilter
 
 HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
@@ -203,7 +202,7 @@ class _BatchGraph:
     live: list[int]
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(GraphCachingOperator):
     """Hessian of the dataset loss w.r.t. the selected parameters.
 
     ``method``: ``"autograd"`` (double backward, default), ``"forward"`` (forward-over-reverse
@@ -241,86 +240,20 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         if method not in HESSIAN_METHODS:
             raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
-        if not isinstance(cache_graph, bool):
-            raise TypeError(f"cache_graph must be True or False, got {cache_graph!r}")
-        if cache_graph and method != "autograd":
+        if cache_graph is True and method != "autograd":
             raise ValueError(
                 f"cache_graph=True needs method='autograd', got method={method!r}: the kept graph "
                 "is the double-backward gradient graph. Use method='autograd' with the cache, "
                 "or cache_graph=False"
             )
         self.method = method
-        self.cache_graph = cache_graph
+        self._init_graph_cache(cache_graph)
         self._batched_ok = True
-        self._graphs: list[_BatchGraph] | None = None
-        self._graphs_key: tuple[Any, ...] | None = None
-        self._graphs_refs: list[Any] = []  # keeps the objects in the key alive: ids stay unique
         super().__init__(model, data, loss_fn, param_filter=param_filter, **kwargs)
 
     # ----------------------------------------------------------------- cached-graph mode
-    def clear_cache(self) -> None:
-        """Drop the kept per-batch graphs (``cache_graph=True``), freeing their memory; the next
-        product rebuilds them. Needed only after changes the cache cannot see (see the class
-        docstring); harmless otherwise."""
-        self._graphs = None
-        self._graphs_key = None
-        self._graphs_refs = []
-
-    def _state_key(self) -> tuple[tuple[Any, ...], list[Any]]:
-        """What the kept graphs depend on, as ids, version counters and storage addresses (the
-        objects themselves are returned too, to be kept alive while the key is in use)."""
-        refs: list[Any] = [self.model, self.loss_fn, self.batches, self.batches.data]
-        keys: list[Any] = [id(obj) for obj in refs]
-        keys.append(self.batches.num_batches)
-        tensors: list[torch.Tensor | None] = list(self.params.values())
-        for module in self.model.modules():
-            keys.append(module.training)
-            tensors.extend(module._parameters.values())
-            tensors.extend(module._buffers.values())
-        data = self.batches.data
-        if isinstance(data, (list, tuple)):  # a DataLoader's dataset cannot be inspected cheaply
-            limit = self.batches.num_batches
-            for batch in data if limit is None else data[:limit]:
-                _add_batch(batch, refs, keys, tensors)
-        for tensor in tensors:
-            if tensor is None:
-                keys.append(None)
-                continue
-            try:
-                keys.extend((id(tensor), tensor._version, tensor.data_ptr()))
-            except (RuntimeError, NotImplementedError):  # inference tensors, no storage
-                keys.extend((id(tensor), *_version_and_address(tensor)))
-        refs.extend(tensors)
-        return tuple(keys), refs
-
-    def _cached_graphs(self) -> list[_BatchGraph]:
-        """The kept graphs, rebuilt first when what they depend on has changed."""
-        key, refs = self._state_key()
-        if self._graphs is not None and key == self._graphs_key:
-            return self._graphs
-        self.clear_cache()  # free the stale graphs before building the new ones
-        with self._product_context():  # the forward passes run here, not in the products
-            graphs = [
-                _BatchGraph(weight, *gradient_graph(self.model, self.loss_fn, self.params, batch))
-                for weight, batch in self.weighted_batches()
-            ]
-        # stored only once every batch has its graph: an error above leaves no partial cache
-        self._graphs, self._graphs_key, self._graphs_refs = graphs, key, refs
-        return graphs
-
-    def _weighted_products(
-        self, tangents: list[torch.Tensor]
-    ) -> Generator[tuple[float, list[torch.Tensor]], None, None]:
-        if not self.cache_graph:
-            yield from super()._weighted_products(tangents)
-            return
-        try:
-            # no product context around the backward passes: it only matters for forward passes
-            for graph in self._cached_graphs():
-                yield graph.weight, self._cached_product(graph, tangents)
-        except BaseException:
-            self.clear_cache()  # whatever failed, the next product starts from fresh graphs
-            raise
+    def _build_graph(self, weight: float, batch: Any) -> _BatchGraph:
+        return _BatchGraph(weight, *gradient_graph(self.model, self.loss_fn, self.params, batch))
 
     def _cached_product(
         self, graph: _BatchGraph, tangents: list[torch.Tensor]
@@ -378,34 +311,3 @@ class HessianOperator(CurvatureOperator):
                     "write the loss as ((output - target) ** 2).mean()"
                 ) from error
             raise
-
-
-def _version_and_address(tensor: torch.Tensor) -> tuple[int, int]:
-    """Version counter and storage address, -1 where a tensor has none (inference tensors have
-    no version counter; sparse, nested and wrapper tensors no single storage)."""
-    try:
-        version = tensor._version
-    except RuntimeError:
-        version = -1
-    try:
-        address = tensor.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        address = -1
-    return version, address
-
-
-def _add_batch(
-    batch: Any, refs: list[Any], keys: list[Any], tensors: list[torch.Tensor | None]
-) -> None:
-    """Add ``batch`` (its identity) and the tensors inside it to a state key."""
-    if isinstance(batch, torch.Tensor):
-        tensors.append(batch)
-        return
-    refs.append(batch)
-    keys.append(id(batch))
-    if isinstance(batch, (Mapping, UserDict)):
-        for value in batch.values():
-            _add_batch(value, refs, keys, tensors)
-    elif isinstance(batch, (list, tuple)):
-        for value in batch:
-            _add_batch(value, refs, keys, tensors)

@@ -1,0 +1,147 @@
+"""Per-batch autograd graphs kept between products (``cache_graph=True``).
+
+A Lanczos run multiplies the same matrix tens to hundreds of times; the forward pass (and, for
+the Hessian, the first backward) is the same in every product. The operator keeps one graph per
+batch and rebuilds all of them when anything they depend on changes: a parameter or buffer
+(in place, by optimiser steps or ``copy_``, or by replacement), a module's train/eval mode, a
+tensor in a list/tuple ``data``, the operator's data, loss or parameters. Writes that bypass
+PyTorch's version counters (``param.data``, numpy views, a ``DataLoader``'s dataset) cannot be
+seen: :meth:`GraphCachingOperator.clear_cache` is for those. A product that raises drops the
+cache, so the next one starts from fresh graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import UserDict
+from collections.abc import Generator, Mapping
+from typing import Any
+
+import torch
+
+from torch_linop.operator import CurvatureOperator
+
+
+class GraphCachingOperator(CurvatureOperator):
+    """A curvature operator whose products can run on kept per-batch graphs.
+
+    Subclasses build one batch's graph in :meth:`_build_graph` (called inside the product
+    context, once per batch) and multiply with it in :meth:`_cached_product`; each graph object
+    has a ``weight`` attribute (the batch's ``n_b / N``).
+    """
+
+    def _init_graph_cache(self, cache_graph: bool) -> None:
+        if not isinstance(cache_graph, bool):
+            raise TypeError(f"cache_graph must be True or False, got {cache_graph!r}")
+        self.cache_graph = cache_graph
+        self._graphs: list[Any] | None = None
+        self._graphs_key: tuple[Any, ...] | None = None
+        self._graphs_refs: list[Any] = []  # keeps the objects in the key alive: ids stay unique
+
+    def clear_cache(self) -> None:
+        """Drop the kept per-batch graphs (``cache_graph=True``), freeing their memory; the next
+        product rebuilds them. Needed only after changes the cache cannot see (writes through
+        ``param.data``, numpy views or a ``DataLoader``'s dataset); harmless otherwise."""
+        self._graphs = None
+        self._graphs_key = None
+        self._graphs_refs = []
+
+    # ----------------------------------------------------------------- hooks
+    def _build_graph(self, weight: float, batch: Any) -> Any:
+        """One batch's kept graph (with a ``weight`` attribute)."""
+        raise NotImplementedError
+
+    def _cached_product(self, graph: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch's product with ``tangents`` ``(k, *param.shape)``, keeping ``graph``."""
+        raise NotImplementedError
+
+    def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
+        """Around the cached products: nothing by default (a backward needs no attention
+        backend switch); the GGN runs forward passes there and needs the product context."""
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- machinery
+    def _state_key(self) -> tuple[tuple[Any, ...], list[Any]]:
+        """What the kept graphs depend on, as ids, version counters and storage addresses (the
+        objects themselves are returned too, to be kept alive while the key is in use)."""
+        refs: list[Any] = [self.model, self.loss_fn, self.batches, self.batches.data]
+        keys: list[Any] = [id(obj) for obj in refs]
+        keys.append(self.batches.num_batches)
+        tensors: list[torch.Tensor | None] = list(self.params.values())
+        for module in self.model.modules():
+            keys.append(module.training)
+            tensors.extend(module._parameters.values())
+            tensors.extend(module._buffers.values())
+        data = self.batches.data
+        if isinstance(data, (list, tuple)):  # a DataLoader's dataset cannot be inspected cheaply
+            limit = self.batches.num_batches
+            for batch in data if limit is None else data[:limit]:
+                _add_batch(batch, refs, keys, tensors)
+        for tensor in tensors:
+            if tensor is None:
+                keys.append(None)
+                continue
+            try:
+                keys.extend((id(tensor), tensor._version, tensor.data_ptr()))
+            except (RuntimeError, NotImplementedError):  # inference tensors, no storage
+                keys.extend((id(tensor), *_version_and_address(tensor)))
+        refs.extend(tensors)
+        return tuple(keys), refs
+
+    def _cached_graphs(self) -> list[Any]:
+        """The kept graphs, rebuilt first when what they depend on has changed."""
+        key, refs = self._state_key()
+        if self._graphs is not None and key == self._graphs_key:
+            return self._graphs
+        self.clear_cache()  # free the stale graphs before building the new ones
+        with self._product_context():  # the graph-building forward passes run here
+            graphs = [self._build_graph(weight, batch) for weight, batch in self.weighted_batches()]
+        # stored only once every batch has its graph: an error above leaves no partial cache
+        self._graphs, self._graphs_key, self._graphs_refs = graphs, key, refs
+        return graphs
+
+    def _weighted_products(
+        self, tangents: list[torch.Tensor]
+    ) -> Generator[tuple[float, list[torch.Tensor]], None, None]:
+        if not self.cache_graph:
+            yield from super()._weighted_products(tangents)
+            return
+        try:
+            graphs = self._cached_graphs()
+            with self._cached_product_context():
+                for graph in graphs:
+                    yield graph.weight, self._cached_product(graph, tangents)
+        except BaseException:
+            self.clear_cache()  # whatever failed, the next product starts from fresh graphs
+            raise
+
+
+def _version_and_address(tensor: torch.Tensor) -> tuple[int, int]:
+    """Version counter and storage address, -1 where a tensor has none (inference tensors have
+    no version counter; sparse, nested and wrapper tensors no single storage)."""
+    try:
+        version = tensor._version
+    except RuntimeError:
+        version = -1
+    try:
+        address = tensor.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        address = -1
+    return version, address
+
+
+def _add_batch(
+    batch: Any, refs: list[Any], keys: list[Any], tensors: list[torch.Tensor | None]
+) -> None:
+    """Add ``batch`` (its identity) and the tensors inside it to a state key."""
+    if isinstance(batch, torch.Tensor):
+        tensors.append(batch)
+        return
+    refs.append(batch)
+    keys.append(id(batch))
+    if isinstance(batch, (Mapping, UserDict)):
+        for value in batch.values():
+            _add_batch(value, refs, keys, tensors)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            _add_batch(value, refs, keys, tensors)
