@@ -48,12 +48,19 @@ def vjp_columns(
     cotangents: torch.Tensor,
     *,
     batched: bool,
+    retain_graph: bool = False,
 ) -> list[torch.Tensor]:
-    """``J^T u`` for each of the k cotangents ``(k, *output.shape)``; returns ``(k, *p.shape)``."""
+    """``J^T u`` for each of the k cotangents ``(k, *output.shape)``; returns ``(k, *p.shape)``.
+    ``retain_graph`` keeps the output's graph for later products (the cached-graph mode)."""
     num_columns = cotangents.shape[0]
     if num_columns > 1 and batched:
         grads = torch.autograd.grad(
-            output, leaves, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+            output,
+            leaves,
+            grad_outputs=cotangents,
+            is_grads_batched=True,
+            retain_graph=retain_graph,
+            allow_unused=True,
         )
         return [
             torch.zeros((num_columns, *leaf.shape), dtype=leaf.dtype, device=leaf.device)
@@ -67,7 +74,7 @@ def vjp_columns(
             output,
             leaves,
             grad_outputs=cotangents[j],
-            retain_graph=j < num_columns - 1,
+            retain_graph=retain_graph or j < num_columns - 1,
             allow_unused=True,
         )
         columns.append(grads_or_zeros(grads, leaves))
@@ -90,6 +97,24 @@ def forward_with_tangent(
             jvp = torch.zeros_like(primal)
         # the primal view must outlive the dual level: keep a differentiable alias of it
         return primal.view_as(primal), jvp.detach().clone()
+
+
+def jvp_without_graph(
+    forward: Callable[[], torch.Tensor],
+    model: torch.nn.Module,
+    leaves: dict[str, torch.Tensor],
+    tangent: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """``J v`` by one dual forward that records no autograd graph. With the leaves requiring
+    grad, a recorded dual forward also records the tangent computations (forward-mode formulas
+    are differentiable), which holds their inputs until the level ends: about three times a
+    gradient's memory on a transformer. Without a graph only the JVP remains."""
+    with torch.no_grad(), fwAD.dual_level():
+        duals = {name: fwAD.make_dual(leaf, tangent[name]) for name, leaf in leaves.items()}
+        with reparametrized(model, duals):
+            dual_output = forward()
+        primal, jvp = fwAD.unpack_dual(dual_output)
+        return torch.zeros_like(primal) if jvp is None else jvp
 
 
 def double_backward_jvp(
@@ -171,6 +196,10 @@ class SandwichProduct:
             )
         self.jvp_method = jvp_method
         self._forward_ok = jvp_method in ("auto", "forward")
+        # whether the first dual forward also records the output's graph for the VJP (one
+        # forward fewer, but the tangent computations are recorded too); False: graph-free
+        # JVPs and one plain forward (benchmarks/lm_ggn.py compares the two)
+        self.record_output_in_dual_forward = True
         # vmap over forward-mode JVPs and batched VJPs can fail independently: two flags
         self._batched_jvp_ok = True
         self._batched_vjp_ok = True
@@ -184,45 +213,71 @@ class SandwichProduct:
         middle: Middle,
     ) -> list[torch.Tensor]:
         leaves = make_leaves(params)
+        jvps, output = self._jvps(model, forward, leaves, tangents, None)
+        return self._vjp(output, list(leaves.values()), middle(output.detach(), jvps))
+
+    def on_kept_graph(
+        self,
+        model: torch.nn.Module,
+        forward: Callable[[], torch.Tensor],
+        leaves: dict[str, torch.Tensor],
+        output: torch.Tensor,
+        tangents: list[torch.Tensor],
+        middle: Middle,
+    ) -> list[torch.Tensor]:
+        """``J^T M J V`` with a kept ``output`` (a function of ``leaves`` with its graph): JVPs
+        that record no graph, then one VJP that keeps the output's graph for the next product."""
+        jvps, _ = self._jvps(model, forward, leaves, tangents, output)
+        cotangents = middle(output.detach(), jvps)
+        return self._vjp(output, list(leaves.values()), cotangents, retain_graph=True)
+
+    def _jvps(self, model, forward, leaves, tangents, output):
+        """``(J V, output)``: the k JVPs ``(k, *output.shape)`` and the output with its graph
+        (``output`` when given, kept; else recorded on the way)."""
         if self._forward_ok:
             try:
-                return self._forward_mode(model, forward, leaves, tangents, middle)
+                return self._forward_jvps(model, forward, leaves, tangents, output)
             except (NotImplementedError, RuntimeError) as error:
                 if _is_oom(error) or self.jvp_method == "forward" or not _lacks_forward_ad(error):
                     raise
                 self._forward_ok = False  # no forward-mode AD in this model: exact fallback
-        return self._double_backward_mode(model, forward, leaves, tangents, middle)
+        if output is None:
+            with reparametrized(model, leaves):
+                output = forward()
+        return self._double_backward_jvps(output, list(leaves.values()), tangents), output
 
-    def _double_backward_mode(self, model, forward, leaves, tangents, middle):
-        leaf_list = list(leaves.values())
-        with reparametrized(model, leaves):
-            output = forward()
-        jvps = None
+    def _double_backward_jvps(self, output, leaf_list, tangents):
         if self._batched_vjp_ok and tangents[0].shape[0] > 1:
             try:
-                jvps = double_backward_jvps(output, leaf_list, tangents, batched=True)
+                return double_backward_jvps(output, leaf_list, tangents, batched=True)
             except RuntimeError as error:
                 if _is_oom(error) or not is_vmap_failure(error):
                     raise
                 jvps = double_backward_jvps(output, leaf_list, tangents, batched=False)
                 self._batched_vjp_ok = False  # the loop worked: no vmap over this backward
-        if jvps is None:
-            jvps = double_backward_jvps(output, leaf_list, tangents, batched=False)
-        return self._vjp(output, leaf_list, middle(output.detach(), jvps))
+                return jvps
+        return double_backward_jvps(output, leaf_list, tangents, batched=False)
 
-    def _vjp(self, output, leaf_list, cotangents):
+    def _vjp(self, output, leaf_list, cotangents, *, retain_graph=False):
         if self._batched_vjp_ok and cotangents.shape[0] > 1:
             try:
-                return vjp_columns(output, leaf_list, cotangents, batched=True)
+                return vjp_columns(
+                    output, leaf_list, cotangents, batched=True, retain_graph=retain_graph
+                )
             except RuntimeError as error:
                 if _is_oom(error) or not is_vmap_failure(error):
                     raise
-                columns = vjp_columns(output, leaf_list, cotangents, batched=False)
+                columns = vjp_columns(
+                    output, leaf_list, cotangents, batched=False, retain_graph=retain_graph
+                )
                 self._batched_vjp_ok = False  # the loop worked: no vmap over this backward
                 return columns
-        return vjp_columns(output, leaf_list, cotangents, batched=False)
+        return vjp_columns(output, leaf_list, cotangents, batched=False, retain_graph=retain_graph)
 
-    def _forward_mode(self, model, forward, leaves, tangents, middle):
+    def _forward_jvps(self, model, forward, leaves, tangents, output):
+        """The JVPs by forward-mode AD. Without a kept ``output``, the first looped column's
+        dual forward records the output's graph for the VJP (one forward fewer); every other
+        dual forward records none."""
         jvps = None
         batched_failed = False
         if tangents[0].shape[0] > 1 and self._batched_jvp_ok:
@@ -232,25 +287,27 @@ class SandwichProduct:
                 if _is_oom(error) or not (is_vmap_failure(error) or _lacks_forward_ad(error)):
                     raise
                 batched_failed = True  # decided once the column loop below has worked
-        if jvps is None:  # one dual forward per column; the first one's graph serves the VJP
+        if jvps is None:
             names = list(leaves)
             columns = []
-            output = None
             for j in range(tangents[0].shape[0]):
                 tangent = {name: t[j] for name, t in zip(names, tangents)}
-                primal, jvp = forward_with_tangent(forward, model, leaves, tangent)
-                output = primal if output is None else output
+                if output is None and self.record_output_in_dual_forward:
+                    output, jvp = forward_with_tangent(forward, model, leaves, tangent)
+                else:
+                    jvp = jvp_without_graph(forward, model, leaves, tangent)
                 columns.append(jvp)
             jvps = torch.stack(columns)
             if batched_failed:
                 self._batched_jvp_ok = False  # the column loop worked: vmap is what failed
-        else:
+        if output is None:
             with reparametrized(model, leaves):
                 output = forward()
-        return self._vjp(output, list(leaves.values()), middle(output.detach(), jvps))
+        return jvps, output
 
     def _batched_jvps(self, model, forward, leaves, tangents):
-        """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass."""
+        """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass (on detached
+        primals: no graph is recorded)."""
         primals = {name: leaf.detach() for name, leaf in leaves.items()}
         tangent_dict = dict(zip(leaves, tangents))
 

@@ -3,17 +3,19 @@ autograd) loss Hessian on the output, one VJP."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from torch_linop._autodiff import SandwichProduct
+from torch_linop._autodiff import SandwichProduct, make_leaves, vjp_columns
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
+from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.operator import CurvatureOperator
 from torch_linop.params import ParamFilter
 
 GGN_JVP_METHODS = (
@@ -56,22 +58,22 @@ def output_hvp_of(
     return middle
 
 
-def finite_difference_sandwich(
+def finite_difference_jvps(
     model: nn.Module,
     forward: Callable[[], torch.Tensor],
     params: dict[str, torch.Tensor],
     tangents: list[torch.Tensor],
-    middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    output: torch.Tensor,
     *,
     central: bool = True,
-) -> list[torch.Tensor]:
-    """``J^T M J V`` with a finite-difference JVP (norm-scaled step) and an exact VJP.
+) -> torch.Tensor:
+    """The k JVPs ``(k, *output.shape)`` by finite differences of forward passes (no graph).
 
     Central differences (``central=True``: two shifted forwards, relative error ~1e-5 in
-    float32) or one-sided ones against the forward pass the VJP needs anyway (one shifted
-    forward: about 20% cheaper, relative error ~1e-3 in float32, unusable in bf16). The step is
-    sized for the parameters' dtype (see ``hessian_product_finite_difference``)."""
-    from torch_linop._autodiff import make_leaves, vjp_columns
+    float32) or one-sided ones against ``output`` (the unshifted forward, which the VJP needs
+    anyway: one shifted forward, about 20% cheaper, relative error ~1e-3 in float32, unusable
+    in bf16). The step is sized for the parameters' dtype (see
+    ``hessian_product_finite_difference``)."""
     from torch_linop._finite_difference import local_step
     from torch_linop.hessian import _norm
 
@@ -81,9 +83,6 @@ def finite_difference_sandwich(
     eps = torch.finfo(param_dtype).eps
     acc_theta = [t.to(acc) for t in theta.values()]
     theta_norm = _norm(acc_theta)
-    leaves = make_leaves(params)
-    with reparametrized(model, leaves):
-        output = forward()
     jvps = []
     with torch.no_grad():
         for j in range(tangents[0].shape[0]):
@@ -108,11 +107,41 @@ def finite_difference_sandwich(
                 difference = outs[0].sub_(output.detach().to(acc)).div_(step)
             jvps.append(difference.to(output.dtype))
             del outs, difference
-    cotangents = middle(output.detach(), torch.stack(jvps))
+    return torch.stack(jvps)
+
+
+def finite_difference_sandwich(
+    model: nn.Module,
+    forward: Callable[[], torch.Tensor],
+    params: dict[str, torch.Tensor],
+    tangents: list[torch.Tensor],
+    middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    central: bool = True,
+) -> list[torch.Tensor]:
+    """``J^T M J V`` with a finite-difference JVP (see :func:`finite_difference_jvps`) and an
+    exact VJP."""
+    from torch_linop._autodiff import make_leaves, vjp_columns
+
+    leaves = make_leaves(params)
+    with reparametrized(model, leaves):
+        output = forward()
+    jvps = finite_difference_jvps(model, forward, params, tangents, output, central=central)
+    cotangents = middle(output.detach(), jvps)
     return vjp_columns(output, list(leaves.values()), cotangents, batched=False)
 
 
-class GGNOperator(CurvatureOperator):
+@dataclass
+class _OutputGraph:
+    """One batch's kept forward pass: the output with its graph, and what made it."""
+
+    weight: float
+    batch: Any
+    leaves: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+class GGNOperator(GraphCachingOperator):
     """Generalized Gauss-Newton matrix ``G = J^T H_loss J`` (PSD for convex losses).
 
     Call as ``GGNOperator(model, data, supervised_loss(F.cross_entropy))`` or, seed-style, as
@@ -120,6 +149,14 @@ class GGNOperator(CurvatureOperator):
     forward-mode AD (falling back to an exact double-backward JVP); ``"finite_difference"``
     (central) and ``"forward_difference"`` (one-sided, one forward pass fewer) are approximate
     options, never the default.
+
+    ``cache_graph=True`` runs each batch's forward pass once, with its graph, and keeps it:
+    every later product is a JVP that records no graph (a dual forward, or the shifted forwards
+    of a finite-difference JVP) and one backward through the kept graph. The numbers are the
+    same as without the cache; the price is one batch's activations per batch kept between
+    products. The cache is rebuilt or dropped as for ``HessianOperator(cache_graph=True)``
+    (parameter, buffer, mode and data changes are seen; :meth:`clear_cache` for writes through
+    ``param.data``; a product that raises drops it).
     """
 
     def __init__(
@@ -131,11 +168,13 @@ class GGNOperator(CurvatureOperator):
         *,
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
+        cache_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         if jvp_method not in GGN_JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {GGN_JVP_METHODS}, got {jvp_method!r}")
         self.jvp_method = jvp_method
+        self._init_graph_cache(cache_graph)
         self._sandwich = SandwichProduct(
             "auto" if jvp_method in APPROXIMATE_JVP_METHODS else jvp_method
         )
@@ -147,10 +186,48 @@ class GGNOperator(CurvatureOperator):
         """The map applied between J and J^T: the loss Hessian w.r.t. the output."""
         return output_hvp_of(self.loss_fn, batch)
 
-    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _forward_of(self, batch: Any) -> Callable[[], torch.Tensor]:
         def forward() -> torch.Tensor:
             return _check_output(self.loss_fn.forward(self.model, batch))
 
+        return forward
+
+    # ----------------------------------------------------------------- cached-graph mode
+    def _build_graph(self, weight: float, batch: Any) -> _OutputGraph:
+        leaves = make_leaves(self.params)
+        with reparametrized(self.model, leaves):
+            output = self._forward_of(batch)()
+        return _OutputGraph(weight, batch, leaves, output)
+
+    def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
+        return self._product_context()  # the JVPs run forward passes
+
+    def _cached_product(
+        self, graph: _OutputGraph, tangents: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        forward = self._forward_of(graph.batch)
+        middle = self.middle(graph.batch)  # per product: the MC Fisher draws its targets here
+        if self.jvp_method in APPROXIMATE_JVP_METHODS:
+            jvps = finite_difference_jvps(
+                self.model,
+                forward,
+                self.params,
+                tangents,
+                graph.output,
+                central=self.jvp_method == "finite_difference",
+            )
+            cotangents = middle(graph.output.detach(), jvps)
+            leaf_list = list(graph.leaves.values())
+            return vjp_columns(
+                graph.output, leaf_list, cotangents, batched=False, retain_graph=True
+            )
+        return self._sandwich.on_kept_graph(
+            self.model, forward, graph.leaves, graph.output, tangents, middle
+        )
+
+    # ----------------------------------------------------------------- per-batch products
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        forward = self._forward_of(batch)
         if self.jvp_method in APPROXIMATE_JVP_METHODS:
             return finite_difference_sandwich(
                 self.model,
