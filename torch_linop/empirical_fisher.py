@@ -3,22 +3,30 @@ forward-mode JVP of the per-sample loss vector, ``G^T (G v)`` from one VJP."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from torch_linop._autodiff import SandwichProduct
+from torch_linop._autodiff import SandwichProduct, make_leaves
+from torch_linop._context import reparametrized
+from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.operator import CurvatureOperator
 from torch_linop.params import ParamFilter
 
 
-class EmpiricalFisherOperator(CurvatureOperator):
+class EmpiricalFisherOperator(GraphCachingOperator):
     """Empirical Fisher: mean (or, for ``reduction="sum"`` losses, sum) over samples of the outer
-    products of per-sample loss gradients. Memory like a training step, not batch x params."""
+    products of per-sample loss gradients. Memory like a training step, not batch x params.
+
+    ``cache_graph=True`` keeps each batch's forward graph (of the per-sample losses) between
+    products, as ``GGNOperator(cache_graph=True)`` does: a product is then a JVP that records no
+    graph and one backward.
+    """
 
     def __init__(
         self,
@@ -29,20 +37,53 @@ class EmpiricalFisherOperator(CurvatureOperator):
         *,
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
+        cache_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         self._sandwich = SandwichProduct(jvp_method)
+        self._init_graph_cache(cache_graph)
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
         super().__init__(model, data, loss, param_filter=param_filter, **kwargs)
 
-    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _losses_of(self, batch: Any) -> Callable[[], torch.Tensor]:
         def per_sample_losses() -> torch.Tensor:
             output = self.loss_fn.forward(self.model, batch)
             return self.loss_fn.per_sample_losses(output, batch)
 
-        def middle(losses: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-            # batch weight n_b / N times 1 / n_b gives (1/N) sum_i g_i g_i^T
-            return vectors / losses.numel() if self.loss_fn.reduction == "mean" else vectors
+        return per_sample_losses
 
-        return self._sandwich(self.model, per_sample_losses, self.params, tangents, middle)
+    def _middle(self, losses: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        # batch weight n_b / N times 1 / n_b gives (1/N) sum_i g_i g_i^T
+        return vectors / losses.numel() if self.loss_fn.reduction == "mean" else vectors
+
+    def _build_graph(self, weight: float, batch: Any) -> _LossesGraph:
+        leaves = make_leaves(self.params)
+        with reparametrized(self.model, leaves):
+            losses = self._losses_of(batch)()
+        return _LossesGraph(weight, batch, leaves, losses)
+
+    def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
+        return self._product_context()  # the JVPs run forward passes
+
+    def _cached_product(
+        self, graph: _LossesGraph, tangents: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        forward = self._losses_of(graph.batch)
+        return self._sandwich.on_kept_graph(
+            self.model, forward, graph.leaves, graph.losses, tangents, self._middle
+        )
+
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        forward = self._losses_of(batch)
+        return self._sandwich(self.model, forward, self.params, tangents, self._middle)
+
+
+@dataclass
+class _LossesGraph:
+    """One batch's kept forward pass: its per-sample losses with their graph."""
+
+    weight: float
+    batch: Any
+    leaves: dict[str, torch.Tensor]
+    losses: torch.Tensor

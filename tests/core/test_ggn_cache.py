@@ -1,4 +1,4 @@
-"""``GGNOperator(cache_graph=True)`` (and the MC Fisher, its subclass): products on the kept
+"""``GGNOperator(cache_graph=True)`` (the MC Fisher, its subclass, and the empirical Fisher): products on the kept
 per-batch forward graphs equal the uncached products and independent dense GGNs (float64, 1e-10)
 for every JVP method, the graphs are kept between products and rebuilt when the model or data
 change, JVPs record no graph, and a failed product leaves no cache and the model unchanged."""
@@ -10,9 +10,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import torch_linop._autodiff as autodiff_module
-from torch_linop import GGNOperator, MCFisherOperator
+from torch_linop import EmpiricalFisherOperator, GGNOperator, MCFisherOperator
 from torch_linop._autodiff import jvp_without_graph, make_leaves
-from torch_linop.reference import dense_ggn
+from torch_linop.reference import dense_empirical_fisher, dense_ggn
 
 TOL = 1e-10
 
@@ -71,6 +71,18 @@ def test_mc_fisher_on_the_kept_graph_is_the_same_fixed_matrix(make_case, rel_err
     expected = uncached @ block
     for _ in range(2):  # the targets are drawn again, from the same seed, in every product
         assert rel_err(cached @ block, expected) <= TOL
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm_eval", "lstm"])
+def test_empirical_fisher_on_the_kept_graph(make_case, dense, rel_err, name):
+    case = make_case(name)
+    cached = EmpiricalFisherOperator(case.model, case.data, case.loss, cache_graph=True)
+    reference = dense_empirical_fisher(case.model, case.data, case.loss)
+    vector = random_block(cached.shape[0], 1, seed=8)[:, 0]
+    for _ in range(2):
+        assert rel_err(cached @ vector, reference @ vector) <= TOL
+    assert rel_err(dense(cached), reference) <= TOL
+    assert cached._graphs is not None and len(cached._graphs) == len(case.data)
 
 
 def test_jvps_record_no_graph(make_case):
