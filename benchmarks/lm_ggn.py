@@ -24,14 +24,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds and peak GiB allocated above what was allocated before."""
+def measure(
+    fn: Callable[[], Any], device: torch.device, repeats: int
+) -> tuple[float, float, float]:
+    """Median seconds, peak GiB allocated during the timed calls above what was allocated
+    before them, and GiB kept between calls (a cached graph: allocated after the warm-up call
+    minus before it)."""
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     fn()
     synchronize(device)
+    kept = 0.0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+        kept = (base - before) / 2**30
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -42,7 +50,7 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[
     peak = (
         (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
     )
-    return sorted(times)[len(times) // 2], peak
+    return sorted(times)[len(times) // 2], peak, kept
 
 
 def gpt2(vocab: int, layers: int, width: int, heads: int, positions: int, device, seed: int = 0):
@@ -75,14 +83,21 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
     for batch, seq in shapes:
         data = tokens(sizes["vocab"], batch, seq, device)
         loss = hf_lm_loss()
-        grad_s, grad_peak = measure(gradient_runner(model, data, loss), device, repeats)
+        grad_s, grad_peak, _ = measure(gradient_runner(model, data, loss), device, repeats)
+        graph_free = GGNOperator(model, data, loss)
+        graph_free._sandwich.record_output_in_dual_forward = False
         ops = {
             "GGN exact (fwd JVP + fused CE + VJP)": GGNOperator(model, data, loss),
+            "GGN exact, graph-free JVP + plain forward": graph_free,
+            "GGN exact, cached graph": GGNOperator(model, data, loss, cache_graph=True),
             "GGN finite-difference JVP": GGNOperator(
                 model, data, loss, jvp_method="finite_difference"
             ),
             "GGN one-sided difference JVP": GGNOperator(
                 model, data, loss, jvp_method="forward_difference"
+            ),
+            "GGN one-sided difference JVP, cached graph": GGNOperator(
+                model, data, loss, jvp_method="forward_difference", cache_graph=True
             ),
             "Hessian (double backward)": HessianOperator(model, data, loss),
             "Hessian (double backward, cached graph)": HessianOperator(
@@ -95,7 +110,7 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
         vector = torch.randn(ops["Hessian (double backward)"].shape[0], device=device)
         reference = {}
         for name, op in ops.items():
-            seconds, peak = measure(lambda op=op, vector=vector: op @ vector, device, repeats)
+            seconds, peak, kept = measure(lambda op=op, vector=vector: op @ vector, device, repeats)
             product = op @ vector
             family = name.split()[0]
             error = None
@@ -111,12 +126,15 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
                     "ms": seconds * 1e3,
                     "x_gradient": seconds / grad_s,
                     "peak_gib": peak,
+                    "kept_gib": kept,
                     "gradient_peak_gib": grad_peak,
                     "rel_error_vs_exact": error,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-        del ops, reference
+            if hasattr(op, "clear_cache"):
+                op.clear_cache()  # the next rows' memory is measured without this graph
+        del ops, reference, graph_free
     return rows
 
 
@@ -139,7 +157,7 @@ def fused_head_rows(
         op = GGNOperator(model, data, loss)
         vector = torch.randn(op.shape[0], device=device)
         try:
-            seconds, peak = measure(lambda op=op, vector=vector: op @ vector, device, repeats)
+            seconds, peak, kept = measure(lambda op=op, vector=vector: op @ vector, device, repeats)
             row = {"product": name, "ms": seconds * 1e3, "peak_gib": peak}
         except torch.OutOfMemoryError as error:
             row = {"product": name, "error": f"OutOfMemoryError: {str(error)[:160]}"}
@@ -186,13 +204,17 @@ def main() -> None:
                 device, big_vocab, head_batch, head_seq, 2, args.head_micro_batches
             )
     print()
-    print("| tokens | product | ms | x gradient | peak GiB (gradient) | rel. error vs exact |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| tokens | product | ms | x gradient | peak GiB (gradient) | kept GiB "
+        "| rel. error vs exact |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in ratios:
         error = "" if row["rel_error_vs_exact"] is None else f"{row['rel_error_vs_exact']:.1e}"
         print(
             f"| {row['shape']} | {row['product']} | {row['ms']:.1f} | {row['x_gradient']:.2f} | "
-            f"{row['peak_gib']:.2f} ({row['gradient_peak_gib']:.2f}) | {error} |"
+            f"{row['peak_gib']:.2f} ({row['gradient_peak_gib']:.2f}) | {row['kept_gib']:.2f} "
+            f"| {error} |"
         )
     if head:
         print()
