@@ -96,7 +96,7 @@ def forward_with_tangent(
         if jvp is None:
             jvp = torch.zeros_like(primal)
         # the primal view must outlive the dual level: keep a differentiable alias of it
-        return primal.view_as(primal), jvp.detach().clone()
+        return primal.view_as(primal), jvp.detach()
 
 
 def jvp_without_graph(
@@ -214,7 +214,9 @@ class SandwichProduct:
     ) -> list[torch.Tensor]:
         leaves = make_leaves(params)
         jvps, output = self._jvps(model, forward, leaves, tangents, None)
-        return self._vjp(output, list(leaves.values()), middle(output.detach(), jvps))
+        cotangents = middle(output.detach(), jvps)
+        del jvps  # output-sized (the logits of a language model): not alive during the backward
+        return self._vjp(output, list(leaves.values()), cotangents)
 
     def on_kept_graph(
         self,
@@ -229,6 +231,7 @@ class SandwichProduct:
         that record no graph, then one VJP that keeps the output's graph for the next product."""
         jvps, _ = self._jvps(model, forward, leaves, tangents, output)
         cotangents = middle(output.detach(), jvps)
+        del jvps  # output-sized: not alive during the backward
         return self._vjp(output, list(leaves.values()), cotangents, retain_graph=True)
 
     def _jvps(self, model, forward, leaves, tangents, output):

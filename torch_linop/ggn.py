@@ -47,10 +47,11 @@ def autograd_output_hvp(
 def output_hvp_of(
     loss_fn: LossFunction, batch: Any
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss Hessian as a map ``(output, vectors) -> vectors``: closed form when known."""
+    """The loss Hessian as a map ``(output, vectors) -> vectors``: closed form when known.
+    The map may overwrite ``vectors`` (the operators pass their own JVPs)."""
 
     def middle(output: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        closed = loss_fn.output_hessian_vector_product(output, batch, vectors)
+        closed = loss_fn.output_hessian_vector_product_(output, batch, vectors)
         if closed is not None:
             return closed
         return autograd_output_hvp(loss_fn, output, batch, vectors)
@@ -128,6 +129,7 @@ def finite_difference_sandwich(
         output = forward()
     jvps = finite_difference_jvps(model, forward, params, tangents, output, central=central)
     cotangents = middle(output.detach(), jvps)
+    del jvps  # output-sized: not alive during the backward
     return vjp_columns(output, list(leaves.values()), cotangents, batched=False)
 
 
@@ -217,6 +219,7 @@ class GGNOperator(GraphCachingOperator):
                 central=self.jvp_method == "finite_difference",
             )
             cotangents = middle(graph.output.detach(), jvps)
+            del jvps  # output-sized: not alive during the backward
             leaf_list = list(graph.leaves.values())
             return vjp_columns(
                 graph.output, leaf_list, cotangents, batched=False, retain_graph=True

@@ -309,3 +309,27 @@ def test_plain_module_returning_a_tensor(make_gpt2, padded_data, ce_ggn_oracle):
     ggn = dense_of(GGNOperator(model, padded_data, loss_fn))
     independent = ce_ggn_oracle(model, padded_data, lambda m, b: m(b["input_ids"]), hf_valid, None)
     torch.testing.assert_close(ggn, independent, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("fused", ["eager", "compile", "auto"])
+def test_in_place_output_hessian_product_overwrites_owned_vectors(padded_data, fused):
+    """The GGN passes its own JVPs: the loss writes the CE Hessian product into them (no second
+    logits-sized buffer), the same numbers as the out-of-place product, which leaves its input
+    alone."""
+    loss_fn = hf_lm_loss(fused=fused)
+    batch = padded_data[0]
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, VOCAB, generator=generator, dtype=torch.float64)
+    vectors = torch.randn(2, 2, 6, VOCAB, generator=generator, dtype=torch.float64)
+    original = vectors.clone()
+    expected = loss_fn.output_hessian_vector_product(logits, batch, vectors)
+    assert torch.equal(vectors, original)
+    result = loss_fn.output_hessian_vector_product_(logits, batch, vectors)
+    assert result.data_ptr() == vectors.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-15)
+    # a hand-written oracle for one column: (p * u - p <p, u>) / n_valid on rows with a target
+    targets, valid = shifted_valid_targets(batch)
+    p = logits.softmax(-1)
+    u = original[0]
+    oracle = (p * u - p * (p * u).sum(-1, keepdim=True)) * valid[..., None] / valid.sum()
+    torch.testing.assert_close(result[0], oracle, rtol=1e-12, atol=1e-15)

@@ -61,6 +61,14 @@ class LossFunction:
         """
         return None
 
+    def output_hessian_vector_product_(
+        self, output: torch.Tensor, batch: Any, vectors: torch.Tensor
+    ) -> torch.Tensor | None:
+        """:meth:`output_hessian_vector_product` for a caller that owns ``vectors`` (the GGN's
+        own JVPs): a loss may write the result into ``vectors`` and return it, saving one
+        output-sized buffer (the logits of a language model). The default does not overwrite."""
+        return self.output_hessian_vector_product(output, batch, vectors)
+
     def sampled_output_hessian_vector_product(
         self,
         output: torch.Tensor,

@@ -156,6 +156,21 @@ class TokenCrossEntropyLoss(LossFunction):
     ) -> torch.Tensor:
         """Cross-entropy Hessian w.r.t. the logits times each of the k ``vectors``
         (``(k, B, T, V)``), by the fused kernel; the shift and the mask stay inside it."""
+        return self._ce_hessian_product(output, batch, vectors, overwrite=False)
+
+    def output_hessian_vector_product_(
+        self, output: torch.Tensor, batch: Any, vectors: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The same product written into ``vectors`` (the kernel's in-place mode: no second
+        (k, B, T, V) buffer). A subclass with its own product (the fused head) keeps it."""
+        own = type(self).output_hessian_vector_product
+        if own is not TokenCrossEntropyLoss.output_hessian_vector_product:
+            return self.output_hessian_vector_product(output, batch, vectors)
+        return self._ce_hessian_product(output, batch, vectors, overwrite=True)
+
+    def _ce_hessian_product(
+        self, output: torch.Tensor, batch: Any, vectors: torch.Tensor, *, overwrite: bool
+    ) -> torch.Tensor:
         labels = self.labels(batch)
         self._check_logits(output, labels)
         return ce_hvp_columns(
@@ -165,6 +180,7 @@ class TokenCrossEntropyLoss(LossFunction):
             ignore_index=self.ignore_index,
             shift=self.shift,
             backend=self.fused,
+            overwrite=overwrite,
         )
 
     def sampled_output_hessian_vector_product(
@@ -194,13 +210,29 @@ def ce_hvp_columns(
     ignore_index: int,
     shift: bool,
     backend: str,
+    overwrite: bool = False,
 ) -> torch.Tensor:
     """``ce_hvp`` (mean reduction) applied to each of the k columns of ``vectors``
-    (``(k, *logits.shape)``); returns ``(k, *logits.shape)``."""
+    (``(k, *logits.shape)``); returns ``(k, *logits.shape)``. ``overwrite``: the result goes
+    into ``vectors`` (returned) when their dtype can hold it."""
     logits = logits.detach()
+    result_dtype = torch.promote_types(logits.dtype, vectors.dtype)
+    if overwrite and vectors.dtype == result_dtype and not vectors.requires_grad:
+        for j in range(vectors.shape[0]):
+            ce_hvp(
+                logits,
+                vectors[j],
+                labels,
+                ignore_index=ignore_index,
+                shift=shift,
+                reduction="mean",
+                backend=backend,
+                inplace=True,
+            )
+        return vectors
     result = torch.empty(
         vectors.shape,
-        dtype=torch.promote_types(logits.dtype, vectors.dtype),
+        dtype=result_dtype,
         device=logits.device,
     )
     for j in range(vectors.shape[0]):  # each column written into its slot: no stacked copy
