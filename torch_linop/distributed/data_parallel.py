@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torch_linop.distributed._collectives import comm_device
+
 DEFAULT_BUCKET_BYTES = 64 * 2**20
 
 
@@ -118,18 +120,6 @@ def _has_dtensor_parameters(model: nn.Module) -> bool:
     return any(isinstance(param, dtensor_module.DTensor) for param in model.parameters())
 
 
-def _comm_device(group: Any, device: torch.device) -> torch.device:
-    """Where a buffer must live for ``group``'s backend: CUDA for NCCL, CPU for gloo."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl":
-        if device.type == "cuda":
-            return device
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend == "gloo":
-        return torch.device("cpu")
-    return device  # multi-device backends ("cpu:gloo,cuda:nccl") and custom ones
-
-
 # --------------------------------------------------------------------------- counts
 def all_reduce_count(op: Any, count: int) -> int:
     """Total sample count over all ranks; one all-reduce of ``[count, failed]``."""
@@ -145,7 +135,7 @@ def _reduce_count(
     buffer = torch.tensor(
         [count, int(failure is not None)],
         dtype=torch.int64,
-        device=_comm_device(spec.group, device),
+        device=comm_device(spec.group, device),
     )
     dist.all_reduce(buffer, group=spec.group)
     total, failed = (int(value) for value in buffer.tolist())
@@ -178,7 +168,7 @@ def _reduce_product(spec: DataParallel, product: torch.Tensor) -> torch.Tensor:
     """All-reduce ``product`` in buckets; the last bucket carries one extra element, the error
     flag, so the healthy path runs exactly one collective per bucket."""
     home = product.device
-    device = _comm_device(spec.group, home)
+    device = comm_device(spec.group, home)
     flat = product.reshape(-1).to(device).contiguous()  # in place when already on `device`
     bounds = _bucket_bounds(flat.numel(), flat.element_size(), spec.bucket_bytes)
     last_start, last_stop = bounds[-1]
@@ -204,7 +194,7 @@ def _flag_failed_product(
     """The failing rank's side of ``_reduce_product``: the same buckets, in the same order, with
     the flag set. Every rank discards the sums, so one scratch bucket serves all buckets (bounded
     memory even when the failure was an out-of-memory error)."""
-    device = _comm_device(spec.group, home)
+    device = comm_device(spec.group, home)
     element_size = torch.empty(0, dtype=dtype).element_size()
     bounds = _bucket_bounds(numel, element_size, spec.bucket_bytes)
     scratch = torch.zeros(bounds[0][1] - bounds[0][0], dtype=dtype, device=device)
@@ -292,7 +282,7 @@ def same_on_all_ranks(tensor: torch.Tensor, group: Any = None) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
     world = dist.get_world_size(group)
-    device = _comm_device(group, tensor.device)
+    device = comm_device(group, tensor.device)
     local = tensor.detach().contiguous().to(device).reshape(-1).view(torch.uint8)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch_linop._context import differentiable_attention
 from torch_linop._finite_difference import entry_cap, rms, step_size
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
+from torch_linop.distributed._collectives import check_finite_on_all_ranks, comm_device
 from torch_linop.distributed.fsdp_forward_ad import reverse_over_forward_fixes, sharded_tangents
 from torch_linop.ggn import _require_split, output_hvp_of
 from torch_linop.losses.base import LossFunction, as_loss_function
@@ -367,18 +368,15 @@ class ShardedOperator:
                     continue
                 product = self._column([d[j] for d in directions], norm)
                 results[:, j] = torch.cat([p.reshape(-1) for p in product])
-        # every rank learns whether any rank's part is non-finite, so all raise together
-        flag = torch.tensor(
-            [0.0 if bool(torch.isfinite(results).all()) else 1.0], device=_comm_device(self)
+        check_finite_on_all_ranks(
+            results,
+            self.group,
+            f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input "
+            "on some rank: the model's output or loss is non-finite on some batch (check "
+            "the data for NaN/Inf and the model for overflow; for half precision, try "
+            "float32)",
+            ValueError,
         )
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if flag.item() > 0:
-            raise ValueError(
-                f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input "
-                "on some rank: the model's output or loss is non-finite on some batch (check "
-                "the data for NaN/Inf and the model for overflow; for half precision, try "
-                "float32)"
-            )
         return results.reshape(local.shape)
 
     def __matmul__(self, local: torch.Tensor) -> torch.Tensor:
@@ -544,8 +542,7 @@ def _reshard(model: nn.Module) -> None:
 
 
 def _comm_device(op: ShardedOperator) -> torch.device:
-    backend = str(dist.get_backend(op.group)).lower()
-    return torch.device("cpu") if backend == "gloo" else op.device
+    return comm_device(op.group, op.device)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from torch_linop.distributed import sharded_linalg as sl
+from torch_linop.distributed._collectives import check_finite_on_all_ranks
 from torch_linop.distributed.seeds import rank_consistent_seed
 from torch_linop.solvers._random import check_distribution, make_generator
 from torch_linop.solvers.results import DiagonalResult, SpectralDensityResult, TraceResult
@@ -50,12 +51,13 @@ def _apply(op: Any, columns: Tensor, block_size: int | None) -> Tensor:
 
 
 def _check_finite(op: Any, block: Tensor, what: str) -> None:
-    bad = torch.tensor([float(not bool(torch.isfinite(block).all()))], dtype=torch.float64)
-    if float(sl.all_reduce(op, bad)[0]) > 0:
-        raise FloatingPointError(
-            f"the sharded operator returned non-finite values (nan/inf) in {what}; check the "
-            "model/loss for overflow or nan parameters"
-        )
+    check_finite_on_all_ranks(
+        block,
+        op.group,
+        f"the sharded operator returned non-finite values (nan/inf) in {what}; check the "
+        "model/loss for overflow or nan parameters",
+        FloatingPointError,
+    )
 
 
 def sharded_trace(

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from torch_linop.distributed._collectives import comm_device
 from torch_linop.distributed.fsdp import local_rows
 from torch_linop.solvers import _random
 
@@ -25,9 +26,8 @@ Distribution = _random.Distribution
 
 
 def _comm_device(op: Any) -> torch.device:
-    """Where collective buffers live: the CPU for gloo, the operator's device otherwise."""
-    backend = str(dist.get_backend(op.group)).lower()
-    return torch.device("cpu") if backend == "gloo" else torch.device(op.device)
+    """Where collective buffers live for ``op``'s group (the CPU for gloo)."""
+    return comm_device(op.group, torch.device(op.device))
 
 
 def all_reduce(op: Any, local: Tensor, reduce_op: Any = dist.ReduceOp.SUM) -> Tensor:
