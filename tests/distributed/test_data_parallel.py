@@ -2,16 +2,13 @@
 same matrix, eigenvalues and trace as one process on the union of the data (float64, 1e-10).
 
 The ranks are separate Python processes running this file as a script (``python
-test_data_parallel.py products RANK WORLD STORE OUT``); they rendezvous through a FileStore and
-write their results with ``torch.save``; the assertions run in the pytest process.
+test_data_parallel.py RANK WORLD OUT``, see ``_gloo_ranks``); they rendezvous through a FileStore
+and write their results with ``torch.save``; the assertions run in the pytest process.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,17 @@ from torch_linop import EmpiricalFisherOperator, GGNOperator, HessianOperator, s
 from torch_linop.distributed import same_on_all_ranks, shared_seed
 from torch_linop.reference import dense_ggn, dense_hessian
 
+# --import-mode=importlib leaves this folder off sys.path (rank processes start with it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gloo_ranks import classification_batches as labelled_batches  # noqa: E402
+from _gloo_ranks import (  # noqa: E402
+    make_model,
+    one_thread,
+    run_rank,
+    run_ranks,
+    save_results,
+)
+
 BATCH_SIZES = (3, 5, 2, 4, 6, 1, 5)
 IGNORED_BATCH = 3  # every label ignored: with 4 ranks, rank 3 holds no sample with a target
 TOP_K = 3
@@ -33,20 +41,11 @@ LAUNCH_TIMEOUT_S = 60.0
 
 
 # ----------------------------------------------------------------------------- the problem
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
 def classification_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    batches = []
-    for index, size in enumerate(BATCH_SIZES):
-        inputs = torch.randn(size, 4, generator=generator, dtype=torch.float64)
-        labels = torch.randint(0, 3, (size,), generator=generator)
-        if index == IGNORED_BATCH:
-            labels = torch.full_like(labels, -100)
-        batches.append((inputs, labels))
+    """The shared labelled batches, every label of batch ``IGNORED_BATCH`` set to ignored."""
+    batches = labelled_batches(BATCH_SIZES)
+    inputs, labels = batches[IGNORED_BATCH]
+    batches[IGNORED_BATCH] = (inputs, torch.full_like(labels, -100))
     return batches
 
 
@@ -131,18 +130,6 @@ def has_targets(batches: list[Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------- worker side
-def init_gloo(rank: int, world: int, store: str, timeout_s: float = 60.0) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-    )
-
-
 def solver_results(op: Any) -> dict[str, Any]:
     """Seeded Lanczos and Hutch++ on the operator (on every rank: rank-consistency data)."""
     from torch_linop.solvers import lanczos, trace
@@ -171,63 +158,18 @@ def worker_products(rank: int, world: int, out: Path) -> None:
     results["solvers"] = solver_results(op)
     seed = shared_seed()
     results["shared_seed_same"] = same_on_all_ranks(torch.tensor([seed]))
-    torch.save(results, out / f"rank{rank}.pt")
-
-
-def exit_cleanly() -> None:
-    """Barrier, destroy the group, and skip C++ static destructors: gloo's threads otherwise
-    sometimes abort the interpreter at exit ("terminate called without an active exception")."""
-    import os
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    save_results(results, out, rank)
 
 
 # ----------------------------------------------------------------------------- parent side
-def launch(mode: str, world: int, tmp_path: Path) -> list[subprocess.CompletedProcess]:
-    """Run ``world`` ranks of this file in ``mode``; returns when all exited (bounded time)."""
-    store = tmp_path / "store"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, mode, str(rank), str(world), str(store), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    finished = []
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"{mode} with {world} ranks did not finish in {LAUNCH_TIMEOUT_S} s")
-        finished.append(
-            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-        )
-    return finished
-
-
 @pytest.fixture(scope="module")
 def references() -> dict[str, Any]:
     """Single process on the union of the data, plus the dense torch.func truths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CI machine
-    try:
+    with one_thread():
         refs: dict[str, Any] = {
             name: summarize(build(name, 0, 1, distributed=False)) for name in CONFIGS
         }
         refs["solvers"] = solver_results(build("hessian_ce", 0, 1, distributed=False))
-    finally:
-        torch.set_num_threads(threads)
     model = make_model()
     refs["dense_hessian"] = dense_hessian(model, classification_batches(), CROSS_ENTROPY)
     refs["dense_ggn"] = dense_ggn(model, classification_batches(), CROSS_ENTROPY)
@@ -251,12 +193,7 @@ def test_single_process_references_match_dense_truths(references: dict[str, Any]
 def test_ranks_match_one_process_on_the_union(
     world: int, tmp_path: Path, references: dict[str, Any]
 ) -> None:
-    runs = launch("products", world, tmp_path)
-    for rank, run in enumerate(runs):
-        assert run.returncode == 0, f"rank {rank} failed:\n{run.stderr}"
-    per_rank = [
-        torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)
-    ]
+    per_rank = run_ranks(__file__, world, tmp_path, LAUNCH_TIMEOUT_S, f"{world} ranks")
     for rank, results in enumerate(per_rank):
         for name in CONFIGS:
             got, want = results[name], references[name]
@@ -289,8 +226,4 @@ def test_ranks_match_one_process_on_the_union(
 
 
 if __name__ == "__main__":
-    _mode, _rank, _world, _store, _out = sys.argv[1:6]
-    torch.set_num_threads(1)  # several ranks share the CI machine's cores
-    init_gloo(int(_rank), int(_world), _store)
-    {"products": worker_products}[_mode](int(_rank), int(_world), Path(_out))
-    exit_cleanly()
+    run_rank(worker_products, group_timeout_s=LAUNCH_TIMEOUT_S)

@@ -2,25 +2,32 @@
 original error on the failing rank and a ``RankFailedError`` naming it on the others; the process
 group stays usable (the next product is correct).
 
-Ranks are Python processes running this file as a script; see test_data_parallel.py.
+Ranks are Python processes running this file as a script; see _gloo_ranks.py.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torch_linop import HessianOperator, supervised_loss
 from torch_linop.distributed import DataParallel
+
+# --import-mode=importlib leaves this folder off sys.path (rank processes start with it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gloo_ranks import (  # noqa: E402
+    load_results,
+    run_rank,
+    save_results,
+    start_ranks,
+    wait_for_ranks,
+)
 
 WORLD = 2
 FAILING_RANK = 1
@@ -63,16 +70,7 @@ def outcome(fn) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- worker side
-def worker(rank: int, out: Path) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'store'}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+def worker(rank: int, world: int, out: Path) -> None:
     ce_mean = supervised_loss(F.cross_entropy)
     ce_sum = supervised_loss(nn.CrossEntropyLoss(reduction="sum"))
     vector = torch.ones(26, dtype=torch.float64)
@@ -96,7 +94,7 @@ def worker(rank: int, out: Path) -> None:
     # 4: the group still works: a healthy product equals the 2-rank sum computed locally
     op = HessianOperator(make_model(), batches(rank, False), ce_sum)
     results["after"] = op @ vector
-    torch.save(results, out / f"rank{rank}.pt")
+    save_results(results, out, rank)
     # 5: an uncaught failure ends every process with its error
     HessianOperator(make_model(), batches(rank, True), ce_mean) @ vector
 
@@ -104,24 +102,8 @@ def worker(rank: int, out: Path) -> None:
 # ----------------------------------------------------------------------------- parent side
 def test_a_failing_rank_fails_every_rank(tmp_path: Path) -> None:
     started = time.monotonic()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    stderrs = []
-    for process in processes:
-        try:
-            _, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"the ranks still ran after {LAUNCH_TIMEOUT_S} s: a rank hangs")
-        stderrs.append(stderr)
+    processes = start_ranks(__file__, WORLD, tmp_path)
+    stderrs = wait_for_ranks(processes, LAUNCH_TIMEOUT_S, "the ranks (a rank hangs)")
     elapsed = time.monotonic() - started
     # the failure is shared through the product's own all-reduce, not the group timeout
     assert elapsed < LAUNCH_TIMEOUT_S
@@ -135,7 +117,7 @@ def test_a_failing_rank_fails_every_rank(tmp_path: Path) -> None:
     assert shape_error in stderrs[0]  # the original message reaches the healthy rank
     assert shape_error in stderrs[FAILING_RANK] and "RankFailedError" not in stderrs[FAILING_RANK]
 
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    results = load_results(tmp_path, WORLD)
     healthy, failing = results[0], results[FAILING_RANK]
     assert failing["count"]["type"] == "ValueError"
     assert "cannot count this batch" in failing["count"]["message"]
@@ -155,5 +137,4 @@ def test_a_failing_rank_fails_every_rank(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    worker(int(sys.argv[1]), Path(sys.argv[2]))
+    run_rank(worker, group_timeout_s=GROUP_TIMEOUT_S)

@@ -8,10 +8,7 @@ gradients; sharded Lanczos finds the top eigenvalues on every rank.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,17 @@ from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
 from torch_linop.reference import dense_ggn, dense_hessian
+
+# --import-mode=importlib leaves this folder off sys.path (rank processes start with it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gloo_ranks import (  # noqa: E402
+    classification_batches,
+    make_model,
+    one_thread,
+    run_rank,
+    run_ranks,
+    save_results,
+)
 
 WORLD = 2
 BATCH_SIZES = (3, 5, 2, 4, 6)  # rank 0: 3 batches, rank 1: 2 (padding steps on rank 1)
@@ -44,25 +52,8 @@ def exact_vectors() -> torch.Tensor:
     return torch.randn(43, EXACT_COLUMNS, generator=torch.Generator().manual_seed(5)).double()
 
 
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(size, 4, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (size,), generator=generator),
-        )
-        for size in BATCH_SIZES
-    ]
-
-
 # ----------------------------------------------------------------------------- worker side
-def worker(rank: int, out: Path) -> None:
-    import torch.distributed as dist
+def worker(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from torch_linop.distributed import (
@@ -72,19 +63,12 @@ def worker(rank: int, out: Path) -> None:
         sharded_lanczos,
     )
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'store'}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    own = batches()[rank::WORLD]
+    own = classification_batches(BATCH_SIZES)[rank::world]
     before = {name: p.to_local().clone() for name, p in model.named_parameters()}
     user_grads = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}
     for name, param in model.named_parameters():
@@ -129,53 +113,14 @@ def worker(rank: int, out: Path) -> None:
     results["grads_restored"] = all(
         p.grad is user_grads[name] for name, p in model.named_parameters()
     )
-    torch.save(results, out / f"rank{rank}.pt")
-    exit_cleanly()
-
-
-def exit_cleanly() -> None:
-    """Barrier, destroy the group, and skip C++ static destructors: gloo's threads otherwise
-    sometimes abort the interpreter at exit ("terminate called without an active exception")."""
-    import os
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    save_results(results, out, rank)
 
 
 # ----------------------------------------------------------------------------- parent side
-def run_ranks(tmp_path: Path) -> list[dict[str, Any]]:
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    for rank, process in enumerate(processes):
-        try:
-            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"FSDP ranks did not finish in {LAUNCH_TIMEOUT_S} s")
-        assert process.returncode == 0, f"rank {rank} failed:\n{stderr}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
-    per_rank = run_ranks(tmp_path)
-    model, data = make_model(), batches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    per_rank = run_ranks(__file__, WORLD, tmp_path, LAUNCH_TIMEOUT_S, "FSDP ranks")
+    model, data = make_model(), classification_batches(BATCH_SIZES)
+    with one_thread():
         identity = torch.eye(43, dtype=torch.float64)
         fd = {
             "hessian": HessianOperator(model, data, LOSS, method="finite_difference") @ identity,
@@ -189,8 +134,6 @@ def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
                 model, data, LOSS, param_filter=first_and_last_bias
             ),
         }
-    finally:
-        torch.set_num_threads(threads)
     assert sum(r["hessian"]["local_size"] for r in per_rank) == 43  # vectors stay sharded
     for rank, results in enumerate(per_rank):
         assert results["params_restored"], f"rank {rank}: parameters changed"
@@ -226,5 +169,4 @@ def test_sharded_products_and_lanczos(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    worker(int(sys.argv[1]), Path(sys.argv[2]))
+    run_rank(worker, group_timeout_s=LAUNCH_TIMEOUT_S)

@@ -9,20 +9,26 @@ per-module tangent misses tied weights, so each would show here.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from torch_linop import supervised_loss
 from torch_linop.reference import dense_ggn, dense_hessian
+
+# --import-mode=importlib leaves this folder off sys.path (rank processes start with it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gloo_ranks import (  # noqa: E402
+    finish_ranks,
+    one_thread,
+    run_rank,
+    save_results,
+    start_ranks,
+)
 
 WORLD = 2
 VOCAB, WIDTH, LENGTH = 11, 8, 5
@@ -89,26 +95,16 @@ def vectors(size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- worker side
-def worker(rank: int, out: Path) -> None:
-    import os
-
-    import torch.distributed as dist
+def worker(rank: int, world: int, out: Path) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from torch_linop.distributed.fsdp import FSDPGGNOperator, FSDPHessianOperator
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'store'}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=LAUNCH_TIMEOUT_S),
-    )
     model = make_model()
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    own = batches()[rank::WORLD]
+    own = batches()[rank::world]
     ops = {
         "hessian": FSDPHessianOperator(model, own, LOSS, method="autograd"),
         "ggn": FSDPGGNOperator(model, own, LOSS),
@@ -119,29 +115,14 @@ def worker(rank: int, out: Path) -> None:
     results = {
         name: op.full_vector(op @ op.shard_vector(vectors(op.shape[0]))) for name, op in ops.items()
     }
-    torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # gloo's threads sometimes abort the interpreter at exit otherwise
+    save_results(results, out, rank)
 
 
 # ----------------------------------------------------------------------------- parent side
 def test_exact_products_through_fsdp_on_a_transformer(tmp_path: Path) -> None:
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
+    processes = start_ranks(__file__, WORLD, tmp_path)  # the truths are computed meanwhile
     model, data = make_model(), batches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         truths = {
             "hessian": dense_hessian(model, data, LOSS),
             "ggn": dense_ggn(model, data, LOSS),
@@ -149,21 +130,10 @@ def test_exact_products_through_fsdp_on_a_transformer(tmp_path: Path) -> None:
                 model, data, LOSS, param_filter=embedding_and_final_norm
             ),
         }
-    finally:
-        torch.set_num_threads(threads)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    for rank, process in enumerate(processes):
-        try:
-            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"FSDP ranks did not finish in {LAUNCH_TIMEOUT_S} s")
-        assert process.returncode == 0, f"rank {rank} failed:\n{stderr}"
+    per_rank = finish_ranks(processes, tmp_path, LAUNCH_TIMEOUT_S, "FSDP ranks")
     tied = sum(p.numel() for p in model.parameters())  # named once: the head shares embed
     assert truths["hessian"].shape[0] == tied
-    for rank in range(WORLD):
-        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for rank, results in enumerate(per_rank):
         for name, matrix in truths.items():
             torch.testing.assert_close(
                 results[name],
@@ -175,5 +145,4 @@ def test_exact_products_through_fsdp_on_a_transformer(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    worker(int(sys.argv[1]), Path(sys.argv[2]))
+    run_rank(worker, group_timeout_s=LAUNCH_TIMEOUT_S)

@@ -12,10 +12,7 @@ assertions run in the pytest process.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,17 @@ from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
 from torch_linop.solvers import diagonal, spectral_density, trace
+
+# --import-mode=importlib leaves this folder off sys.path (rank processes start with it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gloo_ranks import (  # noqa: E402
+    classification_batches,
+    make_model,
+    one_thread,
+    run_rank,
+    run_ranks,
+    save_results,
+)
 
 BATCH_SIZES = (3, 5, 2, 4)  # one or two batches per rank, unequal sample counts
 TOL = 1e-10
@@ -42,22 +50,6 @@ CASES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("hessian_slq", "hessian", "density", {"num_runs": 2, "lanczos_steps": 4, "seed": 1, "grid_size": 64}),  # noqa: E501
     ("matrix_slq_breakdown", "matrix", "density", {"num_runs": 3, "lanczos_steps": 6, "seed": 5, "grid_size": 32}),  # noqa: E501
 )  # fmt: skip
-
-
-def make_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(size, 4, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (size,), generator=generator),
-        )
-        for size in BATCH_SIZES
-    ]
 
 
 def only_last_weight(name: str, _param: Any) -> bool:
@@ -119,7 +111,6 @@ def summary(result: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- worker side
 def worker(rank: int, world: int, out: Path) -> None:
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from torch_linop.distributed import same_on_all_ranks, sharded_lanczos
@@ -132,19 +123,12 @@ def worker(rank: int, world: int, out: Path) -> None:
     )
     from torch_linop.distributed.sharded_linalg import tall_skinny_qr
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{out / 'store'}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=LAUNCH_TIMEOUT_S),
-    )
     model = make_model()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    own = batches()[rank::world]
+    own = classification_batches(BATCH_SIZES)[rank::world]
     ops: dict[str, Any] = {
         "hessian": FSDPHessianOperator(model, own, LOSS, method="autograd"),
         "ggn": FSDPGGNOperator(model, own, LOSS),
@@ -184,54 +168,15 @@ def worker(rank: int, world: int, out: Path) -> None:
     block = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(9)).double()
     results["tsqr"] = op.full_vector(tall_skinny_qr(op, op.shard_vector(block)))
     results["tsqr_block"] = block
-    torch.save(results, out / f"rank{rank}.pt")
-    exit_cleanly()
-
-
-def exit_cleanly() -> None:
-    """Barrier, destroy the group, and skip C++ static destructors (gloo's threads otherwise
-    sometimes abort the interpreter at exit)."""
-    import os
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    save_results(results, out, rank)
 
 
 # ----------------------------------------------------------------------------- parent side
-def run_ranks(world: int, tmp_path: Path) -> list[dict[str, Any]]:
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(world), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    for rank, process in enumerate(processes):
-        try:
-            _, stderr = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            pytest.fail(f"{world} sharded ranks did not finish in {LAUNCH_TIMEOUT_S} s")
-        assert process.returncode == 0, f"rank {rank} of {world} failed:\n{stderr}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def references() -> dict[str, Any]:
     """The single-process solvers on the unsharded exact operators over all the data."""
-    model, data = make_model(), batches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    model, data = make_model(), classification_batches(BATCH_SIZES)
+    with one_thread():
         ops: dict[str, Any] = {
             "hessian": HessianOperator(model, data, LOSS),
             "ggn": GGNOperator(model, data, LOSS),
@@ -249,8 +194,6 @@ def references() -> dict[str, Any]:
         refs["ggn_diagonal"], refs["ggn_diagonal_stderr"] = single.estimate, single.stderr
         last_ggn = ops["last_ggn"] @ torch.eye(15, dtype=torch.float64)
         refs["last_ggn_top"] = float(torch.linalg.eigvalsh(last_ggn)[-1])
-    finally:
-        torch.set_num_threads(threads)
     return refs
 
 
@@ -268,7 +211,7 @@ def test_the_breakdown_case_breaks_down(references: dict[str, Any]) -> None:
 def test_sharded_estimators_match_single_process(
     world: int, tmp_path: Path, references: dict[str, Any]
 ) -> None:
-    per_rank = run_ranks(world, tmp_path)
+    per_rank = run_ranks(__file__, world, tmp_path, LAUNCH_TIMEOUT_S, f"{world} sharded ranks")
     assert sum(r["local_sizes"]["hessian"] for r in per_rank) == 43
     assert sum(r["local_sizes"]["last_ggn"] for r in per_rank) == 15
     if world == 4:  # 3 rows in chunks of 1: the last rank holds none
@@ -313,5 +256,4 @@ def test_sharded_estimators_match_single_process(
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    run_rank(worker, group_timeout_s=LAUNCH_TIMEOUT_S)
