@@ -168,6 +168,17 @@ def worker(rank: int, world: int, out: Path) -> None:
     block = torch.randn(op.shape[0], 5, generator=torch.Generator().manual_seed(9)).double()
     results["tsqr"] = op.full_vector(tall_skinny_qr(op, op.shard_vector(block)))
     results["tsqr_block"] = block
+
+    # a NaN in rank 0's rows only: every rank raises (one all-reduced flag), none waits
+    poisoned = block_matrix()
+    poisoned[0, 0] = float("nan")
+    nan_op = ShardedMatrix(poisoned, None)
+    results["nan_rows_here"] = not bool(torch.isfinite(nan_op.shard_vector(poisoned)).all())
+    try:
+        sharded_trace(nan_op, 3, method="hutchinson", seed=0)
+        results["nan_error"] = None
+    except FloatingPointError as error:
+        results["nan_error"] = str(error)
     save_results(results, out, rank)
 
 
@@ -246,6 +257,9 @@ def test_sharded_estimators_match_single_process(
         assert results["dp_trace_none_same"], f"{where}: seed=None gave rank-dependent probes"
         assert results["local_seed"] is None, where
         assert results["int_seed_kept"] == 7, where
+        assert results["nan_rows_here"] == (rank == 0), where  # the NaN row is rank 0's
+        assert results["nan_error"] is not None, f"{where}: no error on a non-finite product"
+        assert "non-finite values (nan/inf) in the Hutchinson probes" in results["nan_error"]
         for key in ("ggn_diagonal", "ggn_diagonal_stderr"):
             torch.testing.assert_close(
                 results[key], references[key], rtol=TOL, atol=TOL, msg=f"{key} on {where}"
