@@ -1,6 +1,7 @@
-"""Triton kernel for the cross-entropy Hessian-vector product, and its launcher.
+"""The split-row Triton kernel for the cross-entropy Hessian-vector product, and its launcher.
 
-Per valid row r with p = softmax(x_r): out_r = scale * (p * u_r - p * <p, u_r>).
+Per valid row r with p = softmax(x_r): out_r = scale * (p * u_r - p * <p, u_r>). ``ce_hvp`` runs
+it for float64 inputs; fp32/bf16/fp16 run the two-pass kernel of ``_ce_hvp_two_pass``.
 
 Layout of the work: a row of V logits is cut into ``num_chunks`` chunks of ``BLOCK`` entries and
 each program owns one (row, chunk). A program loads its chunk of x and u once into registers and
@@ -33,12 +34,22 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+
+from ._ce_hvp_common import (
+    is_inner_contiguous,
+    is_interpreter,
+    labels_arguments,
+    load_tile,
+    locate_row,
+    scale_arguments,
+    time_configs,
+)
 
 __all__ = [
     "KernelConfig",
     "ce_hvp_triton",
     "is_interpreter",
+    "publish_stats",
     "tuned_configs",
     "tuning_timings",
 ]
@@ -49,46 +60,12 @@ _POLLS_BEFORE_CLAIMING = 1 << 17
 
 
 @triton.jit
-def _load_chunk(
-    x_row_ptr,
-    u_row_ptr,
-    x_stride_v,
-    u_stride_v,
-    chunk,
-    vocab,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-):
-    """One chunk of a row of x (masked lanes -inf) and u (masked lanes 0), in the accumulation type."""
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    in_row = offsets < vocab
-    if X_CONTIG:
-        x_ptrs = x_row_ptr + offsets
-    else:
-        x_ptrs = x_row_ptr + offsets.to(tl.int64) * x_stride_v
-    if U_CONTIG:
-        u_ptrs = u_row_ptr + offsets
-    else:
-        u_ptrs = u_row_ptr + offsets.to(tl.int64) * u_stride_v
-    x = tl.load(x_ptrs, mask=in_row, other=-float("inf"), eviction_policy="evict_first")
-    u = tl.load(u_ptrs, mask=in_row, other=0.0, eviction_policy="evict_first")
-    if ACC_FP64:
-        x = x.to(tl.float64)
-        u = u.to(tl.float64)
-    else:
-        x = x.to(tl.float32)
-        u = u.to(tl.float32)
-    return x, u
-
-
-@triton.jit
 def _chunk_stats(x, u):
     """Chunk max m, exp(x - m), sum exp(x - m), sum exp(x - m) * u.
 
     A chunk of -inf logits (a masked slice of the vocabulary) gives m = -inf and zero sums, so it
-    drops out of the row's merge instead of turning it into NaN.
+    drops out of the row's merge instead of turning it into NaN. Not the two-pass kernel's
+    ``merge_tile``: no running max to rescale, and the exponentials stay in registers (output).
     """
     chunk_max = tl.max(x, 0)
     finite_max = tl.where(chunk_max == -float("inf"), 0.0, chunk_max)
@@ -97,7 +74,7 @@ def _chunk_stats(x, u):
 
 
 @triton.jit
-def _publish(stats_ptr, count_ptr, row, slot, chunk_max, chunk_norm, chunk_dot):
+def publish_stats(stats_ptr, count_ptr, row, slot, chunk_max, chunk_norm, chunk_dot):
     """Store one chunk's three numbers, then count them as published (release)."""
     tl.store(stats_ptr + slot * 3, chunk_max)
     tl.store(stats_ptr + slot * 3 + 1, chunk_norm)
@@ -136,7 +113,7 @@ def _row_stats(
     """
     first_slot = row * num_chunks
     if was_claimed == 0:
-        _publish(stats_ptr, count_ptr, row, first_slot + chunk, own_max, own_norm, own_dot)
+        publish_stats(stats_ptr, count_ptr, row, first_slot + chunk, own_max, own_norm, own_dot)
     published = tl.load(count_ptr + row, volatile=True)
     polls = 0
     while (published < num_chunks) & (polls < MAX_SPIN):
@@ -147,7 +124,7 @@ def _row_stats(
         for other_chunk in range(0, num_chunks):
             other_claimed = tl.atomic_cas(claim_ptr + first_slot + other_chunk, 0, 1)
             if other_claimed == 0:
-                x_other, u_other = _load_chunk(
+                x_other, u_other = load_tile(
                     x_row_ptr,
                     u_row_ptr,
                     x_stride_v,
@@ -158,9 +135,10 @@ def _row_stats(
                     X_CONTIG,
                     U_CONTIG,
                     ACC_FP64,
+                    False,
                 )
                 other_max, _, other_norm, other_dot = _chunk_stats(x_other, u_other)
-                _publish(
+                publish_stats(
                     stats_ptr,
                     count_ptr,
                     row,
@@ -228,25 +206,16 @@ def _ce_hvp_kernel(
     else:
         row = (program // num_chunks).to(tl.int64)
         chunk = program % num_chunks
-    batch_index = row // seq_len
-    position = row % seq_len
-
-    if HAS_LABELS:
-        if SHIFT:
-            has_next = position + 1 < seq_len
-            label = tl.load(
-                labels_ptr + batch_index * labels_stride_b + (position + 1) * labels_stride_t,
-                mask=has_next,
-                other=ignore_index,
-            )
-        else:
-            label = tl.load(labels_ptr + batch_index * labels_stride_b + position * labels_stride_t)
-        has_target = label != ignore_index
-    else:
-        if SHIFT:
-            has_target = position + 1 < seq_len
-        else:
-            has_target = position >= 0
+    batch_index, position, has_target = locate_row(
+        row,
+        seq_len,
+        labels_ptr,
+        labels_stride_b,
+        labels_stride_t,
+        ignore_index,
+        HAS_LABELS,
+        SHIFT,
+    )
 
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     in_row = offsets < vocab
@@ -262,7 +231,7 @@ def _ce_hvp_kernel(
         if CHUNKS_POW2 > 1:
             # Claim the own chunk first: the atomic's latency hides behind the loads below.
             was_claimed = tl.atomic_cas(claim_ptr + row * num_chunks + chunk, 0, 1)
-        x, u = _load_chunk(
+        x, u = load_tile(
             x_row_ptr,
             u_row_ptr,
             x_stride_v,
@@ -273,6 +242,7 @@ def _ce_hvp_kernel(
             X_CONTIG,
             U_CONTIG,
             ACC_FP64,
+            False,
         )
         own_max, exps, own_norm, own_dot = _chunk_stats(x, u)
         if SCALE_IN_MEMORY:
@@ -312,11 +282,6 @@ def _ce_hvp_kernel(
         tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=in_row)
     else:
         tl.store(out_ptrs, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=in_row)
-
-
-def is_interpreter() -> bool:
-    """True when Triton was imported under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors)."""
-    return type(_ce_hvp_kernel).__name__ == "InterpretedFunction"
 
 
 @dataclass(frozen=True)
@@ -363,10 +328,6 @@ def tuning_timings() -> dict[tuple, dict[KernelConfig, float]]:
     return {key: dict(timings) for key, timings in _tuning_timings.items()}
 
 
-def _is_inner_contiguous(tensor: torch.Tensor) -> bool:
-    return tensor.shape[-1] <= 1 or tensor.stride(-1) == 1
-
-
 def _launch(
     logits: torch.Tensor,
     u: torch.Tensor,
@@ -392,15 +353,8 @@ def _launch(
     else:
         claim = count = torch.empty(1, dtype=torch.int32, device=device)
         stats = torch.empty(1, dtype=acc_dtype, device=device)
-    if acc_fp64 and not isinstance(scale, torch.Tensor):
-        # a Python float reaches the kernel as a float32 argument: pass float64 scales in memory
-        scale = torch.full((), float(scale), dtype=torch.float64, device=device)
-    if isinstance(scale, torch.Tensor):
-        scale_tensor, scale_value = scale.to(acc_dtype), 1.0
-    else:
-        scale_tensor, scale_value = torch.empty(1, dtype=acc_dtype, device=device), float(scale)
-    labels_arg = labels if labels is not None else torch.empty(1, dtype=torch.int64, device=device)
-    labels_strides = labels.stride() if labels is not None else (0, 0)
+    scale_tensor, scale_value, scale_in_memory = scale_arguments(scale, acc_dtype, device)
+    labels_arg, labels_strides = labels_arguments(labels, device)
     grid = (num_rows * num_chunks,)
     _ce_hvp_kernel[grid](
         logits,
@@ -422,26 +376,16 @@ def _launch(
         scale_value,
         HAS_LABELS=labels is not None,
         SHIFT=shift,
-        SCALE_IN_MEMORY=isinstance(scale, torch.Tensor),
+        SCALE_IN_MEMORY=scale_in_memory,
         BLOCK=config.block,
         CHUNKS_POW2=triton.next_power_of_2(num_chunks),
-        X_CONTIG=_is_inner_contiguous(logits),
-        U_CONTIG=_is_inner_contiguous(u),
-        OUT_CONTIG=_is_inner_contiguous(out),
+        X_CONTIG=is_inner_contiguous(logits),
+        U_CONTIG=is_inner_contiguous(u),
+        OUT_CONTIG=is_inner_contiguous(out),
         ACC_FP64=acc_fp64,
         MAX_SPIN=0 if is_interpreter() else _POLLS_BEFORE_CLAIMING,
         num_warps=config.num_warps,
     )
-
-
-def _leading_rows(tensor: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
-    """A view of about ``num_rows`` leading rows of a (B, T, ...) tensor (no copy)."""
-    if tensor is None:
-        return None
-    batch, seq_len = tensor.shape[0], tensor.shape[1]
-    if batch > 1:
-        return tensor[: max(1, min(batch, num_rows // seq_len))]
-    return tensor[:, : min(seq_len, num_rows)]
 
 
 def _tune(
@@ -465,34 +409,20 @@ def _tune(
     if len(candidates) == 1:
         return candidates[0]
     tune_rows = max(256, (1 << 28) // (vocab * logits.element_size()))
-    sub_logits = _leading_rows(logits, tune_rows)
-    sub_u = _leading_rows(u, tune_rows)
-    sub_labels = _leading_rows(labels, tune_rows)
-    assert sub_logits is not None and sub_u is not None  # only labels may be absent
-    if out.data_ptr() == u.data_ptr():
-        sub_out = torch.empty(sub_u.shape, dtype=out.dtype, device=out.device)
-    else:
-        leading_out = _leading_rows(out, tune_rows)
-        assert leading_out is not None
-        sub_out = leading_out
-    for config in candidates:
 
-        def run(config: KernelConfig = config) -> None:
-            _launch(
-                sub_logits,
-                sub_u,
-                sub_labels,
-                sub_out,
-                ignore_index=ignore_index,
-                shift=shift,
-                scale=scale,
-                config=config,
-            )
+    def run(logits, u, labels, out, config: KernelConfig) -> None:
+        _launch(
+            logits,
+            u,
+            labels,
+            out,
+            ignore_index=ignore_index,
+            shift=shift,
+            scale=scale,
+            config=config,
+        )
 
-        try:
-            timings[config] = triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
-        except Exception:  # a config that does not compile here (e.g. too many registers)
-            continue
+    timings.update(time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows))
     if not timings:
         raise RuntimeError(f"no ce_hvp Triton config compiled for vocab={vocab}")
     return min(timings, key=timings.__getitem__)
@@ -529,9 +459,9 @@ def ce_hvp_triton(
                 out.dtype,
                 labels is not None,
                 shift,
-                _is_inner_contiguous(logits),
-                _is_inner_contiguous(u),
-                _is_inner_contiguous(out),
+                is_inner_contiguous(logits),
+                is_inner_contiguous(u),
+                is_inner_contiguous(out),
             )
             with _tune_lock:
                 if key not in _tuned:

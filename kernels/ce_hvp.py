@@ -156,7 +156,7 @@ def _run_backend(
             return triton_backend.ce_hvp_triton(
                 logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
             )
-        from ._ce_hvp_variants import ce_hvp_two_pass
+        from ._ce_hvp_two_pass import ce_hvp_two_pass
 
         return ce_hvp_two_pass(
             logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale

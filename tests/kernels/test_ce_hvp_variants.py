@@ -1,15 +1,17 @@
-"""The alternative ce_hvp Triton kernels (``kernels/_ce_hvp_variants.py``) against float64 oracles.
+"""The ce_hvp Triton designs with forced configs against float64 oracles.
 
-Oracles: the explicit block-diagonal softmax Hessian (diag(p) - p p^T per row with a target) for
-V <= 1000, and the double-backward Hessian-vector product of ``F.cross_entropy`` in float64 for
-larger V; half-precision inputs are compared with the oracle on the same rounded inputs. Every
-variant runs with a config that splits rows into several chunks (and, for the split variants,
-into segments of unequal length) and with its default config.
+The shipped two-pass kernel (``kernels/_ce_hvp_two_pass.py``) and the benchmark's unshipped
+designs (``benchmarks/ce_hvp_designs.py``: ``split_coop``, ``split_two_kernel``,
+``current_sweep``) each run with a config that splits rows into several chunks (and, for the split
+designs, into segments of unequal length) and with their default config. Cases, inputs, oracles
+and checks are shared with ``test_ce_hvp.py`` through ``tests/kernels/conftest.py``.
 
 On CPU the kernels run through ``TRITON_INTERPRET=1`` in one subprocess (the variable must be set
 before Triton is imported); there, programs run one after another, so the split-row kernel's
 first program of a row claims and computes its siblings' segments (the claim path) and the later
-ones find them published. On a CUDA machine the same cases run natively, plus forced claim races.
+ones find them published. On a CUDA machine the same runs go natively, plus forced claim races.
+The shipped kernels also compile for sm_90 on the CPU (Triton's compiler needs no GPU): the
+interpreter runs Python and misses what only the compiler rejects.
 """
 
 from __future__ import annotations
@@ -18,159 +20,58 @@ import json
 import os
 import subprocess
 import sys
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 IGNORE = -100
 HAS_CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
-VARIANT_NAMES = ("two_pass", "split_coop", "split_two_kernel", "current_sweep")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One input configuration; inputs are drawn from a seed derived from ``name``."""
-
-    name: str
-    rows: tuple[int, ...]  # (N,) or (B, T)
-    vocab: int
-    dtype: torch.dtype = torch.float32
-    u_dtype: torch.dtype | None = None  # None: same as dtype
-    labels: str = "some_ignored"  # "none" | "some_ignored" | "all_ignored"
-    shift: bool = False
-    reduction: str = "mean"
-    layout: str = "contiguous"  # "contiguous" | "vocab_strided" | "permuted"
-    spike: bool = False
-    masked_vocab: int = 0  # logits[..., :masked_vocab] = -inf (whole chunks of zero probability)
-    write: str = "out"  # "out" (NaN-poisoned buffer) | "inplace" (into a copy of u)
-    # "split" (several chunks, unequal segments), "prefetch" (the same, loading a chunk ahead),
-    # "default" (untuned config), "tile" (split_coop with one chunk per program, in registers)
-    configs: tuple[str, ...] = ("split", "default")
-
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-CASES = [
-    *[
-        Case(
-            f"v{vocab}_{DTYPE_NAMES[dtype]}",
-            rows,
-            vocab,
-            dtype,
-            configs=("split", "prefetch")
-            if vocab >= 1000 and dtype != torch.float16
-            else ("split",),
-        )
-        for vocab, rows in ((7, (2, 3)), (100, (2, 3)), (1000, (2, 3)), (5000, (1, 3)))
-        for dtype in (torch.float32, torch.bfloat16, torch.float16)
-    ],
-    Case("v5000_default", (1, 3), 5000, shift=True, configs=("default",)),
-    Case("v1000_tile_bf16", (2, 3), 1000, torch.bfloat16, configs=("tile",)),
-    Case("all_ignored", (2, 3), 100, labels="all_ignored", configs=("split", "default", "tile")),
-    Case("spike_fp32", (1, 3), 1000, spike=True),
-    Case("spike_bf16", (1, 3), 1000, torch.bfloat16, spike=True, configs=("split", "tile")),
-    Case(
-        "strided_vocab_shift",
-        (2, 3),
-        1000,
-        layout="vocab_strided",
-        shift=True,
-        configs=("split", "default", "prefetch"),
-    ),
-    Case("permuted_batch_time", (2, 3), 100, torch.bfloat16, layout="permuted", shift=True),
-    Case("shift_labels", (2, 5), 100, shift=True, configs=("split", "tile")),
-    Case("shift_no_labels", (3, 4), 100, labels="none", shift=True, configs=("split",)),
-    Case("odd_rows_no_labels", (11,), 100, labels="none", configs=("split",)),
-    Case("odd_rows_shift", (1, 13), 1000, shift=True, configs=("prefetch",)),
-    Case("masked_vocab", (2, 3), 1000, shift=True, masked_vocab=300, configs=("prefetch", "tile")),
-    Case("inplace_shift", (2, 3), 1000, shift=True, write="inplace", configs=("prefetch", "tile")),
-    Case("inplace_bf16", (2, 3), 1000, torch.bfloat16, write="inplace", configs=("default",)),
-    Case("sum_reduction", (2, 3), 100, shift=True, reduction="sum", configs=("split",)),
-    Case("fp64_no_labels", (2, 3), 100, torch.float64, labels="none"),
-    Case("fp64_shift", (2, 3), 1000, torch.float64, shift=True, configs=("split", "prefetch")),
-    Case("bf16_logits_fp32_u", (2, 3), 100, torch.bfloat16, u_dtype=torch.float32),
-]
-CASES_BY_NAME = {case.name: case for case in CASES}
-VARIANTS_BY_CONFIG = {
-    "split": VARIANT_NAMES,
-    "default": VARIANT_NAMES,
-    "prefetch": ("two_pass", "split_coop", "split_two_kernel"),
-    "tile": ("split_coop",),
-}
-RUNS = [
-    (case, variant, config)
-    for case in CASES
-    for config in case.configs
-    for variant in VARIANTS_BY_CONFIG[config]
-]
-
-
-def run_id(case: Case, variant: str, config: str) -> str:
-    return f"{case.name}-{variant}-{config}"
-
-
-def make_inputs(
-    case: Case, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Logits, tangent and labels; drawn on CPU from the case's seed, laid out on ``device``."""
-    generator = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
-    rows, vocab = case.rows, case.vocab
-
-    def draw(dtype: torch.dtype, spread: float) -> torch.Tensor:
-        if case.layout == "vocab_strided":  # stride of the vocab axis is the number of rows
-            base = torch.randn(vocab, *rows, generator=generator) * spread
-            return base.to(dtype).to(device).permute(*range(1, len(rows) + 1), 0)
-        if case.layout == "permuted":  # (T, B, V) memory viewed as (B, T, V)
-            base = torch.randn(*reversed(rows), vocab, generator=generator) * spread
-            return base.to(dtype).to(device).transpose(0, 1)
-        return (torch.randn(*rows, vocab, generator=generator) * spread).to(dtype).to(device)
-
-    logits = draw(case.dtype, 3.0)
-    if case.spike:
-        logits[(0,) * len(rows) + (3,)] += 50.0
-    if case.masked_vocab:
-        logits[..., : case.masked_vocab] = float("-inf")
-    u = draw(case.u_dtype or case.dtype, 1.0)
-    if case.labels == "none":
-        return logits, u, None
-    labels = torch.randint(0, vocab, rows, generator=generator)
-    if case.labels == "all_ignored":
-        labels.fill_(IGNORE)
-    else:
-        flat = labels.view(-1)
-        flat[1 :: max(2, flat.numel() // 3)] = IGNORE
-    return logits, u, labels.to(device)
+if str(ROOT) not in sys.path:  # the designs live in benchmarks/, outside the package
+    sys.path.insert(0, str(ROOT))
+CONFTEST = Path(__file__).with_name("conftest.py")
 
 
 def variant_config(variant: str, config: str, vocab: int):
-    """``default``: the variant's untuned config; ``split``: several chunks per row and, for the
-    split variants, segments of three chunks (the last one shorter); ``prefetch``: ``split``
-    loading one chunk ahead; ``tile``: one chunk per split_coop program, kept in registers."""
-    from torch_linop.kernels import _ce_hvp_variants as variants
+    """``default``: the design's untuned config; ``split``: several chunks per row and, for the
+    split designs, segments of three chunks (the last one shorter); ``prefetch``: ``split``
+    loading one chunk ahead; ``tile``: one chunk per split_coop program, kept in registers.
+    The shipped two-pass kernel gets its own config type (it has no segments or row blocks)."""
+    from benchmarks import ce_hvp_designs as designs
+    from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 
     if config == "default":
-        return variants.default_config(variant, vocab)
+        if variant == "two_pass":
+            return two_pass.default_config(vocab)
+        return designs.default_config(variant, vocab)
     block = max(8, triton_next_power_of_2(vocab) // (8 if vocab > 4096 else 4))
-    seg_chunks = 1 if config == "tile" else 3
-    return variants.VariantConfig(
+    num_warps = max(1, min(8, block // 512))  # at most 16 entries per thread on a GPU
+    if variant == "two_pass":
+        return two_pass.TwoPassConfig(block, num_warps, prefetch=config == "prefetch")
+    return designs.VariantConfig(
         block,
-        max(1, min(8, block // 512)),  # at most 16 entries per thread on a GPU
-        seg_chunks=seg_chunks,
+        num_warps,
+        seg_chunks=1 if config == "tile" else 3,
         programs_per_sm=1,
         block_mb=1,
         prefetch=config == "prefetch",
     )
 
 
+def launcher(variant: str):
+    """The shipped ``ce_hvp_two_pass`` for "two_pass", else the benchmark's design."""
+    from benchmarks import ce_hvp_designs as designs
+    from torch_linop.kernels import _ce_hvp_two_pass as two_pass
+
+    return two_pass.ce_hvp_two_pass if variant == "two_pass" else designs.VARIANTS[variant]
+
+
 def triton_next_power_of_2(value: int) -> int:
     return 1 << (value - 1).bit_length()
 
 
-def scale_for(case: Case, labels: torch.Tensor | None) -> torch.Tensor | float:
+def scale_for(case, labels: torch.Tensor | None) -> torch.Tensor | float:
     """The factor ce_hvp passes to its Triton launcher (1 / rows with a target for "mean")."""
     from torch_linop.kernels._ce_hvp_reference import loss_scale
 
@@ -188,10 +89,9 @@ def scale_for(case: Case, labels: torch.Tensor | None) -> torch.Tensor | float:
     )
 
 
-def run_variant(case: Case, variant: str, config: str, logits, u, labels) -> torch.Tensor:
-    """Launch a variant as ce_hvp would: (B, T, V) views, output buffer or in place into u's copy."""
-    from torch_linop.kernels import _ce_hvp_variants as variants
-
+def run_variant(case, variant: str, config: str, logits, u, labels) -> torch.Tensor:
+    """Launch a design as ce_hvp would: (B, T, V) views, NaN-poisoned output buffer, or in place
+    into a copy of u."""
     as_3d = (lambda t: t.unsqueeze(0)) if len(case.rows) == 1 else (lambda t: t)
     labels_2d = None if labels is None else as_3d(labels)
     result_dtype = torch.promote_types(logits.dtype, u.dtype)
@@ -201,7 +101,7 @@ def run_variant(case: Case, variant: str, config: str, logits, u, labels) -> tor
     else:
         out = torch.full(logits.shape, float("nan"), dtype=result_dtype, device=u.device)
         source = u
-    returned = variants.VARIANTS[variant](
+    returned = launcher(variant)(
         as_3d(logits),
         as_3d(source),
         labels_2d,
@@ -215,128 +115,37 @@ def run_variant(case: Case, variant: str, config: str, logits, u, labels) -> tor
     return out
 
 
-def rows_with_target(case: Case, labels: torch.Tensor | None) -> torch.Tensor:
-    """Boolean (B, T) mask, written out position by position (independent of the library)."""
-    batch, seq_len = (1, *case.rows) if len(case.rows) == 1 else case.rows
-    labels_2d = None if labels is None else labels.reshape(batch, seq_len).cpu()
-    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
-    for b in range(batch):
-        for t in range(seq_len):
-            target_t = t + 1 if case.shift else t
-            if target_t < seq_len:
-                mask[b, t] = labels_2d is None or bool(labels_2d[b, target_t] != IGNORE)
-    return mask
-
-
-def dense_oracle(case: Case, logits: torch.Tensor, u: torch.Tensor, labels) -> torch.Tensor:
-    """The block-diagonal Hessian in float64, one explicit (V x V) block per row, times u."""
-    mask = rows_with_target(case, labels).reshape(-1)
-    probs = torch.softmax(logits.double().cpu().reshape(-1, case.vocab), dim=-1)
-    tangents = u.double().cpu().reshape(-1, case.vocab)
-    num_valid = int(mask.sum())
-    scale = 1.0 / num_valid if case.reduction == "mean" and num_valid else 1.0
-    products = torch.zeros_like(tangents)
-    for row, (p, valid) in enumerate(zip(probs, mask, strict=True)):
-        if valid:
-            products[row] = ((torch.diag(p) - torch.outer(p, p)) * scale) @ tangents[row]
-    return products.reshape(logits.shape)
-
-
-def autograd_oracle(case: Case, logits: torch.Tensor, u: torch.Tensor, labels) -> torch.Tensor:
-    """Double-backward HVP of F.cross_entropy (HF causal-LM shift) in float64, on CPU."""
-    x = logits.detach().double().cpu().reshape(-1, *logits.shape[-2:]).requires_grad_(True)
-    tangent = u.double().cpu().reshape(x.shape)
-    if labels is None:
-        targets = torch.zeros(x.shape[:-1], dtype=torch.long)
-    else:
-        targets = labels.cpu().reshape(x.shape[:-1])
-    x_scored = x[:, :-1] if case.shift else x
-    if case.shift:
-        targets = targets[:, 1:]
-    if targets.numel() == 0 or bool((targets == IGNORE).all()):
-        return torch.zeros(logits.shape, dtype=torch.float64)
-    loss = F.cross_entropy(
-        x_scored.reshape(-1, case.vocab),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction=case.reduction,
-    )
-    (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
-    (product,) = torch.autograd.grad((gradient * tangent).sum(), x)
-    return product.reshape(logits.shape)
-
-
-def tolerance(case: Case) -> float:
-    """Relative error allowed: output rounding for half types, summation error for fp32."""
-    dtypes = {case.dtype, case.u_dtype or case.dtype}
-    if torch.float64 in dtypes:
-        return 1e-12
-    if torch.bfloat16 in dtypes and case.u_dtype != torch.float32:
-        return 1.2e-2  # 8-bit mantissa; the interpreter truncates fp32 -> bf16 instead of rounding
-    if torch.float16 in dtypes:
-        return 2e-3
-    return 5e-6
-
-
-def check_against_oracle(case: Case, result: torch.Tensor, logits, u, labels) -> None:
-    if case.vocab <= 1000:
-        expected = dense_oracle(case, logits, u, labels)
-    else:
-        expected = autograd_oracle(case, logits, u, labels)
-    result = result.cpu()
-    assert result.shape == logits.shape
-    assert result.dtype == torch.promote_types(logits.dtype, u.dtype)
-    assert torch.isfinite(result).all(), "non-finite entries (unwritten NaN poison or overflow)"
-    mask = rows_with_target(case, labels).reshape(logits.shape[:-1])
-    assert torch.equal(result[~mask], torch.zeros_like(result[~mask])), "rows without target"
-    if not mask.any():
-        return
-    diff = (result.double() - expected)[mask]
-    # The error of the best answer representable in the result dtype is allowed on top (fp16
-    # results of V = 5000 rows are subnormal).
-    unavoidable = (expected.to(result.dtype).double() - expected)[mask]
-    relative = ((diff.norm() - 2 * unavoidable.norm()) / expected[mask].norm()).item()
-    assert relative < tolerance(case), f"relative error {relative:.2e}"
-    # Per row, against the forward-error scale |p| (|u| + max |u|) of p (u - <p, u>): a plain
-    # relative error means nothing on a near-one-hot row (the +50 spike), whose product is ~0.
-    scale = 1.0 / int(mask.sum()) if case.reduction == "mean" else 1.0
-    probs = torch.softmax(logits.double().cpu(), dim=-1)[mask]
-    u_abs = u.double().abs().cpu()[mask]
-    error_scale = scale * (probs * (u_abs + u_abs.amax(-1, keepdim=True))).norm(dim=-1)
-    row_excess = diff.norm(dim=-1) - 2 * unavoidable.norm(dim=-1)
-    worst_row = (row_excess / error_scale).max().item()
-    assert worst_row < tolerance(case), f"worst row error {worst_row:.2e}"
-
-
 _INTERPRETER_SCRIPT = """
 import importlib.util, sys, torch
-spec = importlib.util.spec_from_file_location("ce_hvp_variant_cases", sys.argv[1])
-cases = sys.modules["ce_hvp_variant_cases"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cases)
-from torch_linop.kernels import _ce_hvp_triton
-assert _ce_hvp_triton.is_interpreter()
-inputs = torch.load(sys.argv[2])
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+cases, tests = load("ce_hvp_cases", sys.argv[1]), load("ce_hvp_design_tests", sys.argv[2])
+from torch_linop.kernels import _ce_hvp_common
+assert _ce_hvp_common.is_interpreter()
+inputs = torch.load(sys.argv[3])
 results = {}
-for case, variant, config in cases.RUNS:
+for case, variant, config in cases.DESIGN_RUNS:
     args = inputs[case.name]
-    results[cases.run_id(case, variant, config)] = cases.run_variant(case, variant, config, *args)
-results["tuning"] = cases.tuning_facts()
-sys.path.insert(0, str(cases.ROOT))
+    results[cases.run_id(case, variant, config)] = tests.run_variant(case, variant, config, *args)
+results["tuning"] = tests.tuning_facts(cases)
 from benchmarks.ce_hvp_variants import main as benchmark_main
-results["smoke_rc"] = benchmark_main(["--smoke", "--out", sys.argv[4]])
-torch.save(results, sys.argv[3])
+results["smoke_rc"] = benchmark_main(["--smoke", "--out", sys.argv[5]])
+torch.save(results, sys.argv[4])
 """
 
 
-def tuning_facts() -> dict:
+def tuning_facts(kernel_cases) -> dict:
     """Run the tuner in place (out aliasing u) with two candidates; report what it did."""
-    from torch_linop.kernels import _ce_hvp_variants as variants
+    from benchmarks import ce_hvp_designs as designs
 
-    case = CASES_BY_NAME["inplace_shift"]
-    logits, u, labels = make_inputs(case)
+    case = kernel_cases.CASES_BY_NAME["inplace_shift"]
+    logits, u, labels = kernel_cases.make_inputs(case)
     buffer = u.clone()
     candidates = [variant_config("split_coop", name, case.vocab) for name in ("split", "tile")]
-    best, timings = variants.tune(
+    best, timings = designs.tune(
         "split_coop",
         logits,
         buffer,
@@ -355,17 +164,18 @@ def tuning_facts() -> dict:
 
 
 @pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory) -> dict:
-    """Outputs of every (case, variant, config) run, the tuner's behaviour and the benchmark's
+def interpreter_results(tmp_path_factory, kernel_cases) -> dict:
+    """Outputs of every (case, design, config) run, the tuner's behaviour and the benchmark's
     smoke run, computed in one TRITON_INTERPRET=1 process (one Triton import)."""
     pytest.importorskip("triton")
     folder = tmp_path_factory.mktemp("ce_hvp_variants_interpreter")
     inputs_path, results_path = folder / "inputs.pt", folder / "results.pt"
-    torch.save({case.name: make_inputs(case) for case in CASES}, inputs_path)
+    used = {case.name: case for case, _, _ in kernel_cases.DESIGN_RUNS}
+    torch.save({name: kernel_cases.make_inputs(case) for name, case in used.items()}, inputs_path)
     env = dict(os.environ, TRITON_INTERPRET="1", TORCH_LINOP_CE_HVP_AUTOTUNE="0")
+    script = [_INTERPRETER_SCRIPT, CONFTEST, __file__, inputs_path, results_path]
     completed = subprocess.run(
-        [sys.executable, "-c", _INTERPRETER_SCRIPT, __file__, inputs_path, results_path]
-        + [str(folder / "smoke")],
+        [sys.executable, "-c", *map(str, script), str(folder / "smoke")],
         env=env,
         capture_output=True,
         text=True,
@@ -380,11 +190,11 @@ def interpreter_results(tmp_path_factory) -> dict:
     return results
 
 
-@pytest.mark.parametrize(("case", "variant", "config"), RUNS, ids=[run_id(*run) for run in RUNS])
-def test_interpreter_matches_oracle(case: Case, variant: str, config: str, interpreter_results):
-    logits, u, labels = make_inputs(case)
-    result = interpreter_results[run_id(case, variant, config)]
-    check_against_oracle(case, result, logits, u, labels)
+def test_interpreter_matches_oracle(design_run, kernel_cases, interpreter_results):
+    case = design_run[0]
+    logits, u, labels = kernel_cases.make_inputs(case)
+    result = interpreter_results[kernel_cases.run_id(*design_run)]
+    kernel_cases.check_against_oracle(case, result, logits, u, labels)
 
 
 def test_tuning_in_place_leaves_u_intact_and_times_every_candidate(interpreter_results):
@@ -416,13 +226,13 @@ def test_split_configs_really_split_rows():
     ],
 )
 def test_resident_programs(regs: int, shared: int, warps: int, expected: int) -> None:
-    from torch_linop.kernels._ce_hvp_variants import resident_programs
+    from torch_linop.kernels._ce_hvp_two_pass import resident_programs
 
     limits = dict(regs_per_sm=65536, threads_per_sm=2048, shared_per_sm=228 * 1024)
     assert resident_programs(regs, shared, warps, **limits) == expected
 
 
-def test_benchmark_smoke(interpreter_results) -> None:
+def test_benchmark_smoke(interpreter_results, kernel_cases) -> None:
     """``benchmarks/ce_hvp_variants.py --smoke`` (its ``main``, run in the interpreter process) on
     tiny shapes: every variant ran, was checked against eager, and the table lists it."""
     assert interpreter_results["smoke_rc"] == 0
@@ -430,15 +240,15 @@ def test_benchmark_smoke(interpreter_results) -> None:
     report = json.loads((tmp_path / "ce_hvp_variants.json").read_text())
     assert len(report["rows"]) == 2
     for row in report["rows"]:
-        for name in ("current", *VARIANT_NAMES):
+        for name in ("current", *kernel_cases.DESIGN_NAMES):
             assert f"{name}_error" not in row, row[f"{name}_error"]
             check = row[f"{name}_check"]
             assert check["all_written"] and check["max_rel_err"] < 2e-2, (name, check)
             assert row[f"{name}_ms"] > 0
-        for name in VARIANT_NAMES:
+        for name in kernel_cases.DESIGN_NAMES:
             assert len(row[f"{name}_candidates_ms"]) == 2, name
     table = (tmp_path / "ce_hvp_variants.md").read_text()
-    assert all(name in table for name in VARIANT_NAMES)
+    assert all(name in table for name in kernel_cases.DESIGN_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,41 +257,49 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
 @cuda_only
-@pytest.mark.parametrize(("case", "variant", "config"), RUNS, ids=[run_id(*run) for run in RUNS])
-def test_cuda_matches_oracle(case: Case, variant: str, config: str, monkeypatch) -> None:
+def test_cuda_matches_oracle(design_run, kernel_cases, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_LINOP_CE_HVP_AUTOTUNE", "0")
-    logits, u, labels = make_inputs(case, "cuda")
-    result = run_variant(case, variant, config, logits, u, labels)
-    check_against_oracle(case, result, logits, u, labels)
+    case = design_run[0]
+    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
+    result = run_variant(*design_run, logits, u, labels)
+    kernel_cases.check_against_oracle(case, result, logits, u, labels)
 
 
 @cuda_only
 @pytest.mark.parametrize("polls", [0, 2])
 @pytest.mark.parametrize("write", ["out", "inplace"])
 @pytest.mark.parametrize("config", ["split", "tile"])
-def test_cuda_split_coop_claim_path(monkeypatch, polls: int, write: str, config: str) -> None:
+def test_cuda_split_coop_claim_path(
+    monkeypatch, polls: int, write: str, config: str, kernel_cases
+) -> None:
     """Programs give up waiting almost at once and claim their siblings' segments: races."""
-    from torch_linop.kernels import _ce_hvp_variants as variants
+    from benchmarks import ce_hvp_designs as designs
 
-    monkeypatch.setattr(variants, "_POLLS_BEFORE_CLAIMING", polls)
-    case = Case(f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True, write=write)
-    logits, u, labels = make_inputs(case, "cuda")
+    monkeypatch.setattr(designs, "_POLLS_BEFORE_CLAIMING", polls)
+    case = kernel_cases.Case(
+        f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True, write=write
+    )
+    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
     for _ in range(2):
         result = run_variant(case, "split_coop", config, logits, u, labels)
-        check_against_oracle(case, result, logits, u, labels)
+        kernel_cases.check_against_oracle(case, result, logits, u, labels)
 
 
 @cuda_only
-@pytest.mark.parametrize("variant", VARIANT_NAMES)
-def test_cuda_autotuned_large_vocab(variant: str, monkeypatch) -> None:
+def test_cuda_autotuned_large_vocab(design_name: str, monkeypatch, kernel_cases) -> None:
     """Autotuned launch at a real vocabulary size, in place (tuning must not touch u)."""
-    from torch_linop.kernels import _ce_hvp_variants as variants
+    from benchmarks import ce_hvp_designs as designs
+    from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 
-    monkeypatch.setattr(variants, "_tuned", {})
-    case = Case(f"tuned_{variant}", (8, 256), 50304, torch.bfloat16, shift=True, write="inplace")
-    logits, u, labels = make_inputs(case, "cuda")
+    variant = design_name
+    tuner = two_pass if variant == "two_pass" else designs
+    monkeypatch.setattr(tuner, "_tuned", {})
+    case = kernel_cases.Case(
+        f"tuned_{variant}", (8, 256), 50304, torch.bfloat16, shift=True, write="inplace"
+    )
+    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
     buffer = u.clone()
-    variants.VARIANTS[variant](
+    launcher(variant)(
         logits,
         buffer,
         labels,
@@ -490,5 +308,5 @@ def test_cuda_autotuned_large_vocab(variant: str, monkeypatch) -> None:
         shift=True,
         scale=scale_for(case, labels),
     )
-    check_against_oracle(case, buffer, logits, u, labels)
-    assert variants.tuned_configs(), "the call should have autotuned"
+    kernel_cases.check_against_oracle(case, buffer, logits, u, labels)
+    assert tuner.tuned_configs(), "the call should have autotuned"

@@ -1,53 +1,68 @@
-"""Alternative Triton designs for the cross-entropy Hessian-vector product (benchmark candidates).
+"""Triton designs for the cross-entropy Hessian-vector product compared by the benchmark.
 
-Each launcher has the signature of ``_ce_hvp_triton.ce_hvp_triton`` (logits, u, out: (B, T, V);
+Not shipped: ``benchmarks/ce_hvp_variants.py`` times these against the shipped kernels, and
+``tests/kernels/test_ce_hvp_variants.py`` checks them against float64 oracles. Each launcher has
+the signature of ``torch_linop.kernels._ce_hvp_triton.ce_hvp_triton`` (logits, u, out: (B, T, V);
 labels: (B, T) or None; ``out`` may alias ``u``) and computes, per row r with a target and
 p = softmax(x_r), ``out_r = scale * (p * u_r - p * <p, u_r>)``; other rows are exact zeros.
-``benchmarks/ce_hvp_variants.py`` times them against the current kernel on the GPU.
 
-Why these designs: the current kernel holds its chunk of a row in registers while the row's
-programs exchange partial results, so the bytes in flight per SM are capped by the register file
-and divided by the length of the load -> publish -> poll -> store chain. The variants below hold
-the data in L2 instead (50 MB on an H100/H200, more than the registers of all SMs):
+Why these designs: the first (split-row) kernel holds its chunk of a row in registers while the
+row's programs exchange partial results, so the bytes in flight per SM are capped by the register
+file and divided by the length of the load -> publish -> poll -> store chain. The designs below
+hold the data in L2 instead (50 MB on an H100/H200, more than the registers of all SMs):
 
-- ``two_pass``: persistent programs, one row at a time. Pass 1 streams the row computing the
-  online-softmax max, normaliser and <p, u> (loads marked ``evict_last``); pass 2 walks the chunks
-  in reverse (the most recent are the likeliest still in L2) and writes the output.
+- ``two_pass``: the shipped kernel (``torch_linop.kernels._ce_hvp_two_pass``), listed here so
+  that one run compares every design: persistent programs, one row at a time, pass 1 streaming
+  the row for its online-softmax numbers, pass 2 re-reading it in reverse from L2.
 - ``split_coop``: persistent groups of G programs; each program owns a contiguous segment of a
   row, streams it once for its partial (max, norm, dot), exchanges them with its G - 1 siblings
   through a global buffer, then re-reads its (short, hence L2-resident) segment in reverse and
-  writes it. A segment of one chunk is kept in registers instead (the current design, made
-  persistent). The exchange is the current kernel's (bounded spin, then claim late siblings'
+  writes it. A segment of one chunk is kept in registers instead (the split-row design, made
+  persistent). The exchange is the split kernel's (bounded spin, then claim late siblings'
   segments), so it never deadlocks, even when siblings are not resident.
 - ``split_two_kernel``: no inter-program waiting at all: per block of rows small enough for L2,
   a stats kernel writes every segment's partial numbers and an output kernel merges them and
   writes the block (re-reading it from L2). Costs two launches per row block.
-- ``current_sweep``: the current kernel with a wider (chunk, warps) sweep.
+- ``current_sweep``: the split-row kernel with a wider (chunk, warps) sweep.
 
-Triton does not software-pipeline the loads of these loops (no cp.async in the PTX, whatever
-``num_stages`` says), so a program has one chunk in flight unless ``prefetch`` is on: then it
-issues the next chunk's loads before reducing the current one (two chunks in flight, more
-registers). Persistent grids are sized from the compiled kernel's occupancy (registers, threads,
-shared memory), so the programs of a split row are resident together.
-
-Every variant accumulates in float32 (float64 for float64 inputs), handles labels, the causal
-shift and ignore_index inside the kernel and addresses all tensors through their strides.
+Persistent grids are sized from the compiled kernel's occupancy (registers, threads, shared
+memory), so the programs of a split row are resident together. Every design accumulates in
+float32 (float64 for float64 inputs), handles labels, the causal shift and ignore_index inside
+the kernel and addresses all tensors through their strides.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from ._ce_hvp_triton import KernelConfig, _publish, ce_hvp_triton, is_interpreter
+from torch_linop.kernels import _ce_hvp_two_pass as two_pass
+from torch_linop.kernels._ce_hvp_common import (
+    is_inner_contiguous,
+    is_interpreter,
+    labels_arguments,
+    load_tile,
+    locate_row,
+    scale_arguments,
+    time_configs,
+)
+from torch_linop.kernels._ce_hvp_triton import KernelConfig, ce_hvp_triton, publish_stats
+from torch_linop.kernels._ce_hvp_two_pass import (
+    initial_stats,
+    merge_tile,
+    occupancy_report,
+    persistent_programs,
+    segment_stats,
+    store_tile,
+    write_segment,
+    zero_segment,
+)
 
 __all__ = [
     "VARIANTS",
@@ -59,7 +74,6 @@ __all__ = [
     "ce_hvp_two_pass",
     "default_config",
     "occupancy_report",
-    "resident_programs",
     "tune",
     "tuned_configs",
     "tuning_timings",
@@ -86,329 +100,16 @@ def _jit(fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks shared by the kernels.
-
-
-@triton.jit
-def _locate_row(
-    row,
-    seq_len,
-    labels_ptr,
-    labels_stride_b,
-    labels_stride_t,
-    ignore_index,
-    HAS_LABELS: tl.constexpr,
-    SHIFT: tl.constexpr,
-):
-    """(batch index, position, has a target) of a flattened row; the label decides the last."""
-    row = tl.zeros((), dtype=tl.int64) + row  # 64-bit offsets (the loop index may be int32)
-    batch_index = row // seq_len
-    position = row % seq_len
-    if HAS_LABELS:
-        if SHIFT:
-            label = tl.load(
-                labels_ptr + batch_index * labels_stride_b + (position + 1) * labels_stride_t,
-                mask=position + 1 < seq_len,
-                other=ignore_index,
-            )
-        else:
-            label = tl.load(labels_ptr + batch_index * labels_stride_b + position * labels_stride_t)
-        has_target = label != ignore_index
-    else:
-        if SHIFT:
-            has_target = position + 1 < seq_len
-        else:
-            has_target = position >= 0
-    return batch_index, position, has_target
-
-
-@triton.jit
-def _load_raw(
-    x_row_ptr,
-    u_row_ptr,
-    x_stride_v,
-    u_stride_v,
-    chunk,
-    vocab_limit,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    EVICT_LAST: tl.constexpr,
-):
-    """Chunk ``chunk`` of a row of x (masked lanes -inf) and u (masked lanes 0), input dtypes.
-
-    Lanes at or past ``vocab_limit`` (the vocabulary size, or 0 to load nothing) are masked.
-    ``EVICT_LAST`` asks L2 to keep the lines (they are read again); otherwise evict them first.
-    """
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    in_row = offsets < vocab_limit
-    if X_CONTIG:
-        x_ptrs = x_row_ptr + offsets
-    else:
-        x_ptrs = x_row_ptr + offsets.to(tl.int64) * x_stride_v
-    if U_CONTIG:
-        u_ptrs = u_row_ptr + offsets
-    else:
-        u_ptrs = u_row_ptr + offsets.to(tl.int64) * u_stride_v
-    if EVICT_LAST:
-        x = tl.load(x_ptrs, mask=in_row, other=-float("inf"), eviction_policy="evict_last")
-        u = tl.load(u_ptrs, mask=in_row, other=0.0, eviction_policy="evict_last")
-    else:
-        x = tl.load(x_ptrs, mask=in_row, other=-float("inf"), eviction_policy="evict_first")
-        u = tl.load(u_ptrs, mask=in_row, other=0.0, eviction_policy="evict_first")
-    return x, u
-
-
-@triton.jit
-def _to_acc(x, u, ACC_FP64: tl.constexpr):
-    """Cast a raw tile to the accumulation type (a no-op for float32 inputs)."""
-    if ACC_FP64:
-        return x.to(tl.float64), u.to(tl.float64)
-    return x.to(tl.float32), u.to(tl.float32)
-
-
-@triton.jit
-def _load_tile(
-    x_row_ptr,
-    u_row_ptr,
-    x_stride_v,
-    u_stride_v,
-    chunk,
-    vocab,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    EVICT_LAST: tl.constexpr,
-):
-    """``_load_raw`` of a whole chunk, in the accumulation type."""
-    x, u = _load_raw(
-        x_row_ptr,
-        u_row_ptr,
-        x_stride_v,
-        u_stride_v,
-        chunk,
-        vocab,
-        BLOCK,
-        X_CONTIG,
-        U_CONTIG,
-        EVICT_LAST,
-    )
-    return _to_acc(x, u, ACC_FP64)
-
-
-@triton.jit
-def _store_tile(
-    out_row_ptr, out_stride_v, chunk, vocab, values, BLOCK: tl.constexpr, OUT_CONTIG: tl.constexpr
-):
-    """Write one chunk of an output row (values cast to the output dtype)."""
-    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
-    if OUT_CONTIG:
-        out_ptrs = out_row_ptr + offsets
-    else:
-        out_ptrs = out_row_ptr + offsets.to(tl.int64) * out_stride_v
-    tl.store(
-        out_ptrs,
-        values.to(out_row_ptr.dtype.element_ty),
-        mask=offsets < vocab,
-        eviction_policy="evict_first",
-    )
-
-
-@triton.jit
-def _initial_stats(ACC_FP64: tl.constexpr):
-    """(max, norm, dot) of an empty set: (-inf, 0, 0) in the accumulation type."""
-    if ACC_FP64:
-        zero = tl.zeros((), dtype=tl.float64)
-    else:
-        zero = tl.zeros((), dtype=tl.float32)
-    return zero - float("inf"), zero, zero
-
-
-@triton.jit
-def _merge_tile(run_max, run_norm, run_dot, x, u):
-    """Online-softmax update of (max, sum exp(x - max), sum exp(x - max) u) with one tile.
-
-    A max of -inf (only masked or -inf logits so far) is shifted to 0 so that exp never sees
-    -inf - (-inf); such a set has zero sums and drops out of the merge.
-    """
-    new_max = tl.maximum(run_max, tl.max(x, 0))
-    safe_max = tl.where(new_max == -float("inf"), 0.0, new_max)
-    exps = tl.exp(x - safe_max)
-    rescale = tl.exp(run_max - safe_max)
-    new_norm = run_norm * rescale + tl.sum(exps, 0)
-    new_dot = run_dot * rescale + tl.sum(exps * u, 0)
-    return new_max, new_norm, new_dot
-
-
-@triton.jit
-def _segment_stats(
-    x_row_ptr,
-    u_row_ptr,
-    x_stride_v,
-    u_stride_v,
-    first_chunk,
-    end_chunk,
-    vocab,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """(max, norm, dot) of chunks [first_chunk, end_chunk) of a row, loads kept in L2.
-
-    ``PREFETCH``: the next chunk's loads are issued before the current chunk is reduced, so
-    two chunks are in flight per program (Triton does not pipeline these loads by itself).
-    The prefetched tile stays in the input dtype until used, so that no conversion waits on it.
-    """
-    run_max, run_norm, run_dot = _initial_stats(ACC_FP64)
-    if PREFETCH:
-        x_raw, u_raw = _load_raw(
-            x_row_ptr,
-            u_row_ptr,
-            x_stride_v,
-            u_stride_v,
-            first_chunk,
-            tl.where(first_chunk < end_chunk, vocab, 0),
-            BLOCK,
-            X_CONTIG,
-            U_CONTIG,
-            True,
-        )
-        for chunk in range(first_chunk, end_chunk):
-            next_x, next_u = _load_raw(
-                x_row_ptr,
-                u_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                chunk + 1,
-                tl.where(chunk + 1 < end_chunk, vocab, 0),
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                True,
-            )
-            x, u = _to_acc(x_raw, u_raw, ACC_FP64)
-            run_max, run_norm, run_dot = _merge_tile(run_max, run_norm, run_dot, x, u)
-            x_raw, u_raw = next_x, next_u
-    else:
-        for chunk in range(first_chunk, end_chunk):
-            x, u = _load_tile(
-                x_row_ptr,
-                u_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                chunk,
-                vocab,
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                ACC_FP64,
-                True,
-            )
-            run_max, run_norm, run_dot = _merge_tile(run_max, run_norm, run_dot, x, u)
-    return run_max, run_norm, run_dot
-
-
-@triton.jit
-def _write_segment(
-    x_row_ptr,
-    u_row_ptr,
-    out_row_ptr,
-    x_stride_v,
-    u_stride_v,
-    out_stride_v,
-    first_chunk,
-    end_chunk,
-    vocab,
-    row_max,
-    coef,
-    prob_dot_u,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    OUT_CONTIG: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """Output chunks [first_chunk, end_chunk) of a row, last chunk first (re-read from L2).
-
-    out = exp(x - row_max) * coef * (u - prob_dot_u) with coef = scale / norm. ``PREFETCH`` as in
-    ``_segment_stats`` (the chunk below is loaded while the current one is written).
-    """
-    safe_max = tl.where(row_max == -float("inf"), 0.0, row_max)
-    if PREFETCH:
-        x_raw, u_raw = _load_raw(
-            x_row_ptr,
-            u_row_ptr,
-            x_stride_v,
-            u_stride_v,
-            tl.maximum(end_chunk - 1, first_chunk),
-            tl.where(first_chunk < end_chunk, vocab, 0),
-            BLOCK,
-            X_CONTIG,
-            U_CONTIG,
-            False,
-        )
-        for step in range(0, end_chunk - first_chunk):
-            chunk = end_chunk - 1 - step
-            # Offsets stay >= 0 (a masked load past the row start would still form addresses).
-            next_x, next_u = _load_raw(
-                x_row_ptr,
-                u_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                tl.maximum(chunk - 1, first_chunk),
-                tl.where(chunk - 1 >= first_chunk, vocab, 0),
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                False,
-            )
-            x, u = _to_acc(x_raw, u_raw, ACC_FP64)
-            result = tl.exp(x - safe_max) * coef * (u - prob_dot_u)
-            _store_tile(out_row_ptr, out_stride_v, chunk, vocab, result, BLOCK, OUT_CONTIG)
-            x_raw, u_raw = next_x, next_u
-    else:
-        for step in range(0, end_chunk - first_chunk):
-            chunk = end_chunk - 1 - step
-            x, u = _load_tile(
-                x_row_ptr,
-                u_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                chunk,
-                vocab,
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                ACC_FP64,
-                False,
-            )
-            result = tl.exp(x - safe_max) * coef * (u - prob_dot_u)
-            _store_tile(out_row_ptr, out_stride_v, chunk, vocab, result, BLOCK, OUT_CONTIG)
-
-
-@triton.jit
-def _zero_segment(
-    out_row_ptr,
-    out_stride_v,
-    first_chunk,
-    end_chunk,
-    vocab,
-    BLOCK: tl.constexpr,
-    OUT_CONTIG: tl.constexpr,
-):
-    """Exact zeros over chunks [first_chunk, end_chunk) of a row without a target."""
-    zeros = tl.zeros([BLOCK], dtype=tl.float32)
-    for chunk in range(first_chunk, end_chunk):
-        _store_tile(out_row_ptr, out_stride_v, chunk, vocab, zeros, BLOCK, OUT_CONTIG)
+# Device side. The row location, tile loads, online-softmax merge and the two-pass kernel's
+# segment loops come from the package (kernels/_ce_hvp_common.py, kernels/_ce_hvp_two_pass.py).
 
 
 @triton.jit
 def _merge_slots(stats_ptr, first_slot, num_slots, SLOTS: tl.constexpr):
-    """Merge ``num_slots`` published (max, norm, dot) triples into the row's numbers."""
+    """Merge ``num_slots`` published (max, norm, dot) triples into the row's numbers.
+
+    Not the split kernel's merge (``_row_stats``): the max is shifted to 0 when it is -inf.
+    """
     slots = tl.arange(0, SLOTS)
     has_slot = slots < num_slots
     slot_ptrs = stats_ptr + (first_slot + slots) * 3
@@ -422,102 +123,7 @@ def _merge_slots(stats_ptr, first_slot, num_slots, SLOTS: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# (a) two passes per row, persistent programs.
-
-
-@_jit
-def _two_pass_kernel(
-    x_ptr,
-    u_ptr,
-    out_ptr,
-    labels_ptr,
-    scale_ptr,
-    seq_len,
-    num_rows,
-    vocab,
-    num_chunks,
-    x_stride_b,
-    x_stride_t,
-    x_stride_v,
-    u_stride_b,
-    u_stride_t,
-    u_stride_v,
-    out_stride_b,
-    out_stride_t,
-    out_stride_v,
-    labels_stride_b,
-    labels_stride_t,
-    ignore_index,
-    scale_value,
-    HAS_LABELS: tl.constexpr,
-    SHIFT: tl.constexpr,
-    SCALE_IN_MEMORY: tl.constexpr,
-    BLOCK: tl.constexpr,
-    X_CONTIG: tl.constexpr,
-    U_CONTIG: tl.constexpr,
-    OUT_CONTIG: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    if SCALE_IN_MEMORY:
-        scale = tl.load(scale_ptr)
-    else:
-        scale = scale_value
-    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        batch_index, position, has_target = _locate_row(
-            row,
-            seq_len,
-            labels_ptr,
-            labels_stride_b,
-            labels_stride_t,
-            ignore_index,
-            HAS_LABELS,
-            SHIFT,
-        )
-        out_row_ptr = out_ptr + batch_index * out_stride_b + position * out_stride_t
-        if has_target:
-            x_row_ptr = x_ptr + batch_index * x_stride_b + position * x_stride_t
-            u_row_ptr = u_ptr + batch_index * u_stride_b + position * u_stride_t
-            row_max, row_norm, row_dot = _segment_stats(
-                x_row_ptr,
-                u_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                0,
-                num_chunks,
-                vocab,
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                ACC_FP64,
-                PREFETCH,
-            )
-            _write_segment(
-                x_row_ptr,
-                u_row_ptr,
-                out_row_ptr,
-                x_stride_v,
-                u_stride_v,
-                out_stride_v,
-                0,
-                num_chunks,
-                vocab,
-                row_max,
-                scale / row_norm,
-                row_dot / row_norm,
-                BLOCK,
-                X_CONTIG,
-                U_CONTIG,
-                OUT_CONTIG,
-                ACC_FP64,
-                PREFETCH,
-            )
-        else:
-            _zero_segment(out_row_ptr, out_stride_v, 0, num_chunks, vocab, BLOCK, OUT_CONTIG)
-
-
-# ----------------------------------------------------------------------------------------------
-# (b) split rows: G programs per row, each owning a contiguous segment of ``seg_chunks`` chunks.
+# split_coop: G programs per row, each owning a contiguous segment of ``seg_chunks`` chunks.
 
 
 @triton.jit
@@ -558,7 +164,7 @@ def _row_numbers(
         for other in range(0, group_size):
             if tl.atomic_cas(claim_ptr + first_slot + other, 0, 1) == 0:
                 other_first = other * seg_chunks
-                other_max, other_norm, other_dot = _segment_stats(
+                other_max, other_norm, other_dot = segment_stats(
                     x_row_ptr,
                     u_row_ptr,
                     x_stride_v,
@@ -572,7 +178,7 @@ def _row_numbers(
                     ACC_FP64,
                     False,
                 )
-                _publish(
+                publish_stats(
                     stats_ptr,
                     count_ptr,
                     row,
@@ -646,7 +252,7 @@ def _split_coop_kernel(
     else:
         scale = scale_value
     for row in range(group, num_rows, num_groups):
-        batch_index, position, has_target = _locate_row(
+        batch_index, position, has_target = locate_row(
             row,
             seq_len,
             labels_ptr,
@@ -664,7 +270,7 @@ def _split_coop_kernel(
             # Claim the own segment first: the atomic's latency hides behind the loads.
             was_claimed = tl.atomic_cas(claim_ptr + row64 * group_size + segment, 0, 1)
             if ONE_TILE:
-                x, u = _load_tile(
+                x, u = load_tile(
                     x_row_ptr,
                     u_row_ptr,
                     x_stride_v,
@@ -677,10 +283,10 @@ def _split_coop_kernel(
                     ACC_FP64,
                     False,
                 )
-                own_max, own_norm, own_dot = _initial_stats(ACC_FP64)
-                own_max, own_norm, own_dot = _merge_tile(own_max, own_norm, own_dot, x, u)
+                own_max, own_norm, own_dot = initial_stats(ACC_FP64)
+                own_max, own_norm, own_dot = merge_tile(own_max, own_norm, own_dot, x, u)
             else:
-                own_max, own_norm, own_dot = _segment_stats(
+                own_max, own_norm, own_dot = segment_stats(
                     x_row_ptr,
                     u_row_ptr,
                     x_stride_v,
@@ -695,7 +301,7 @@ def _split_coop_kernel(
                     PREFETCH,
                 )
             if was_claimed == 0:
-                _publish(
+                publish_stats(
                     stats_ptr,
                     count_ptr,
                     row64,
@@ -727,11 +333,9 @@ def _split_coop_kernel(
             if ONE_TILE:
                 safe_max = tl.where(row_max == -float("inf"), 0.0, row_max)
                 result = tl.exp(x - safe_max) * (scale / row_norm) * (u - row_dot / row_norm)
-                _store_tile(
-                    out_row_ptr, out_stride_v, first_chunk, vocab, result, BLOCK, OUT_CONTIG
-                )
+                store_tile(out_row_ptr, out_stride_v, first_chunk, vocab, result, BLOCK, OUT_CONTIG)
             else:
-                _write_segment(
+                write_segment(
                     x_row_ptr,
                     u_row_ptr,
                     out_row_ptr,
@@ -752,7 +356,7 @@ def _split_coop_kernel(
                     PREFETCH,
                 )
         else:
-            _zero_segment(
+            zero_segment(
                 out_row_ptr, out_stride_v, first_chunk, end_chunk, vocab, BLOCK, OUT_CONTIG
             )
 
@@ -789,7 +393,7 @@ def _block_stats_kernel(
     """Grid (rows of the block, G): partial (max, norm, dot) of one segment of one row."""
     local_row = tl.program_id(0)
     segment = tl.program_id(1)
-    batch_index, position, has_target = _locate_row(
+    batch_index, position, has_target = locate_row(
         row_start + local_row,
         seq_len,
         labels_ptr,
@@ -801,7 +405,7 @@ def _block_stats_kernel(
     )
     if has_target:
         first_chunk = segment * seg_chunks
-        seg_max, seg_norm, seg_dot = _segment_stats(
+        seg_max, seg_norm, seg_dot = segment_stats(
             x_ptr + batch_index * x_stride_b + position * x_stride_t,
             u_ptr + batch_index * u_stride_b + position * u_stride_t,
             x_stride_v,
@@ -862,7 +466,7 @@ def _block_output_kernel(
     """Grid (rows of the block, G): merge the row's G partials and write one segment."""
     local_row = tl.program_id(0)
     segment = tl.program_id(1)
-    batch_index, position, has_target = _locate_row(
+    batch_index, position, has_target = locate_row(
         row_start + local_row,
         seq_len,
         labels_ptr,
@@ -883,7 +487,7 @@ def _block_output_kernel(
         row_max, row_norm, row_dot = _merge_slots(
             stats_ptr, local_row * group_size, group_size, SLOTS
         )
-        _write_segment(
+        write_segment(
             x_ptr + batch_index * x_stride_b + position * x_stride_t,
             u_ptr + batch_index * u_stride_b + position * u_stride_t,
             out_row_ptr,
@@ -904,7 +508,7 @@ def _block_output_kernel(
             PREFETCH,
         )
     else:
-        _zero_segment(out_row_ptr, out_stride_v, first_chunk, end_chunk, vocab, BLOCK, OUT_CONTIG)
+        zero_segment(out_row_ptr, out_stride_v, first_chunk, end_chunk, vocab, BLOCK, OUT_CONTIG)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -975,24 +579,15 @@ class _Problem:
     def common_args(self) -> dict:
         """Scale (a device scalar, or a float passed by value), labels placeholder and strides."""
         device = self.logits.device
-        scale_in_memory = isinstance(self.scale, torch.Tensor) or self.acc_fp64
-        if isinstance(self.scale, torch.Tensor):
-            scale_tensor = self.scale.to(self.acc_dtype)
-        elif self.acc_fp64:  # a float argument would reach the kernel rounded to float32
-            scale_tensor = torch.full((), float(self.scale), dtype=torch.float64, device=device)
-        else:
-            scale_tensor = torch.empty(1, dtype=self.acc_dtype, device=device)
-        labels = self.labels
-        labels_strides: tuple[int, ...]
-        if labels is None:
-            labels, labels_strides = torch.empty(1, dtype=torch.int64, device=device), (0, 0)
-        else:
-            labels_strides = labels.stride()
+        scale_tensor, scale_value, scale_in_memory = scale_arguments(
+            self.scale, self.acc_dtype, device
+        )
+        labels, labels_strides = labels_arguments(self.labels, device)
         return {
             "labels": labels,
             "labels_strides": labels_strides,
             "scale_tensor": scale_tensor,
-            "scale_value": 1.0 if scale_in_memory else float(self.scale),
+            "scale_value": scale_value,
             "scale_in_memory": scale_in_memory,
         }
 
@@ -1000,145 +595,10 @@ class _Problem:
         return {
             "HAS_LABELS": self.labels is not None,
             "SHIFT": self.shift,
-            "X_CONTIG": _is_inner_contiguous(self.logits),
-            "U_CONTIG": _is_inner_contiguous(self.u),
+            "X_CONTIG": is_inner_contiguous(self.logits),
+            "U_CONTIG": is_inner_contiguous(self.u),
             "ACC_FP64": self.acc_fp64,
         }
-
-
-def _is_inner_contiguous(tensor: torch.Tensor) -> bool:
-    return tensor.shape[-1] <= 1 or tensor.stride(-1) == 1
-
-
-_occupancy: dict[tuple, int] = {}
-_occupancy_errors: dict[tuple, str] = {}
-_occupancy_lock = threading.Lock()
-
-
-def occupancy_report() -> list[dict]:
-    """Resident programs per SM found for each compiled persistent kernel (for benchmarks)."""
-    return [
-        {
-            "kernel": key[0],
-            "num_warps": key[2],
-            "constexprs": dict(key[3]),
-            "programs_per_sm": resident,
-            "error": _occupancy_errors.get(key),
-        }
-        for key, resident in _occupancy.items()
-    ]
-
-
-def _device_limits(device: torch.device) -> tuple[int, int, int, int]:
-    """(SMs, registers per SM, threads per SM, shared memory bytes per SM)."""
-    props = torch.cuda.get_device_properties(device)
-    return (
-        props.multi_processor_count,
-        getattr(props, "regs_per_multiprocessor", 65536),
-        getattr(props, "max_threads_per_multi_processor", 2048),
-        getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
-    )
-
-
-def resident_programs(
-    regs_per_thread: int,
-    shared_bytes: int,
-    num_warps: int,
-    *,
-    regs_per_sm: int,
-    threads_per_sm: int,
-    shared_per_sm: int,
-) -> int:
-    """Programs of a kernel that fit on one SM at once (at least 1).
-
-    Registers are allocated per warp in units of 256; each program's shared memory comes with
-    1 KB reserved by the driver; at most 32 programs per SM.
-    """
-    regs_per_warp = -(-max(regs_per_thread, 1) * 32 // 256) * 256
-    by_regs = (regs_per_sm // regs_per_warp) // num_warps
-    by_threads = threads_per_sm // (32 * num_warps)
-    by_shared = shared_per_sm // (shared_bytes + 1024) if shared_bytes else 32
-    return max(1, min(by_regs, by_threads, by_shared, 32))
-
-
-def _programs_per_sm(kernel, args: tuple, kwargs: dict, num_warps: int, device) -> int:
-    """Resident programs per SM of a compiled kernel (registers, threads and shared memory).
-
-    Compiles the kernel (``warmup``) if needed; cached per kernel and constexprs. A kernel whose
-    metadata cannot be read counts as one program per SM (safe for the waiting kernels).
-    """
-    key = (
-        kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel),
-        device.index,
-        num_warps,
-        tuple(sorted(kwargs.items())),
-        tuple(getattr(a, "dtype", type(a)) for a in args),
-    )
-    with _occupancy_lock:
-        if key in _occupancy:
-            return _occupancy[key]
-        try:
-            compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **kwargs)
-            compiled._init_handles()
-            _, regs_per_sm, threads_per_sm, shared_per_sm = _device_limits(device)
-            resident = resident_programs(
-                int(compiled.n_regs),
-                int(compiled.metadata.shared),
-                num_warps,
-                regs_per_sm=regs_per_sm,
-                threads_per_sm=threads_per_sm,
-                shared_per_sm=shared_per_sm,
-            )
-        except Exception as error:  # metadata layout differs between Triton versions
-            _occupancy_errors[key] = f"{type(error).__name__}: {error}"[:300]
-            resident = 1
-        _occupancy[key] = resident
-        return resident
-
-
-def _persistent_programs(
-    kernel, args: tuple, kwargs: dict, config: VariantConfig, device: torch.device
-) -> int:
-    """Programs that can be resident at once (interpreter: a small number, so loops iterate)."""
-    if is_interpreter():
-        return 3
-    resident = _programs_per_sm(kernel, args, kwargs, config.num_warps, device)
-    sms = _device_limits(device)[0]
-    return sms * max(1, min(config.programs_per_sm, resident))
-
-
-def _two_pass_launch(problem: _Problem, config: VariantConfig) -> None:
-    logits, u, out = problem.logits, problem.u, problem.out
-    common = problem.common_args()
-    seq_len = logits.shape[1]
-    num_chunks = triton.cdiv(problem.vocab, config.block)
-    args = (
-        logits,
-        u,
-        out,
-        common["labels"],
-        common["scale_tensor"],
-        seq_len,
-        problem.num_rows,
-        problem.vocab,
-        num_chunks,
-        *logits.stride(),
-        *u.stride(),
-        *out.stride(),
-        *common["labels_strides"],
-        problem.ignore_index,
-        common["scale_value"],
-    )
-    kwargs = dict(
-        **problem.layout_constexprs(),
-        SCALE_IN_MEMORY=common["scale_in_memory"],
-        BLOCK=config.block,
-        OUT_CONTIG=_is_inner_contiguous(out),
-        PREFETCH=config.prefetch,
-    )
-    programs = _persistent_programs(_two_pass_kernel, args, kwargs, config, logits.device)
-    grid = (max(1, min(problem.num_rows, programs)),)
-    _two_pass_kernel[grid](*args, num_warps=config.num_warps, **kwargs)
 
 
 def _group_size(vocab: int, config: VariantConfig) -> int:
@@ -1188,11 +648,18 @@ def _split_coop_launch(problem: _Problem, config: VariantConfig) -> None:
         BLOCK=config.block,
         SLOTS=_slots(group_size),
         ONE_TILE=config.seg_chunks == 1,
-        OUT_CONTIG=_is_inner_contiguous(out),
+        OUT_CONTIG=is_inner_contiguous(out),
         MAX_SPIN=0 if is_interpreter() else _POLLS_BEFORE_CLAIMING,
         PREFETCH=config.prefetch and config.seg_chunks > 1,
     )
-    programs = _persistent_programs(_split_coop_kernel, args, kwargs, config, device)
+    programs = persistent_programs(
+        _split_coop_kernel,
+        args,
+        kwargs,
+        num_warps=config.num_warps,
+        programs_per_sm=config.programs_per_sm,
+        device=device,
+    )
     num_groups = max(1, min(num_rows, programs // group_size))
     _split_coop_kernel[(num_groups * group_size,)](*args, num_warps=config.num_warps, **kwargs)
 
@@ -1256,16 +723,30 @@ def _split_two_kernel_launch(problem: _Problem, config: VariantConfig) -> None:
             SCALE_IN_MEMORY=common["scale_in_memory"],
             BLOCK=config.block,
             SLOTS=_slots(group_size),
-            OUT_CONTIG=_is_inner_contiguous(out),
+            OUT_CONTIG=is_inner_contiguous(out),
             PREFETCH=config.prefetch,
             num_warps=config.num_warps,
         )
 
 
+def _two_pass_launch(problem: _Problem, config: VariantConfig) -> None:
+    """The shipped two-pass kernel (``seg_chunks`` and ``block_mb`` do not apply to it)."""
+    two_pass.launch(
+        problem.logits,
+        problem.u,
+        problem.labels,
+        problem.out,
+        ignore_index=problem.ignore_index,
+        shift=problem.shift,
+        scale=problem.scale,
+        config=two_pass.TwoPassConfig(
+            config.block, config.num_warps, config.programs_per_sm, config.prefetch
+        ),
+    )
+
+
 def _current_launch(problem: _Problem, config: VariantConfig) -> None:
-    # The shipped launcher passes a float scale by value, which Triton rounds to float32: give
-    # float64 problems the scale as a float64 device scalar instead.
-    scale = problem.common_args()["scale_tensor"] if problem.acc_fp64 else problem.scale
+    """The split-row kernel with a given (chunk, warps) config."""
     ce_hvp_triton(
         problem.logits,
         problem.u,
@@ -1273,8 +754,17 @@ def _current_launch(problem: _Problem, config: VariantConfig) -> None:
         problem.out,
         ignore_index=problem.ignore_index,
         shift=problem.shift,
-        scale=scale,
+        scale=problem.scale,
         config=KernelConfig(config.block, config.num_warps),
+    )
+
+
+def _as_variant_config(config: two_pass.TwoPassConfig) -> VariantConfig:
+    return VariantConfig(
+        config.block,
+        config.num_warps,
+        programs_per_sm=config.programs_per_sm,
+        prefetch=config.prefetch,
     )
 
 
@@ -1283,22 +773,13 @@ def _current_launch(problem: _Problem, config: VariantConfig) -> None:
 # spills (checked with ptxas for sm_90).
 def _small_vocab(vocab: int, programs_per_sm: int = 1, block_mb: int = 0) -> list[VariantConfig]:
     """One chunk per row when the whole row fits a chunk of at most 4096 entries."""
-    block = triton.next_power_of_2(vocab)
-    warps = max(1, min(8, block // 512))
-    return [VariantConfig(block, warps, programs_per_sm=programs_per_sm, block_mb=block_mb)]
+    whole_row = two_pass.whole_row_config(vocab, programs_per_sm)
+    return [replace(_as_variant_config(whole_row), block_mb=block_mb)]
 
 
 def _two_pass_candidates(vocab: int) -> list[VariantConfig]:
-    if vocab <= 4096:
-        return _small_vocab(vocab, programs_per_sm=4)
-    # the winners of the H200 sweep (docs/benchmarks/ce_hvp.md): 4096x8 at 4 programs per SM
-    # for bf16, 8192x16 with prefetch for fp32; the rest came within 10% of them
-    return [
-        VariantConfig(4096, 8, programs_per_sm=4),
-        VariantConfig(8192, 16, programs_per_sm=1, prefetch=True),
-        VariantConfig(4096, 8, programs_per_sm=2, prefetch=True),
-        VariantConfig(16384, 16, programs_per_sm=1),
-    ]
+    """The shipped autotuner's list (kernels/_ce_hvp_two_pass.py)."""
+    return [_as_variant_config(config) for config in two_pass.candidate_configs(vocab)]
 
 
 def _split_coop_candidates(vocab: int) -> list[VariantConfig]:
@@ -1313,7 +794,7 @@ def _split_coop_candidates(vocab: int) -> list[VariantConfig]:
         VariantConfig(4096, 8, seg_chunks=2, programs_per_sm=4),
         VariantConfig(4096, 8, seg_chunks=2, programs_per_sm=2, prefetch=True),
         VariantConfig(4096, 8, seg_chunks=4, programs_per_sm=2),
-        # One chunk per program, kept in registers: the current design, made persistent.
+        # One chunk per program, kept in registers: the split-row design, made persistent.
         VariantConfig(4096, 8, seg_chunks=1, programs_per_sm=4),
         VariantConfig(8192, 16, seg_chunks=1, programs_per_sm=2),
     ]
@@ -1332,7 +813,7 @@ def _split_two_kernel_candidates(vocab: int) -> list[VariantConfig]:
 
 
 def _current_sweep_candidates(vocab: int) -> list[VariantConfig]:
-    """Configs the shipped tuner does not time (it times 2048x4, 4096x4, 4096x8, 8192x8,
+    """Configs the split kernel's tuner does not time (it times 2048x4, 4096x4, 4096x8, 8192x8,
     8192x16 and 16384x16, its default; see docs/benchmarks/ce_hvp.md): 8 or 16 entries per
     thread, plus 16384x16 for reference."""
     whole_row = triton.next_power_of_2(vocab)
@@ -1364,7 +845,7 @@ _VARIANTS: dict[str, _Variant] = {
     "two_pass": _Variant(
         _two_pass_launch,
         _two_pass_candidates,
-        _preferring(_two_pass_candidates, VariantConfig(4096, 8, programs_per_sm=4)),
+        lambda vocab: _as_variant_config(two_pass.default_config(vocab)),
     ),
     "split_coop": _Variant(
         _split_coop_launch,
@@ -1412,34 +893,6 @@ def tuning_timings() -> dict[tuple, dict[VariantConfig, float]]:
     return {key: dict(timings) for key, timings in _tuning_timings.items()}
 
 
-def _leading_rows(tensor: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
-    """A view of about ``num_rows`` leading rows of a (B, T, ...) tensor (no copy)."""
-    if tensor is None:
-        return None
-    batch, seq_len = tensor.shape[0], tensor.shape[1]
-    if batch > 1:
-        return tensor[: max(1, min(batch, num_rows // seq_len))]
-    return tensor[:, : min(seq_len, num_rows)]
-
-
-def _leading_view(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``_leading_rows`` of a tensor that is not None."""
-    view = _leading_rows(tensor, num_rows)
-    assert view is not None
-    return view
-
-
-def _median_ms(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[1]
-
-
 def tune(
     variant: str,
     logits: torch.Tensor,
@@ -1456,30 +909,18 @@ def tune(
 ) -> tuple[VariantConfig, dict[VariantConfig, float]]:
     """Time every candidate (median ms) and return the fastest with all timings.
 
-    ``tune_rows``: time on about that many leading rows (``None``: all rows). Writes into
-    ``out`` (or a scratch buffer when ``out`` aliases ``u``, so tuning never changes u). A
-    candidate that fails to compile or run is skipped (its error goes into ``failed``).
+    ``tune_rows``, ``failed`` and where it writes: as ``time_configs`` of the package.
     """
     if candidates is None:
         candidates = candidate_configs(variant, logits.shape[-1])
-    if tune_rows is not None:
-        labels = _leading_rows(labels, tune_rows)
-        logits, u, out = (_leading_view(t, tune_rows) for t in (logits, u, out))
-    if out.data_ptr() == u.data_ptr():
-        out = torch.empty(u.shape, dtype=out.dtype, device=out.device)
-    problem = _Problem(logits, u, labels, out, ignore_index, shift, scale)
     launch = _VARIANTS[variant].launch
-    timings: dict[VariantConfig, float] = {}
-    for config in candidates:
 
-        def run(config: VariantConfig = config) -> None:
-            launch(problem, config)
+    def run(logits, u, labels, out, config: VariantConfig) -> None:
+        launch(_Problem(logits, u, labels, out, ignore_index, shift, scale), config)
 
-        try:
-            timings[config] = _median_ms(run, logits.device)
-        except Exception as error:  # e.g. out of registers or shared memory for this config
-            if failed is not None:
-                failed[config] = f"{type(error).__name__}: {error}"[:300]
+    timings = time_configs(
+        run, candidates, logits, u, labels, out, tune_rows=tune_rows, failed=failed
+    )
     if not timings:
         raise RuntimeError(f"ce_hvp variant {variant!r}: no candidate config ran")
     return min(timings, key=timings.__getitem__), timings
@@ -1558,7 +999,9 @@ def _launcher(variant: str, doc: str):
     return launcher
 
 
-ce_hvp_two_pass = _launcher("two_pass", "Persistent two-pass kernel (reverse second pass).")
+ce_hvp_two_pass = _launcher(
+    "two_pass", "The shipped persistent two-pass kernel (reverse second pass)."
+)
 ce_hvp_split_coop = _launcher(
     "split_coop", "Persistent split-row kernel: G programs per row exchange partial results."
 )
@@ -1566,7 +1009,7 @@ ce_hvp_split_two_kernel = _launcher(
     "split_two_kernel", "Stats kernel then output kernel per L2-sized block of rows."
 )
 ce_hvp_current_sweep = _launcher(
-    "current_sweep", "The current kernel with a wider (chunk, warps) sweep."
+    "current_sweep", "The split-row kernel with a wider (chunk, warps) sweep."
 )
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
