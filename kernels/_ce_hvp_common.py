@@ -109,10 +109,18 @@ def load_raw(
 
 @triton.jit
 def to_acc(x, u, ACC_FP64: tl.constexpr):
-    """Cast a raw tile to the accumulation type (a no-op for float32 inputs)."""
+    """Cast a raw tile to the accumulation type (a no-op for float32 inputs).
+
+    One ``return`` after both branches: Triton compiles every ``return`` it meets, also one after
+    a taken constexpr branch, and refuses two of different types (the fp64 path did not compile).
+    """
     if ACC_FP64:
-        return x.to(tl.float64), u.to(tl.float64)
-    return x.to(tl.float32), u.to(tl.float32)
+        x = x.to(tl.float64)
+        u = u.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+        u = u.to(tl.float32)
+    return x, u
 
 
 @triton.jit

@@ -13,7 +13,8 @@ Triton does not software-pipeline the loads of these loops (no cp.async in the P
 ``num_stages`` says), so a program has one chunk in flight unless ``prefetch`` is on: then it
 issues the next chunk's loads before reducing the current one (two chunks in flight, more
 registers). The chunk size, warps, programs per SM and prefetch are autotuned among a few configs
-per problem signature. float64 inputs go to the split-row kernel (``_ce_hvp_triton``) instead.
+per problem signature. float64 inputs go to the split-row kernel (``_ce_hvp_triton``) instead,
+but this kernel computes them too (accumulating in float64).
 
 The causal shift and ignore_index are applied inside the kernel and all tensors are addressed
 through their strides. ``benchmarks/ce_hvp_designs.py`` compares this design with unshipped ones.
