@@ -326,13 +326,19 @@ def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str, kernel_
 
 
 @cuda_only
-def test_cuda_inplace_tuning_leaves_u_intact(monkeypatch, kernel_cases) -> None:
-    """The first in-place call autotunes; tuning must not write into u."""
-    from torch_linop.kernels import _ce_hvp_triton as launcher
-
+@pytest.mark.parametrize(
+    ("dtype", "launcher_name"),
+    [(torch.bfloat16, "_ce_hvp_two_pass"), (torch.float64, "_ce_hvp_triton")],
+)
+def test_cuda_inplace_tuning_leaves_u_intact(
+    monkeypatch, dtype: torch.dtype, launcher_name: str, kernel_cases
+) -> None:
+    """The first in-place call autotunes the kernel ce_hvp runs for the dtype; tuning must not
+    write into u."""
+    launcher = importlib.import_module(f"torch_linop.kernels.{launcher_name}")
     monkeypatch.setattr(launcher, "_tuned", {})
     case = kernel_cases.Case(
-        "inplace_tuning", (8, 512), 32768, torch.bfloat16, shift=True, write="inplace"
+        f"inplace_tuning_{dtype}", (8, 512), 32768, dtype, shift=True, write="inplace"
     )
     logits, u, labels = kernel_cases.make_inputs(case, "cuda")
     result = run_triton(case, logits, u, labels)
