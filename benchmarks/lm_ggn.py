@@ -90,12 +90,6 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
             "GGN exact (fwd JVP + fused CE + VJP)": GGNOperator(model, data, loss),
             "GGN exact, graph-free JVP + plain forward": graph_free,
             "GGN exact, cached graph": GGNOperator(model, data, loss, cache_graph=True),
-            "GGN exact, cached graph, compiled JVP": GGNOperator(
-                model, data, loss, cache_graph=True, compile_jvp=True
-            ),
-            "GGN exact, compiled JVP + plain forward": GGNOperator(
-                model, data, loss, compile_jvp=True
-            ),
             "GGN finite-difference JVP": GGNOperator(
                 model, data, loss, jvp_method="finite_difference"
             ),
