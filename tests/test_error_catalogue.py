@@ -146,11 +146,6 @@ simple("op-unknown-method", lambda: hessian(method="exact"))
 simple("op-cache-graph-method", lambda: hessian(method="forward", cache_graph=True))
 simple("op-cache-graph-type", lambda: hessian(cache_graph=1))
 simple("op-unknown-jvp-method", lambda: GGNOperator(mlp(), batches(), CE, jvp_method="reverse"))
-simple(
-    "op-compile-jvp-method",
-    lambda: GGNOperator(mlp(), batches(), CE, jvp_method="finite_difference", compile_jvp=True),
-)
-simple("op-compile-jvp-type", lambda: GGNOperator(mlp(), batches(), CE, compile_jvp="yes"))
 simple("op-mc-samples", lambda: MCFisherOperator(mlp(), batches(), CE, mc_samples=0))
 simple("op-num-batches", lambda: hessian(num_batches=0))
 simple("op-num-data", lambda: hessian(num_data=0))

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from torch_linop._compiled_jvp import CompiledJVP
 from torch_linop._context import reparametrized
 
 Middle = Callable[
@@ -190,17 +189,12 @@ class SandwichProduct:
     for models without forward-mode support (the choice is remembered).
     """
 
-    def __init__(self, jvp_method: str = "auto", *, compile_jvp: bool = False) -> None:
+    def __init__(self, jvp_method: str = "auto") -> None:
         if jvp_method not in ("auto", "forward", "double_backward"):
             raise ValueError(
                 f"jvp_method must be 'auto', 'forward' or 'double_backward', got {jvp_method!r}"
             )
-        if not isinstance(compile_jvp, bool):
-            raise TypeError(f"compile_jvp must be True or False, got {compile_jvp!r}")
         self.jvp_method = jvp_method
-        # forward-mode JVPs through torch.compile (graph-free; the output's graph then comes
-        # from one plain forward, or from the kept graph of the cached mode)
-        self._compiled_jvp = CompiledJVP() if compile_jvp else None
         self._forward_ok = jvp_method in ("auto", "forward")
         # whether the first dual forward also records the output's graph for the VJP (one
         # forward fewer, but the tangent computations are recorded too); False: graph-free
@@ -287,9 +281,9 @@ class SandwichProduct:
         """The JVPs by forward-mode AD. Without a kept ``output``, the first looped column's
         dual forward records the output's graph for the VJP (one forward fewer); every other
         dual forward records none."""
-        jvps = self._compiled_jvps(model, forward, leaves, tangents)
+        jvps = None
         batched_failed = False
-        if jvps is None and tangents[0].shape[0] > 1 and self._batched_jvp_ok:
+        if tangents[0].shape[0] > 1 and self._batched_jvp_ok:
             try:
                 jvps = self._batched_jvps(model, forward, leaves, tangents)
             except RuntimeError as error:
@@ -313,22 +307,6 @@ class SandwichProduct:
             with reparametrized(model, leaves):
                 output = forward()
         return jvps, output
-
-    def _compiled_jvps(self, model, forward, leaves, tangents):
-        """The JVPs column by column through ``torch.compile``; ``None`` without compilation
-        (or once it has failed)."""
-        if self._compiled_jvp is None or self._compiled_jvp.failed:
-            return None
-        primals = {name: leaf.detach() for name, leaf in leaves.items()}
-        names = list(leaves)
-        columns = []
-        for j in range(tangents[0].shape[0]):
-            tangent = {name: t[j] for name, t in zip(names, tangents)}
-            jvp = self._compiled_jvp(model, forward, primals, tangent)
-            if jvp is None:
-                return None
-            columns.append(jvp)
-        return torch.stack(columns)
 
     def _batched_jvps(self, model, forward, leaves, tangents):
         """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass (on detached

@@ -14,7 +14,7 @@ from torch import nn
 from torch_linop._autodiff import SandwichProduct, make_leaves
 from torch_linop._context import reparametrized
 from torch_linop._graph_cache import GraphCachingOperator
-from torch_linop.ggn import _require_split, check_compile_jvp
+from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
 
@@ -25,7 +25,7 @@ class EmpiricalFisherOperator(GraphCachingOperator):
 
     ``cache_graph=True`` keeps each batch's forward graph (of the per-sample losses) between
     products, as ``GGNOperator(cache_graph=True)`` does: a product is then a JVP that records no
-    graph and one backward. ``compile_jvp=True`` compiles the JVPs as for the GGN.
+    graph and one backward.
     """
 
     def __init__(
@@ -38,11 +38,9 @@ class EmpiricalFisherOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
-        compile_jvp: bool = False,
         **kwargs: Any,
     ) -> None:
-        check_compile_jvp(compile_jvp, jvp_method)
-        self._sandwich = SandwichProduct(jvp_method, compile_jvp=compile_jvp)
+        self._sandwich = SandwichProduct(jvp_method)
         self._init_graph_cache(cache_graph)
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)

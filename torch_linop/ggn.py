@@ -159,12 +159,6 @@ class GGNOperator(GraphCachingOperator):
     products. The cache is rebuilt or dropped as for ``HessianOperator(cache_graph=True)``
     (parameter, buffer, mode and data changes are seen; :meth:`clear_cache` for writes through
     ``param.data``; a product that raises drops it).
-
-    ``compile_jvp=True`` runs the forward-mode JVPs through ``torch.compile`` (inductor fuses the
-    tangent computations; the same exact products). The first product compiles (about a minute
-    on GPT-2 small), a new batch shape compiles again; if compilation fails, a warning says so
-    and the products run eagerly. Best with ``cache_graph=True``: without it, each product also
-    runs one plain forward pass for the backward pass's graph.
     """
 
     def __init__(
@@ -177,17 +171,14 @@ class GGNOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
-        compile_jvp: bool = False,
         **kwargs: Any,
     ) -> None:
         if jvp_method not in GGN_JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {GGN_JVP_METHODS}, got {jvp_method!r}")
-        check_compile_jvp(compile_jvp, jvp_method)
         self.jvp_method = jvp_method
         self._init_graph_cache(cache_graph)
         self._sandwich = SandwichProduct(
-            "auto" if jvp_method in APPROXIMATE_JVP_METHODS else jvp_method,
-            compile_jvp=compile_jvp,
+            "auto" if jvp_method in APPROXIMATE_JVP_METHODS else jvp_method
         )
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
@@ -250,17 +241,6 @@ class GGNOperator(GraphCachingOperator):
                 central=self.jvp_method == "finite_difference",
             )
         return self._sandwich(self.model, forward, self.params, tangents, self.middle(batch))
-
-
-def check_compile_jvp(compile_jvp: Any, jvp_method: str) -> None:
-    """``compile_jvp`` compiles forward-mode JVPs: it needs a bool and a forward-mode method."""
-    if not isinstance(compile_jvp, bool):
-        raise TypeError(f"compile_jvp must be True or False, got {compile_jvp!r}")
-    if compile_jvp and jvp_method not in ("auto", "forward"):
-        raise ValueError(
-            f"compile_jvp=True compiles forward-mode JVPs, but jvp_method={jvp_method!r} uses "
-            "none: use jvp_method='auto' (or 'forward') with compile_jvp=True"
-        )
 
 
 def _check_output(output: Any) -> torch.Tensor:
