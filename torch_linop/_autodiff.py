@@ -81,6 +81,12 @@ def vjp_columns(
     return [torch.stack(per_param) for per_param in zip(*columns)]
 
 
+def stack_columns(columns: list[torch.Tensor]) -> torch.Tensor:
+    """``(k, *shape)`` from k tensors; one column is a view, not a copy (a language model's JVP
+    is logits-sized)."""
+    return columns[0].unsqueeze(0) if len(columns) == 1 else torch.stack(columns)
+
+
 def forward_with_tangent(
     forward: Callable[[], torch.Tensor],
     model: torch.nn.Module,
@@ -300,7 +306,7 @@ class SandwichProduct:
                 else:
                     jvp = jvp_without_graph(forward, model, leaves, tangent)
                 columns.append(jvp)
-            jvps = torch.stack(columns)
+            jvps = stack_columns(columns)
             if batched_failed:
                 self._batched_jvp_ok = False  # the column loop worked: vmap is what failed
         if output is None:

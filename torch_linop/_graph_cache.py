@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import UserDict
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from typing import Any
 
 import torch
 
+from torch_linop._context import warn_if_tf32
 from torch_linop.operator import CurvatureOperator
 
 
@@ -54,6 +55,11 @@ class GraphCachingOperator(CurvatureOperator):
     def _cached_product(self, graph: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         """The batch's product with ``tangents`` ``(k, *param.shape)``, keeping ``graph``."""
         raise NotImplementedError
+
+    def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
+        """Around the forward passes that build the kept graphs: the product context (the
+        Hessian's graph is differentiated twice: attention on the math backend)."""
+        return self._product_context()
 
     def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
         """Around the cached products: nothing by default (a backward needs no attention
@@ -94,7 +100,7 @@ class GraphCachingOperator(CurvatureOperator):
         if self._graphs is not None and key == self._graphs_key:
             return self._graphs
         self.clear_cache()  # free the stale graphs before building the new ones
-        with self._product_context():  # the graph-building forward passes run here
+        with self._graph_building_context():
             graphs = [self._build_graph(weight, batch) for weight, batch in self.weighted_batches()]
         # stored only once every batch has its graph: an error above leaves no partial cache
         self._graphs, self._graphs_key, self._graphs_refs = graphs, key, refs
@@ -114,6 +120,15 @@ class GraphCachingOperator(CurvatureOperator):
         except BaseException:
             self.clear_cache()  # whatever failed, the next product starts from fresh graphs
             raise
+
+
+@contextlib.contextmanager
+def first_order_context(device: torch.device) -> Iterator[None]:
+    """Around forward passes whose graph is differentiated only once (a GGN's or empirical
+    Fisher's VJP): the user's attention settings stay, fused SDPA kernels included (they have a
+    backward, but no double backward or forward-mode AD)."""
+    warn_if_tf32(device)
+    yield
 
 
 def _version_and_address(tensor: torch.Tensor) -> tuple[int, int]:

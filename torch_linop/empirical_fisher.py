@@ -13,7 +13,7 @@ from torch import nn
 
 from torch_linop._autodiff import SandwichProduct, make_leaves
 from torch_linop._context import reparametrized
-from torch_linop._graph_cache import GraphCachingOperator
+from torch_linop._graph_cache import GraphCachingOperator, first_order_context
 from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
@@ -63,8 +63,12 @@ class EmpiricalFisherOperator(GraphCachingOperator):
             losses = self._losses_of(batch)()
         return _LossesGraph(weight, batch, leaves, losses)
 
+    def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
+        # the kept graph is differentiated once (the VJP): fused attention kernels may build it
+        return first_order_context(self.device)
+
     def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
-        return self._product_context()  # the JVPs run forward passes
+        return self._product_context()  # the JVPs run dual-number forward passes
 
     def _cached_product(
         self, graph: _LossesGraph, tangents: list[torch.Tensor]

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_linop._autodiff import SandwichProduct, make_leaves, vjp_columns
+from torch_linop._autodiff import SandwichProduct, make_leaves, stack_columns, vjp_columns
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
-from torch_linop._graph_cache import GraphCachingOperator
+from torch_linop._graph_cache import GraphCachingOperator, first_order_context
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
 
@@ -108,7 +108,7 @@ def finite_difference_jvps(
                 difference = outs[0].sub_(output.detach().to(acc)).div_(step)
             jvps.append(difference.to(output.dtype))
             del outs, difference
-    return torch.stack(jvps)
+    return stack_columns(jvps)
 
 
 def finite_difference_sandwich(
@@ -201,8 +201,12 @@ class GGNOperator(GraphCachingOperator):
             output = self._forward_of(batch)()
         return _OutputGraph(weight, batch, leaves, output)
 
+    def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
+        # the kept graph is differentiated once (the VJP): fused attention kernels may build it
+        return first_order_context(self.device)
+
     def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
-        return self._product_context()  # the JVPs run forward passes
+        return self._product_context()  # the JVPs run dual-number forward passes
 
     def _cached_product(
         self, graph: _OutputGraph, tangents: list[torch.Tensor]
