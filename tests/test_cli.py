@@ -418,3 +418,37 @@ def test_without_matplotlib_the_plot_is_skipped(factory_module, monkeypatch, cap
     )  # fmt: skip
     assert code == 0
     assert 'Plot  skipped: matplotlib is not installed (pip install "torch-linop[plot]")' in out
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "ef"])
+def test_cache_graph_gives_the_same_numbers(factory_module, tmp_path, capsys, curvature) -> None:
+    """``--cache-graph`` keeps the batches' graphs between products: the same eigenvalues (to
+    rounding) and the same trace estimate (same probes) as without it."""
+    args = ["--model", "tiny_factories:classifier", "--curvature", curvature, "-k", "3",
+            "--quantities", "eigs,trace", "--no-plot"]  # fmt: skip
+    plain = _cli_json(args, tmp_path, capsys)
+    cached = _cli_json([*args, "--cache-graph"], tmp_path, capsys)
+    np.testing.assert_allclose(
+        cached["eigenvalues"]["values"], plain["eigenvalues"]["values"], rtol=1e-10
+    )
+    assert cached["trace"]["estimate"] == pytest.approx(plain["trace"]["estimate"], rel=1e-10)
+
+
+def test_cache_graph_reaches_the_operator(factory_module, tmp_path, capsys, monkeypatch) -> None:
+    import torch_linop.cli.analysis as analysis
+
+    built = []
+    original = analysis.GGNOperator
+
+    def recording(*args, **kwargs):
+        operator = original(*args, **kwargs)
+        built.append(operator)
+        return operator
+
+    monkeypatch.setattr(analysis, "GGNOperator", recording)
+    _cli_json(
+        ["--model", "tiny_factories:classifier", "--curvature", "ggn", "-k", "2",
+         "--quantities", "eigs", "--no-plot", "--cache-graph"],
+        tmp_path, capsys,
+    )  # fmt: skip
+    assert built and built[0].cache_graph and built[0]._graphs is not None

@@ -51,7 +51,7 @@ def build_operator(workload: Workload, options: Options) -> CurvatureOperator:
     problems (no parameter matched, a loss without the split the GGN needs, a model that does not
     run on the data) become usage errors, found with one trial product."""
     param_filter = match_names(*options.param_filter) if options.param_filter else None
-    common: dict[str, Any] = {"param_filter": param_filter}
+    common: dict[str, Any] = {"param_filter": param_filter, "cache_graph": options.cache_graph}
     try:
         if options.curvature == "hessian":
             operator: CurvatureOperator = HessianOperator(

@@ -57,6 +57,7 @@ class Options:
     slq_runs: int
     slq_steps: int
     mc_samples: int
+    cache_graph: bool
     plot: bool
     progress: bool
 
@@ -185,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampled targets per input for --curvature mc-fisher (default: 1)",
     )
     compute.add_argument(
+        "--cache-graph",
+        action="store_true",
+        help="keep each batch's graph between products (faster products; memory grows with "
+        "the number of batches)",
+    )
+    compute.add_argument(
         "--train-steps",
         metavar="N",
         type=_non_negative_int,
@@ -259,6 +266,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         slq_runs=args.slq_runs,
         slq_steps=args.slq_steps,
         mc_samples=args.mc_samples,
+        cache_graph=args.cache_graph,
         plot=not args.no_plot,
         progress=not args.no_progress,
     )
