@@ -14,22 +14,40 @@ from __future__ import annotations
 
 import contextlib
 from collections import UserDict
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from torch_linop._context import warn_if_tf32
+from torch_linop._autodiff import make_leaves
+from torch_linop._context import reparametrized, warn_if_tf32
 from torch_linop.operator import CurvatureOperator
+
+
+@dataclass
+class KeptForward:
+    """One batch's kept forward pass (the GGN's and the Fishers' cache): the output (logits, or
+    per-sample losses) with its graph, the leaves it was computed from, and the batch."""
+
+    weight: float
+    batch: Any
+    leaves: dict[str, torch.Tensor]
+    output: torch.Tensor
 
 
 class GraphCachingOperator(CurvatureOperator):
     """A curvature operator whose products can run on kept per-batch graphs.
 
-    Subclasses build one batch's graph in :meth:`_build_graph` (called inside the product
-    context, once per batch) and multiply with it in :meth:`_cached_product`; each graph object
-    has a ``weight`` attribute (the batch's ``n_b / N``).
+    Subclasses build one batch's graph in :meth:`_build_graph` (once per batch) and multiply
+    with it in :meth:`_cached_product`; each graph object has a ``weight`` attribute (the
+    batch's ``n_b / N``). ``_JVP_ON_KEPT_GRAPH``: the cached products run JVP forward passes and
+    differentiate the kept graph once (GGN, Fishers: fused attention may build the graph, the
+    JVPs need the product context); otherwise they only differentiate it twice (the Hessian:
+    the graph is built in the product context, the products need none).
     """
+
+    _JVP_ON_KEPT_GRAPH = False
 
     def _init_graph_cache(self, cache_graph: bool) -> None:
         if not isinstance(cache_graph, bool):
@@ -56,14 +74,25 @@ class GraphCachingOperator(CurvatureOperator):
         """The batch's product with ``tangents`` ``(k, *param.shape)``, keeping ``graph``."""
         raise NotImplementedError
 
+    def _kept_forward(
+        self, weight: float, batch: Any, forward: Callable[[], torch.Tensor]
+    ) -> KeptForward:
+        """``forward()`` run on autograd leaves of the parameters, its graph kept."""
+        leaves = make_leaves(self.params)
+        with reparametrized(self.model, leaves):
+            output = forward()
+        return KeptForward(weight, batch, leaves, output)
+
     def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
-        """Around the forward passes that build the kept graphs: the product context (the
-        Hessian's graph is differentiated twice: attention on the math backend)."""
+        """Around the forward passes that build the kept graphs."""
+        if self._JVP_ON_KEPT_GRAPH:
+            return first_order_context(self.device)
         return self._product_context()
 
     def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
-        """Around the cached products: nothing by default (a backward needs no attention
-        backend switch); the GGN runs forward passes there and needs the product context."""
+        """Around the cached products (a backward alone needs no attention backend switch)."""
+        if self._JVP_ON_KEPT_GRAPH:
+            return self._product_context()
         return contextlib.nullcontext()
 
     # ----------------------------------------------------------------- machinery

@@ -3,17 +3,14 @@ forward-mode JVP of the per-sample loss vector, ``G^T (G v)`` from one VJP."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from torch_linop._autodiff import SandwichProduct, make_leaves
-from torch_linop._context import reparametrized
-from torch_linop._graph_cache import GraphCachingOperator, first_order_context
+from torch_linop._autodiff import SandwichProduct
+from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
@@ -27,6 +24,8 @@ class EmpiricalFisherOperator(GraphCachingOperator):
     products, as ``GGNOperator(cache_graph=True)`` does: a product is then a JVP that records no
     graph and one backward.
     """
+
+    _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
 
     def __init__(
         self,
@@ -57,37 +56,17 @@ class EmpiricalFisherOperator(GraphCachingOperator):
         # batch weight n_b / N times 1 / n_b gives (1/N) sum_i g_i g_i^T
         return vectors / losses.numel() if self.loss_fn.reduction == "mean" else vectors
 
-    def _build_graph(self, weight: float, batch: Any) -> _LossesGraph:
-        leaves = make_leaves(self.params)
-        with reparametrized(self.model, leaves):
-            losses = self._losses_of(batch)()
-        return _LossesGraph(weight, batch, leaves, losses)
-
-    def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
-        # the kept graph is differentiated once (the VJP): fused attention kernels may build it
-        return first_order_context(self.device)
-
-    def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
-        return self._product_context()  # the JVPs run dual-number forward passes
+    def _build_graph(self, weight: float, batch: Any) -> KeptForward:
+        return self._kept_forward(weight, batch, self._losses_of(batch))
 
     def _cached_product(
-        self, graph: _LossesGraph, tangents: list[torch.Tensor]
+        self, graph: KeptForward, tangents: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         forward = self._losses_of(graph.batch)
         return self._sandwich.on_kept_graph(
-            self.model, forward, graph.leaves, graph.losses, tangents, self._middle
+            self.model, forward, graph.leaves, graph.output, tangents, self._middle
         )
 
     def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
         forward = self._losses_of(batch)
         return self._sandwich(self.model, forward, self.params, tangents, self._middle)
-
-
-@dataclass
-class _LossesGraph:
-    """One batch's kept forward pass: its per-sample losses with their graph."""
-
-    weight: float
-    batch: Any
-    leaves: dict[str, torch.Tensor]
-    losses: torch.Tensor

@@ -3,9 +3,7 @@ autograd) loss Hessian on the output, one VJP."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 from torch_linop._autodiff import SandwichProduct, make_leaves, stack_columns, vjp_columns
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
-from torch_linop._graph_cache import GraphCachingOperator, first_order_context
+from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
 
@@ -119,28 +117,21 @@ def finite_difference_sandwich(
     middle: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
     central: bool = True,
+    kept: KeptForward | None = None,
 ) -> list[torch.Tensor]:
     """``J^T M J V`` with a finite-difference JVP (see :func:`finite_difference_jvps`) and an
-    exact VJP."""
-    from torch_linop._autodiff import make_leaves, vjp_columns
-
-    leaves = make_leaves(params)
-    with reparametrized(model, leaves):
-        output = forward()
+    exact VJP; on ``kept`` (a cached forward pass, whose graph stays) instead of a new forward."""
+    if kept is None:
+        leaves = make_leaves(params)
+        with reparametrized(model, leaves):
+            output = forward()
+    else:
+        leaves, output = kept.leaves, kept.output
     jvps = finite_difference_jvps(model, forward, params, tangents, output, central=central)
     cotangents = middle(output.detach(), jvps)
     del jvps  # output-sized: not alive during the backward
-    return vjp_columns(output, list(leaves.values()), cotangents, batched=False)
-
-
-@dataclass
-class _OutputGraph:
-    """One batch's kept forward pass: the output with its graph, and what made it."""
-
-    weight: float
-    batch: Any
-    leaves: dict[str, torch.Tensor]
-    output: torch.Tensor
+    leaf_list = list(leaves.values())
+    return vjp_columns(output, leaf_list, cotangents, batched=False, retain_graph=kept is not None)
 
 
 class GGNOperator(GraphCachingOperator):
@@ -164,6 +155,8 @@ class GGNOperator(GraphCachingOperator):
     (parameter, buffer, mode and data changes are seen; :meth:`clear_cache` for writes through
     ``param.data``; a product that raises drops it).
     """
+
+    _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
 
     def __init__(
         self,
@@ -199,38 +192,23 @@ class GGNOperator(GraphCachingOperator):
         return forward
 
     # ----------------------------------------------------------------- cached-graph mode
-    def _build_graph(self, weight: float, batch: Any) -> _OutputGraph:
-        leaves = make_leaves(self.params)
-        with reparametrized(self.model, leaves):
-            output = self._forward_of(batch)()
-        return _OutputGraph(weight, batch, leaves, output)
-
-    def _graph_building_context(self) -> contextlib.AbstractContextManager[None]:
-        # the kept graph is differentiated once (the VJP): fused attention kernels may build it
-        return first_order_context(self.device)
-
-    def _cached_product_context(self) -> contextlib.AbstractContextManager[None]:
-        return self._product_context()  # the JVPs run dual-number forward passes
+    def _build_graph(self, weight: float, batch: Any) -> KeptForward:
+        return self._kept_forward(weight, batch, self._forward_of(batch))
 
     def _cached_product(
-        self, graph: _OutputGraph, tangents: list[torch.Tensor]
+        self, graph: KeptForward, tangents: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         forward = self._forward_of(graph.batch)
         middle = self.middle(graph.batch)  # per product: the MC Fisher draws its targets here
         if self.jvp_method in APPROXIMATE_JVP_METHODS:
-            jvps = finite_difference_jvps(
+            return finite_difference_sandwich(
                 self.model,
                 forward,
                 self.params,
                 tangents,
-                graph.output,
+                middle,
                 central=self.jvp_method == "finite_difference",
-            )
-            cotangents = middle(graph.output.detach(), jvps)
-            del jvps  # output-sized: not alive during the backward
-            leaf_list = list(graph.leaves.values())
-            return vjp_columns(
-                graph.output, leaf_list, cotangents, batched=False, retain_graph=True
+                kept=graph,
             )
         return self._sandwich.on_kept_graph(
             self.model, forward, graph.leaves, graph.output, tangents, middle

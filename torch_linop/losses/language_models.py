@@ -217,23 +217,11 @@ def ce_hvp_columns(
     into ``vectors`` (returned) when their dtype can hold it."""
     logits = logits.detach()
     result_dtype = torch.promote_types(logits.dtype, vectors.dtype)
-    if overwrite and vectors.dtype == result_dtype and not vectors.requires_grad:
-        for j in range(vectors.shape[0]):
-            ce_hvp(
-                logits,
-                vectors[j],
-                labels,
-                ignore_index=ignore_index,
-                shift=shift,
-                reduction="mean",
-                backend=backend,
-                inplace=True,
-            )
-        return vectors
-    result = torch.empty(
-        vectors.shape,
-        dtype=result_dtype,
-        device=logits.device,
+    in_place = overwrite and vectors.dtype == result_dtype and not vectors.requires_grad
+    result = (
+        vectors
+        if in_place
+        else torch.empty(vectors.shape, dtype=result_dtype, device=logits.device)
     )
     for j in range(vectors.shape[0]):  # each column written into its slot: no stacked copy
         ce_hvp(
@@ -244,7 +232,8 @@ def ce_hvp_columns(
             shift=shift,
             reduction="mean",
             backend=backend,
-            out=result[j],
+            out=None if in_place else result[j],
+            inplace=in_place,
         )
     return result.to(vectors.dtype)
 
