@@ -25,18 +25,27 @@ from torch_linop import GGNOperator, HessianOperator, hf_lm_loss
 GPT2_SMALL = dict(vocab=50257, layers=12, width=768, heads=12, positions=1024)
 
 
-def captured(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream); returns replay."""
+def captured(fn: Callable[[], Any], attempts: int = 2) -> Callable[[], Any]:
+    """``fn`` captured in a CUDA graph after warm-up calls, on the warm-up stream (so that
+    per-stream library handles exist before the capture); a failed capture is tried again
+    once (the first capture of a process met one-time initialisation); returns replay."""
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    for attempt in range(attempts):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                fn()
+            return graph.replay
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            torch.cuda.synchronize()
+    raise AssertionError("unreachable")
 
 
 def rows_for(model, data, repeats: int) -> list[dict[str, Any]]:
