@@ -44,15 +44,19 @@ import triton.language as tl
 
 from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 from torch_linop.kernels._ce_hvp_common import (
-    is_inner_contiguous,
+    LaunchArguments,
     is_interpreter,
-    labels_arguments,
+    launch_arguments,
     load_tile,
     locate_row,
-    scale_arguments,
     time_configs,
 )
-from torch_linop.kernels._ce_hvp_triton import KernelConfig, ce_hvp_triton, publish_stats
+from torch_linop.kernels._ce_hvp_triton import (
+    KernelConfig,
+    ce_hvp_triton,
+    poll_published,
+    publish_stats,
+)
 from torch_linop.kernels._ce_hvp_two_pass import (
     initial_stats,
     merge_tile,
@@ -155,11 +159,7 @@ def _row_numbers(
     never reads a segment that was already overwritten (in-place mode stays correct).
     """
     first_slot = row * group_size
-    published = tl.load(count_ptr + row, volatile=True)
-    polls = 0
-    while (published < group_size) & (polls < MAX_SPIN):
-        published = tl.load(count_ptr + row, volatile=True)
-        polls += 1
+    published = poll_published(count_ptr, row, group_size, MAX_SPIN)
     if published < group_size:
         for other in range(0, group_size):
             if tl.atomic_cas(claim_ptr + first_slot + other, 0, 1) == 0:
@@ -568,37 +568,17 @@ class _Problem:
     def num_rows(self) -> int:
         return self.logits.shape[0] * self.logits.shape[1]
 
-    @property
-    def acc_fp64(self) -> bool:
-        return torch.float64 in (self.logits.dtype, self.u.dtype)
-
-    @property
-    def acc_dtype(self) -> torch.dtype:
-        return torch.float64 if self.acc_fp64 else torch.float32
-
-    def common_args(self) -> dict:
-        """Scale (a device scalar, or a float passed by value), labels placeholder and strides."""
-        device = self.logits.device
-        scale_tensor, scale_value, scale_in_memory = scale_arguments(
-            self.scale, self.acc_dtype, device
+    def arguments(self) -> LaunchArguments:
+        """The arguments every kernel takes in the same form (as the shipped launchers build)."""
+        return launch_arguments(
+            self.logits,
+            self.u,
+            self.labels,
+            self.out,
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            scale=self.scale,
         )
-        labels, labels_strides = labels_arguments(self.labels, device)
-        return {
-            "labels": labels,
-            "labels_strides": labels_strides,
-            "scale_tensor": scale_tensor,
-            "scale_value": scale_value,
-            "scale_in_memory": scale_in_memory,
-        }
-
-    def layout_constexprs(self) -> dict:
-        return {
-            "HAS_LABELS": self.labels is not None,
-            "SHIFT": self.shift,
-            "X_CONTIG": is_inner_contiguous(self.logits),
-            "U_CONTIG": is_inner_contiguous(self.u),
-            "ACC_FP64": self.acc_fp64,
-        }
 
 
 def _group_size(vocab: int, config: VariantConfig) -> int:
@@ -610,22 +590,18 @@ def _slots(group_size: int) -> int:
 
 
 def _split_coop_launch(problem: _Problem, config: VariantConfig) -> None:
-    logits, u, out = problem.logits, problem.u, problem.out
+    logits = problem.logits
     device = logits.device
-    common = problem.common_args()
+    common = problem.arguments()
     num_rows, vocab = problem.num_rows, problem.vocab
     num_chunks = triton.cdiv(vocab, config.block)
     group_size = _group_size(vocab, config)
     # One zeroed allocation holds the per-segment claims and the per-row published counts.
     sync = torch.zeros(num_rows * group_size + num_rows, dtype=torch.int32, device=device)
     claim, count = sync[: num_rows * group_size], sync[num_rows * group_size :]
-    stats = torch.empty(num_rows * group_size * 3, dtype=problem.acc_dtype, device=device)
+    stats = torch.empty(num_rows * group_size * 3, dtype=common.acc_dtype, device=device)
     args = (
-        logits,
-        u,
-        out,
-        common["labels"],
-        common["scale_tensor"],
+        *common.pointers,
         claim,
         count,
         stats,
@@ -635,20 +611,13 @@ def _split_coop_launch(problem: _Problem, config: VariantConfig) -> None:
         num_chunks,
         group_size,
         config.seg_chunks,
-        *logits.stride(),
-        *u.stride(),
-        *out.stride(),
-        *common["labels_strides"],
-        problem.ignore_index,
-        common["scale_value"],
+        *common.scalars,
     )
     kwargs = dict(
-        **problem.layout_constexprs(),
-        SCALE_IN_MEMORY=common["scale_in_memory"],
+        **common.constexprs,
         BLOCK=config.block,
         SLOTS=_slots(group_size),
         ONE_TILE=config.seg_chunks == 1,
-        OUT_CONTIG=is_inner_contiguous(out),
         MAX_SPIN=0 if is_interpreter() else _POLLS_BEFORE_CLAIMING,
         PREFETCH=config.prefetch and config.seg_chunks > 1,
     )
@@ -673,57 +642,46 @@ def _block_rows(problem: _Problem, config: VariantConfig) -> int:
 
 
 def _split_two_kernel_launch(problem: _Problem, config: VariantConfig) -> None:
-    logits, u, out = problem.logits, problem.u, problem.out
-    common = problem.common_args()
+    logits, u = problem.logits, problem.u
+    common = problem.arguments()
     num_rows, vocab = problem.num_rows, problem.vocab
     num_chunks = triton.cdiv(vocab, config.block)
     group_size = _group_size(vocab, config)
     rows_per_block = min(num_rows, _block_rows(problem, config))
-    stats = torch.empty(rows_per_block * group_size * 3, dtype=problem.acc_dtype, device=u.device)
-    layout = problem.layout_constexprs()
+    stats = torch.empty(rows_per_block * group_size * 3, dtype=common.acc_dtype, device=u.device)
     shared = (logits.shape[1], vocab, num_chunks, group_size, config.seg_chunks)
+    # the stats kernel reads neither out nor the scale
+    stats_constexprs = {
+        name: common.constexprs[name]
+        for name in ("HAS_LABELS", "SHIFT", "X_CONTIG", "U_CONTIG", "ACC_FP64")
+    }
     for row_start in range(0, num_rows, rows_per_block):
         grid = (min(rows_per_block, num_rows - row_start), group_size)
         _block_stats_kernel[grid](
             logits,
             u,
-            common["labels"],
+            common.labels,
             stats,
             row_start,
             *shared,
             *logits.stride(),
             *u.stride(),
-            *common["labels_strides"],
-            problem.ignore_index,
-            HAS_LABELS=layout["HAS_LABELS"],
-            SHIFT=layout["SHIFT"],
+            *common.labels_strides,
+            common.ignore_index,
+            **stats_constexprs,
             BLOCK=config.block,
-            X_CONTIG=layout["X_CONTIG"],
-            U_CONTIG=layout["U_CONTIG"],
-            ACC_FP64=layout["ACC_FP64"],
             PREFETCH=config.prefetch,
             num_warps=config.num_warps,
         )
         _block_output_kernel[grid](
-            logits,
-            u,
-            out,
-            common["labels"],
-            common["scale_tensor"],
+            *common.pointers,
             stats,
             row_start,
             *shared,
-            *logits.stride(),
-            *u.stride(),
-            *out.stride(),
-            *common["labels_strides"],
-            problem.ignore_index,
-            common["scale_value"],
-            **layout,
-            SCALE_IN_MEMORY=common["scale_in_memory"],
+            *common.scalars,
+            **common.constexprs,
             BLOCK=config.block,
             SLOTS=_slots(group_size),
-            OUT_CONTIG=is_inner_contiguous(out),
             PREFETCH=config.prefetch,
             num_warps=config.num_warps,
         )

@@ -1,15 +1,16 @@
 """Pieces shared by the shipped cross-entropy HVP Triton kernels (split-row and two-pass).
 
 Device side: where a flattened row lives and whether it has a target, and the loads of one chunk
-of a row of logits and tangents. Host side: the scale and labels arguments every launch passes,
-views of the leading rows, and the timing loop of the autotuners. ``benchmarks/ce_hvp_designs.py``
-builds its unshipped designs from the same pieces.
+of a row of logits and tangents. Host side: the arguments every launch passes (tensors, strides,
+scale, labels, layout constexprs), views of the leading rows, and the timing loop of the
+autotuners. ``benchmarks/ce_hvp_designs.py`` builds its unshipped designs from the same pieces.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -18,9 +19,11 @@ import triton.language as tl
 import triton.testing
 
 __all__ = [
+    "LaunchArguments",
     "is_inner_contiguous",
     "is_interpreter",
     "labels_arguments",
+    "launch_arguments",
     "leading_rows",
     "load_raw",
     "load_tile",
@@ -190,6 +193,80 @@ def labels_arguments(
     return labels, labels.stride()
 
 
+@dataclass(frozen=True)
+class LaunchArguments:
+    """The arguments every ce_hvp kernel takes in the same form, built once per launch.
+
+    A kernel's parameters are ``pointers``, then its own integers, then ``scalars``; its
+    constexprs are ``constexprs`` plus its own (chunk size and the like).
+    """
+
+    logits: torch.Tensor
+    u: torch.Tensor
+    out: torch.Tensor
+    labels: torch.Tensor  # a placeholder without labels
+    labels_strides: tuple[int, ...]
+    ignore_index: int
+    scale_tensor: torch.Tensor
+    scale_value: float
+    acc_dtype: torch.dtype
+    constexprs: dict[str, bool]  # HAS_LABELS, SHIFT, SCALE_IN_MEMORY, X/U/OUT_CONTIG, ACC_FP64
+
+    @property
+    def pointers(self) -> tuple[torch.Tensor, ...]:
+        """x, u, out, labels and scale pointers."""
+        return (self.logits, self.u, self.out, self.labels, self.scale_tensor)
+
+    @property
+    def scalars(self) -> tuple[int | float, ...]:
+        """Strides of x, u, out and labels, ignore_index and the scale value."""
+        return (
+            *self.logits.stride(),
+            *self.u.stride(),
+            *self.out.stride(),
+            *self.labels_strides,
+            self.ignore_index,
+            self.scale_value,
+        )
+
+
+def launch_arguments(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    labels: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    scale: torch.Tensor | float,
+) -> LaunchArguments:
+    """``LaunchArguments`` of a call (tensors (B, T, V), labels (B, T) or None)."""
+    acc_fp64 = torch.float64 in (logits.dtype, u.dtype)
+    acc_dtype = torch.float64 if acc_fp64 else torch.float32
+    scale_tensor, scale_value, scale_in_memory = scale_arguments(scale, acc_dtype, logits.device)
+    labels_arg, labels_strides = labels_arguments(labels, logits.device)
+    return LaunchArguments(
+        logits=logits,
+        u=u,
+        out=out,
+        labels=labels_arg,
+        labels_strides=labels_strides,
+        ignore_index=ignore_index,
+        scale_tensor=scale_tensor,
+        scale_value=scale_value,
+        acc_dtype=acc_dtype,
+        constexprs=dict(
+            HAS_LABELS=labels is not None,
+            SHIFT=shift,
+            SCALE_IN_MEMORY=scale_in_memory,
+            X_CONTIG=is_inner_contiguous(logits),
+            U_CONTIG=is_inner_contiguous(u),
+            OUT_CONTIG=is_inner_contiguous(out),
+            ACC_FP64=acc_fp64,
+        ),
+    )
+
+
 def leading_rows(tensor: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
     """A view of about ``num_rows`` leading rows of a (B, T, ...) tensor (no copy)."""
     if tensor is None:
@@ -213,9 +290,7 @@ def median_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_configs(
-    launch: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, Config], object
-    ],
+    launch: Callable[..., object],
     candidates: Iterable[Config],
     logits: torch.Tensor,
     u: torch.Tensor,
@@ -225,7 +300,7 @@ def time_configs(
     tune_rows: int | None,
     failed: dict[Config, str] | None = None,
 ) -> dict[Config, float]:
-    """Median ms of ``launch(logits, u, labels, out, config)`` for every candidate config.
+    """Median ms of ``launch(logits, u, labels, out, config=config)`` for every candidate config.
 
     ``tune_rows``: time on about that many leading rows (``None``: all rows). Writes into ``out``,
     or into a scratch buffer when ``out`` aliases ``u`` (the in-place mode), so tuning never
@@ -240,7 +315,7 @@ def time_configs(
     for config in candidates:
 
         def run(config: Config = config) -> None:
-            launch(logits, u, labels, out, config)
+            launch(logits, u, labels, out, config=config)
 
         try:
             timings[config] = median_ms(run, logits.device)

@@ -27,6 +27,7 @@ all tensors are addressed through their strides (no contiguous or shifted copies
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -38,10 +39,9 @@ import triton.language as tl
 from ._ce_hvp_common import (
     is_inner_contiguous,
     is_interpreter,
-    labels_arguments,
+    launch_arguments,
     load_tile,
     locate_row,
-    scale_arguments,
     time_configs,
 )
 
@@ -49,6 +49,7 @@ __all__ = [
     "KernelConfig",
     "ce_hvp_triton",
     "is_interpreter",
+    "poll_published",
     "publish_stats",
     "tuned_configs",
     "tuning_timings",
@@ -84,6 +85,17 @@ def publish_stats(stats_ptr, count_ptr, row, slot, chunk_max, chunk_norm, chunk_
 
 
 @triton.jit
+def poll_published(count_ptr, row, expected, MAX_SPIN: tl.constexpr):
+    """The row's published count, polled until it reaches ``expected`` or ``MAX_SPIN`` polls."""
+    published = tl.load(count_ptr + row, volatile=True)
+    polls = 0
+    while (published < expected) & (polls < MAX_SPIN):
+        published = tl.load(count_ptr + row, volatile=True)
+        polls += 1
+    return published
+
+
+@triton.jit
 def _row_stats(
     was_claimed,
     own_max,
@@ -114,11 +126,7 @@ def _row_stats(
     first_slot = row * num_chunks
     if was_claimed == 0:
         publish_stats(stats_ptr, count_ptr, row, first_slot + chunk, own_max, own_norm, own_dot)
-    published = tl.load(count_ptr + row, volatile=True)
-    polls = 0
-    while (published < num_chunks) & (polls < MAX_SPIN):
-        published = tl.load(count_ptr + row, volatile=True)
-        polls += 1
+    published = poll_published(count_ptr, row, num_chunks, MAX_SPIN)
     if published < num_chunks:
         # Siblings are late: compute every chunk nobody has claimed yet from memory.
         for other_chunk in range(0, num_chunks):
@@ -342,47 +350,30 @@ def _launch(
     batch, seq_len, vocab = logits.shape
     num_rows = batch * seq_len
     num_chunks = triton.cdiv(vocab, config.block)
-    acc_fp64 = torch.float64 in (logits.dtype, u.dtype)
-    acc_dtype = torch.float64 if acc_fp64 else torch.float32
+    common = launch_arguments(
+        logits, u, labels, out, ignore_index=ignore_index, shift=shift, scale=scale
+    )
     device = logits.device
     if num_chunks > 1:
         # One zeroed allocation holds the per-chunk claims and the per-row published counts.
         sync = torch.zeros(num_rows * num_chunks + num_rows, dtype=torch.int32, device=device)
         claim, count = sync[: num_rows * num_chunks], sync[num_rows * num_chunks :]
-        stats = torch.empty(num_rows * num_chunks * 3, dtype=acc_dtype, device=device)
+        stats = torch.empty(num_rows * num_chunks * 3, dtype=common.acc_dtype, device=device)
     else:
         claim = count = torch.empty(1, dtype=torch.int32, device=device)
-        stats = torch.empty(1, dtype=acc_dtype, device=device)
-    scale_tensor, scale_value, scale_in_memory = scale_arguments(scale, acc_dtype, device)
-    labels_arg, labels_strides = labels_arguments(labels, device)
-    grid = (num_rows * num_chunks,)
-    _ce_hvp_kernel[grid](
-        logits,
-        u,
-        out,
-        labels_arg,
-        scale_tensor,
+        stats = torch.empty(1, dtype=common.acc_dtype, device=device)
+    _ce_hvp_kernel[(num_rows * num_chunks,)](
+        *common.pointers,
         claim,
         count,
         stats,
         seq_len,
         vocab,
         num_chunks,
-        *logits.stride(),
-        *u.stride(),
-        *out.stride(),
-        *labels_strides,
-        ignore_index,
-        scale_value,
-        HAS_LABELS=labels is not None,
-        SHIFT=shift,
-        SCALE_IN_MEMORY=scale_in_memory,
+        *common.scalars,
+        **common.constexprs,
         BLOCK=config.block,
         CHUNKS_POW2=triton.next_power_of_2(num_chunks),
-        X_CONTIG=is_inner_contiguous(logits),
-        U_CONTIG=is_inner_contiguous(u),
-        OUT_CONTIG=is_inner_contiguous(out),
-        ACC_FP64=acc_fp64,
         MAX_SPIN=0 if is_interpreter() else _POLLS_BEFORE_CLAIMING,
         num_warps=config.num_warps,
     )
@@ -410,18 +401,7 @@ def _tune(
         return candidates[0]
     tune_rows = max(256, (1 << 28) // (vocab * logits.element_size()))
 
-    def run(logits, u, labels, out, config: KernelConfig) -> None:
-        _launch(
-            logits,
-            u,
-            labels,
-            out,
-            ignore_index=ignore_index,
-            shift=shift,
-            scale=scale,
-            config=config,
-        )
-
+    run = functools.partial(_launch, ignore_index=ignore_index, shift=shift, scale=scale)
     timings.update(time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows))
     if not timings:
         raise RuntimeError(f"no ce_hvp Triton config compiled for vocab={vocab}")

@@ -22,6 +22,7 @@ through their strides. ``benchmarks/ce_hvp_designs.py`` compares this design wit
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -31,13 +32,11 @@ import triton
 import triton.language as tl
 
 from ._ce_hvp_common import (
-    is_inner_contiguous,
     is_interpreter,
-    labels_arguments,
+    launch_arguments,
     load_raw,
     load_tile,
     locate_row,
-    scale_arguments,
     time_configs,
     to_acc,
 )
@@ -509,38 +508,12 @@ def launch(
     """One launch with a given config (no tuning); tensors as for ``ce_hvp_two_pass``."""
     batch, seq_len, vocab = logits.shape
     num_rows = batch * seq_len
-    acc_fp64 = torch.float64 in (logits.dtype, u.dtype)
-    acc_dtype = torch.float64 if acc_fp64 else torch.float32
-    scale_tensor, scale_value, scale_in_memory = scale_arguments(scale, acc_dtype, logits.device)
-    labels_arg, labels_strides = labels_arguments(labels, logits.device)
-    args = (
-        logits,
-        u,
-        out,
-        labels_arg,
-        scale_tensor,
-        seq_len,
-        num_rows,
-        vocab,
-        triton.cdiv(vocab, config.block),
-        *logits.stride(),
-        *u.stride(),
-        *out.stride(),
-        *labels_strides,
-        ignore_index,
-        scale_value,
+    common = launch_arguments(
+        logits, u, labels, out, ignore_index=ignore_index, shift=shift, scale=scale
     )
-    kwargs = dict(
-        HAS_LABELS=labels is not None,
-        SHIFT=shift,
-        X_CONTIG=is_inner_contiguous(logits),
-        U_CONTIG=is_inner_contiguous(u),
-        ACC_FP64=acc_fp64,
-        SCALE_IN_MEMORY=scale_in_memory,
-        BLOCK=config.block,
-        OUT_CONTIG=is_inner_contiguous(out),
-        PREFETCH=config.prefetch,
-    )
+    num_chunks = triton.cdiv(vocab, config.block)
+    args = (*common.pointers, seq_len, num_rows, vocab, num_chunks, *common.scalars)
+    kwargs = dict(**common.constexprs, BLOCK=config.block, PREFETCH=config.prefetch)
     programs = persistent_programs(
         _two_pass_kernel,
         args,
@@ -618,18 +591,7 @@ def tune(
     if candidates is None:
         candidates = candidate_configs(logits.shape[-1])
 
-    def run(logits, u, labels, out, config: TwoPassConfig) -> None:
-        launch(
-            logits,
-            u,
-            labels,
-            out,
-            ignore_index=ignore_index,
-            shift=shift,
-            scale=scale,
-            config=config,
-        )
-
+    run = functools.partial(launch, ignore_index=ignore_index, shift=shift, scale=scale)
     timings = time_configs(
         run, candidates, logits, u, labels, out, tune_rows=tune_rows, failed=failed
     )
