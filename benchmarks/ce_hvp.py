@@ -53,16 +53,10 @@ def synchronize() -> None:
 
 
 def bench_ms(fn: Callable[[], object], rep_ms: int = 150) -> float:
-    import triton.testing
+    """Median ms of ``fn`` (the autotuners' timing, with a longer warmup and measurement)."""
+    from torch_linop.kernels._ce_hvp_common import median_ms
 
-    if DEVICE != "cuda":
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[1]
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    return median_ms(fn, torch.device(DEVICE), warmup=25, rep=rep_ms)
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30) -> float:

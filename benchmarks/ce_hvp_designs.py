@@ -33,8 +33,6 @@ the kernel and addresses all tensors through their strides.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -49,6 +47,7 @@ from torch_linop.kernels._ce_hvp_common import (
     launch_arguments,
     load_tile,
     locate_row,
+    pick_config,
     time_configs,
 )
 from torch_linop.kernels._ce_hvp_triton import (
@@ -828,7 +827,6 @@ _VARIANTS: dict[str, _Variant] = {
 
 _tuned: dict[tuple, VariantConfig] = {}
 _tuning_timings: dict[tuple, dict[VariantConfig, float]] = {}
-_tune_lock = threading.Lock()
 
 
 def candidate_configs(variant: str, vocab: int) -> list[VariantConfig]:
@@ -900,25 +898,24 @@ def _run_variant(
         return out
     vocab = logits.shape[-1]
     if config is None:
-        if is_interpreter() or os.environ.get("TORCH_LINOP_CE_HVP_AUTOTUNE", "1") == "0":
-            config = default_config(variant, vocab)
-        else:
-            key = (variant, logits.device.index, vocab, logits.dtype, u.dtype, out.dtype)
-            with _tune_lock:
-                if key not in _tuned:
-                    tune_rows = max(2048, (1 << 29) // (vocab * logits.element_size()))
-                    _tuned[key], _tuning_timings[key] = tune(
-                        variant,
-                        logits,
-                        u,
-                        labels,
-                        out,
-                        ignore_index=ignore_index,
-                        shift=shift,
-                        scale=scale,
-                        tune_rows=tune_rows,
-                    )
-                config = _tuned[key]
+        tune_rows = max(2048, (1 << 29) // (vocab * logits.element_size()))
+        config = pick_config(
+            (variant, logits.device.index, vocab, logits.dtype, u.dtype, out.dtype),
+            _tuned,
+            _tuning_timings,
+            lambda: default_config(variant, vocab),
+            lambda: tune(
+                variant,
+                logits,
+                u,
+                labels,
+                out,
+                ignore_index=ignore_index,
+                shift=shift,
+                scale=scale,
+                tune_rows=tune_rows,
+            ),
+        )
     problem = _Problem(logits, u, labels, out, ignore_index, shift, scale)
     _VARIANTS[variant].launch(problem, config)
     return out

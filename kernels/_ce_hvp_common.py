@@ -8,6 +8,8 @@ autotuners. ``benchmarks/ce_hvp_designs.py`` builds its unshipped designs from t
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -29,12 +31,17 @@ __all__ = [
     "load_tile",
     "locate_row",
     "median_ms",
+    "pick_config",
     "scale_arguments",
     "time_configs",
     "to_acc",
 ]
 
 Config = TypeVar("Config", bound=Hashable)
+
+AUTOTUNE_ENV = "TORCH_LINOP_CE_HVP_AUTOTUNE"
+# One tuning at a time, whichever kernel (re-entrant: a design's tuner may launch a shipped kernel).
+_tune_lock = threading.RLock()
 
 
 @triton.jit
@@ -277,10 +284,12 @@ def leading_rows(tensor: torch.Tensor | None, num_rows: int) -> torch.Tensor | N
     return tensor[:, : min(seq_len, num_rows)]
 
 
-def median_ms(fn: Callable[[], object], device: torch.device) -> float:
+def median_ms(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 5, rep: int = 25
+) -> float:
     """Median ms of ``fn``: ``do_bench`` on CUDA (L2 flushed), three wall-clock runs elsewhere."""
     if device.type == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -323,6 +332,24 @@ def time_configs(
             if failed is not None:
                 failed[config] = f"{type(error).__name__}: {error}"[:300]
     return timings
+
+
+def pick_config(
+    key: tuple,
+    picks: dict[tuple, Config],
+    timings: dict[tuple, dict[Config, float]],
+    default: Callable[[], Config],
+    tune: Callable[[], tuple[Config, dict[Config, float]]],
+) -> Config:
+    """The config of a launch: ``default()`` in the interpreter or with
+    TORCH_LINOP_CE_HVP_AUTOTUNE=0, else ``picks[key]``, found by ``tune()`` (best config and
+    every candidate's ms, kept in ``timings[key]``) on the first call for ``key``."""
+    if is_interpreter() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return default()
+    with _tune_lock:
+        if key not in picks:
+            picks[key], timings[key] = tune()
+        return picks[key]
 
 
 def _leading_view(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -28,8 +28,6 @@ all tensors are addressed through their strides (no contiguous or shifted copies
 from __future__ import annotations
 
 import functools
-import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +40,7 @@ from ._ce_hvp_common import (
     launch_arguments,
     load_tile,
     locate_row,
+    pick_config,
     time_configs,
 )
 
@@ -323,7 +322,6 @@ def _default_config(vocab: int) -> KernelConfig:
 
 _tuned: dict[tuple, KernelConfig] = {}
 _tuning_timings: dict[tuple, dict[KernelConfig, float]] = {}
-_tune_lock = threading.Lock()
 
 
 def tuned_configs() -> dict[tuple, KernelConfig]:
@@ -388,9 +386,9 @@ def _tune(
     ignore_index: int,
     shift: bool,
     scale: torch.Tensor | float,
-    timings: dict[KernelConfig, float],
-) -> KernelConfig:
-    """Time every candidate config on the leading rows (about 256 MB of logits) and keep the best.
+) -> tuple[KernelConfig, dict[KernelConfig, float]]:
+    """Time every candidate config on the leading rows (about 256 MB of logits): the best and all
+    timings (none when there is one candidate).
 
     Writes into the leading rows of ``out`` (overwritten by the real launch afterwards), or into a
     temporary buffer when ``out`` aliases ``u`` (the in-place mode), so tuning never changes u.
@@ -398,14 +396,14 @@ def _tune(
     vocab = logits.shape[-1]
     candidates = _candidate_configs(vocab)
     if len(candidates) == 1:
-        return candidates[0]
+        return candidates[0], {}
     tune_rows = max(256, (1 << 28) // (vocab * logits.element_size()))
 
     run = functools.partial(_launch, ignore_index=ignore_index, shift=shift, scale=scale)
-    timings.update(time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows))
+    timings = time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows)
     if not timings:
         raise RuntimeError(f"no ce_hvp Triton config compiled for vocab={vocab}")
-    return min(timings, key=timings.__getitem__)
+    return min(timings, key=timings.__getitem__), timings
 
 
 def ce_hvp_triton(
@@ -428,35 +426,27 @@ def ce_hvp_triton(
         return out
     vocab = logits.shape[-1]
     if config is None:
-        if is_interpreter() or os.environ.get("TORCH_LINOP_CE_HVP_AUTOTUNE", "1") == "0":
-            config = _default_config(vocab)
-        else:
-            key = (
-                logits.device.index,
-                vocab,
-                logits.dtype,
-                u.dtype,
-                out.dtype,
-                labels is not None,
-                shift,
-                is_inner_contiguous(logits),
-                is_inner_contiguous(u),
-                is_inner_contiguous(out),
-            )
-            with _tune_lock:
-                if key not in _tuned:
-                    _tuning_timings[key] = {}
-                    _tuned[key] = _tune(
-                        logits,
-                        u,
-                        labels,
-                        out,
-                        ignore_index=ignore_index,
-                        shift=shift,
-                        scale=scale,
-                        timings=_tuning_timings[key],
-                    )
-                config = _tuned[key]
+        key = (
+            logits.device.index,
+            vocab,
+            logits.dtype,
+            u.dtype,
+            out.dtype,
+            labels is not None,
+            shift,
+            is_inner_contiguous(logits),
+            is_inner_contiguous(u),
+            is_inner_contiguous(out),
+        )
+        config = pick_config(
+            key,
+            _tuned,
+            _tuning_timings,
+            lambda: _default_config(vocab),
+            lambda: _tune(
+                logits, u, labels, out, ignore_index=ignore_index, shift=shift, scale=scale
+            ),
+        )
     _launch(
         logits,
         u,

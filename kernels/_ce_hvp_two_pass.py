@@ -23,7 +23,6 @@ through their strides. ``benchmarks/ce_hvp_designs.py`` compares this design wit
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from dataclasses import dataclass
 
@@ -37,6 +36,7 @@ from ._ce_hvp_common import (
     load_raw,
     load_tile,
     locate_row,
+    pick_config,
     time_configs,
     to_acc,
 )
@@ -561,7 +561,6 @@ def default_config(vocab: int) -> TwoPassConfig:
 
 _tuned: dict[tuple, TwoPassConfig] = {}
 _tuning_timings: dict[tuple, dict[TwoPassConfig, float]] = {}
-_tune_lock = threading.Lock()
 
 
 def tuned_configs() -> dict[tuple, TwoPassConfig]:
@@ -623,24 +622,23 @@ def ce_hvp_two_pass(
         return out
     vocab = logits.shape[-1]
     if config is None:
-        if is_interpreter() or os.environ.get("TORCH_LINOP_CE_HVP_AUTOTUNE", "1") == "0":
-            config = default_config(vocab)
-        else:
-            key = (logits.device.index, vocab, logits.dtype, u.dtype, out.dtype)
-            with _tune_lock:
-                if key not in _tuned:
-                    tune_rows = max(2048, (1 << 29) // (vocab * logits.element_size()))
-                    _tuned[key], _tuning_timings[key] = tune(
-                        logits,
-                        u,
-                        labels,
-                        out,
-                        ignore_index=ignore_index,
-                        shift=shift,
-                        scale=scale,
-                        tune_rows=tune_rows,
-                    )
-                config = _tuned[key]
+        tune_rows = max(2048, (1 << 29) // (vocab * logits.element_size()))
+        config = pick_config(
+            (logits.device.index, vocab, logits.dtype, u.dtype, out.dtype),
+            _tuned,
+            _tuning_timings,
+            lambda: default_config(vocab),
+            lambda: tune(
+                logits,
+                u,
+                labels,
+                out,
+                ignore_index=ignore_index,
+                shift=shift,
+                scale=scale,
+                tune_rows=tune_rows,
+            ),
+        )
     launch(
         logits,
         u,
