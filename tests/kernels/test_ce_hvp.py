@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from torch_linop.kernels import ce_hvp
 
 IGNORE = -100
 HAS_CUDA = torch.cuda.is_available()
-CONFTEST = Path(__file__).with_name("conftest.py")
 
 
 def call_ce_hvp(case, logits, u, labels, backend: str) -> torch.Tensor:
@@ -80,44 +78,17 @@ def _default_triton_config(monkeypatch, request) -> None:
 
 
 _INTERPRETER_SCRIPT = """
-import importlib.util, sys, torch
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-cases, tests = load("ce_hvp_cases", sys.argv[1]), load("ce_hvp_tests", sys.argv[2])
-inputs = torch.load(sys.argv[3])
 results = {name: tests.run_triton(cases.CASES_BY_NAME[name], *args) for name, args in inputs.items()}
-torch.save(results, sys.argv[4])
+torch.save(results, results_path)
 """
 
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory, kernel_cases) -> dict[str, torch.Tensor]:
     """Triton outputs for every CPU case, computed in one TRITON_INTERPRET=1 subprocess."""
-    pytest.importorskip("triton")
+    inputs = {case.name: kernel_cases.make_inputs(case) for case in kernel_cases.CASES}
     folder = tmp_path_factory.mktemp("ce_hvp_interpreter")
-    inputs_path, results_path = folder / "inputs.pt", folder / "results.pt"
-    torch.save(
-        {case.name: kernel_cases.make_inputs(case) for case in kernel_cases.CASES}, inputs_path
-    )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = [_INTERPRETER_SCRIPT, CONFTEST, __file__, inputs_path, results_path]
-    completed = subprocess.run(
-        [sys.executable, "-c", *map(str, script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    if "only 0-dimensional arrays can be converted" in completed.stderr:
-        # Triton < 3.7's interpreter hands out program ids as 1-element arrays, which numpy
-        # >= 2.4 refuses to convert to ints: an environment limit (the GPU image's Triton 3.6),
-        # not a kernel bug. The test extra installs a Triton whose interpreter works.
-        pytest.skip("this Triton's interpreter does not work with this numpy")
-    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stderr[-4000:]}"
-    return torch.load(results_path)
+    return kernel_cases.run_in_interpreter(_INTERPRETER_SCRIPT, __file__, folder, inputs)
 
 
 def test_eager_matches_oracle(case, kernel_cases) -> None:

@@ -17,8 +17,6 @@ interpreter runs Python and misses what only the compiler rejects.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +28,6 @@ HAS_CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the designs live in benchmarks/, outside the package
     sys.path.insert(0, str(ROOT))
-CONFTEST = Path(__file__).with_name("conftest.py")
 
 
 def variant_config(variant: str, config: str, vocab: int):
@@ -116,16 +113,8 @@ def run_variant(case, variant: str, config: str, logits, u, labels) -> torch.Ten
 
 
 _INTERPRETER_SCRIPT = """
-import importlib.util, sys, torch
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-cases, tests = load("ce_hvp_cases", sys.argv[1]), load("ce_hvp_design_tests", sys.argv[2])
 from torch_linop.kernels import _ce_hvp_common
 assert _ce_hvp_common.is_interpreter()
-inputs = torch.load(sys.argv[3])
 results = {}
 for case, variant, config in cases.DESIGN_RUNS:
     args = inputs[case.name]
@@ -133,7 +122,7 @@ for case, variant, config in cases.DESIGN_RUNS:
 results["tuning"] = tests.tuning_facts(cases)
 from benchmarks.ce_hvp_variants import main as benchmark_main
 results["smoke_rc"] = benchmark_main(["--smoke", "--out", sys.argv[5]])
-torch.save(results, sys.argv[4])
+torch.save(results, results_path)
 """
 
 
@@ -167,25 +156,17 @@ def tuning_facts(kernel_cases) -> dict:
 def interpreter_results(tmp_path_factory, kernel_cases) -> dict:
     """Outputs of every (case, design, config) run, the tuner's behaviour and the benchmark's
     smoke run, computed in one TRITON_INTERPRET=1 process (one Triton import)."""
-    pytest.importorskip("triton")
     folder = tmp_path_factory.mktemp("ce_hvp_variants_interpreter")
-    inputs_path, results_path = folder / "inputs.pt", folder / "results.pt"
     used = {case.name: case for case, _, _ in kernel_cases.DESIGN_RUNS}
-    torch.save({name: kernel_cases.make_inputs(case) for name, case in used.items()}, inputs_path)
-    env = dict(os.environ, TRITON_INTERPRET="1", TORCH_LINOP_CE_HVP_AUTOTUNE="0")
-    script = [_INTERPRETER_SCRIPT, CONFTEST, __file__, inputs_path, results_path]
-    completed = subprocess.run(
-        [sys.executable, "-c", *map(str, script), str(folder / "smoke")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    inputs = {name: kernel_cases.make_inputs(case) for name, case in used.items()}
+    results = kernel_cases.run_in_interpreter(
+        _INTERPRETER_SCRIPT,
+        __file__,
+        folder,
+        inputs,
+        str(folder / "smoke"),
+        TORCH_LINOP_CE_HVP_AUTOTUNE="0",
     )
-    if "only 0-dimensional arrays can be converted" in completed.stderr:
-        # Triton < 3.7's interpreter with numpy >= 2.4 (the GPU image): an environment limit
-        pytest.skip("this Triton's interpreter does not work with this numpy")
-    assert completed.returncode == 0, f"interpreter run failed:\n{completed.stderr[-4000:]}"
-    results = torch.load(results_path)
     results["smoke_folder"] = folder / "smoke"
     return results
 
