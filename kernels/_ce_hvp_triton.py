@@ -121,6 +121,8 @@ def _row_stats(
     """Row max, softmax normaliser and sum exp(x - max) * u, merged over the row's chunks.
 
     ``was_claimed`` is the old value of this chunk's claim flag (0: this program publishes it).
+    No -inf guard on the row max, unlike the designs' ``_merge_slots``: a row of only -inf logits
+    has no softmax (eager gives NaN for it too).
     """
     first_slot = row * num_chunks
     if was_claimed == 0:
