@@ -107,6 +107,13 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
                 model, data, loss, method="finite_difference"
             ),
         }
+        if device.type == "cuda":  # one-column products replayed from a CUDA graph
+            ops["GGN exact, cached graph, CUDA graph"] = GGNOperator(
+                model, data, loss, cache_graph=True, cuda_graph=True
+            )
+            ops["Hessian (cached graph, CUDA graph)"] = HessianOperator(
+                model, data, loss, cache_graph=True, cuda_graph=True
+            )
         vector = torch.randn(ops["Hessian (double backward)"].shape[0], device=device)
         reference = {}
         for name, op in ops.items():

@@ -145,6 +145,21 @@ simple(
 simple("op-unknown-method", lambda: hessian(method="exact"))
 simple("op-cache-graph-method", lambda: hessian(method="forward", cache_graph=True))
 simple("op-cache-graph-type", lambda: hessian(cache_graph=1))
+simple("op-cuda-graph-needs-cache", lambda: GGNOperator(mlp(), batches(), CE, cuda_graph=True))
+simple(
+    "op-cuda-graph-device",
+    lambda: GGNOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+)
+simple(
+    "op-cuda-graph-difference",
+    lambda: GGNOperator(
+        mlp(), batches(), CE, jvp_method="forward_difference", cache_graph=True, cuda_graph=True
+    ),
+)
+simple(
+    "op-cuda-graph-mc-fisher",
+    lambda: MCFisherOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+)
 simple("op-unknown-jvp-method", lambda: GGNOperator(mlp(), batches(), CE, jvp_method="reverse"))
 simple("op-mc-samples", lambda: MCFisherOperator(mlp(), batches(), CE, mc_samples=0))
 simple("op-num-batches", lambda: hessian(num_batches=0))

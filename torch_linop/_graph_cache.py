@@ -22,6 +22,8 @@ import torch
 
 from torch_linop._autodiff import make_leaves
 from torch_linop._context import reparametrized, warn_if_tf32
+from torch_linop._cuda_graph import CapturedProduct
+from torch_linop.distributed import data_parallel
 from torch_linop.operator import CurvatureOperator
 
 
@@ -49,21 +51,55 @@ class GraphCachingOperator(CurvatureOperator):
 
     _JVP_ON_KEPT_GRAPH = False
 
-    def _init_graph_cache(self, cache_graph: bool) -> None:
-        if not isinstance(cache_graph, bool):
-            raise TypeError(f"cache_graph must be True or False, got {cache_graph!r}")
+    def _init_graph_cache(self, cache_graph: bool, cuda_graph: bool = False) -> None:
+        """Called by subclasses before ``CurvatureOperator.__init__``."""
+        for name, value in (("cache_graph", cache_graph), ("cuda_graph", cuda_graph)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if cuda_graph and not cache_graph:
+            raise ValueError(
+                "cuda_graph=True replays products on kept graphs: pass cache_graph=True with it"
+            )
         self.cache_graph = cache_graph
+        self.cuda_graph = cuda_graph
+        self._captured = CapturedProduct() if cuda_graph else None
         self._graphs: list[Any] | None = None
         self._graphs_key: tuple[Any, ...] | None = None
         self._graphs_refs: list[Any] = []  # keeps the objects in the key alive: ids stay unique
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self, "cuda_graph", False):
+            if self.device.type != "cuda":
+                raise ValueError(
+                    f"cuda_graph=True needs the model on a CUDA device, it is on {self.device}; "
+                    "use cuda_graph=False (cache_graph=True alone works on every device)"
+                )
+            if data_parallel.resolve(self.process_group) is not None:
+                raise ValueError(
+                    "cuda_graph=True cannot capture a product that all-reduces over a process "
+                    "group; use cuda_graph=False for data-parallel operators"
+                )
+
     def clear_cache(self) -> None:
-        """Drop the kept per-batch graphs (``cache_graph=True``), freeing their memory; the next
-        product rebuilds them. Needed only after changes the cache cannot see (writes through
-        ``param.data``, numpy views or a ``DataLoader``'s dataset); harmless otherwise."""
+        """Drop the kept per-batch graphs (``cache_graph=True``) and the captured product
+        (``cuda_graph=True``), freeing their memory; the next product rebuilds them. Needed only
+        after changes the cache cannot see (writes through ``param.data``, numpy views or a
+        ``DataLoader``'s dataset); harmless otherwise."""
         self._graphs = None
         self._graphs_key = None
         self._graphs_refs = []
+        captured = getattr(self, "_captured", None)
+        if captured is not None:
+            captured.clear()
+
+    def _apply(self, columns: torch.Tensor) -> torch.Tensor:
+        captured = getattr(self, "_captured", None)
+        if captured is None or captured.failed or columns.shape[1] != 1:
+            return super()._apply(columns)
+        self._cached_graphs()  # rebuilt first if stale: the capture must see the current graphs
+        replayed = captured(super()._apply, columns, self._graphs_key)
+        return super()._apply(columns) if replayed is None else replayed
 
     # ----------------------------------------------------------------- hooks
     def _build_graph(self, weight: float, batch: Any) -> Any:

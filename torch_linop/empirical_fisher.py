@@ -22,7 +22,8 @@ class EmpiricalFisherOperator(GraphCachingOperator):
 
     ``cache_graph=True`` keeps each batch's forward graph (of the per-sample losses) between
     products, as ``GGNOperator(cache_graph=True)`` does: a product is then a JVP that records no
-    graph and one backward.
+    graph and one backward; ``cuda_graph=True`` replays that product from a CUDA graph, as for
+    the GGN.
     """
 
     _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
@@ -37,10 +38,11 @@ class EmpiricalFisherOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
+        cuda_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         self._sandwich = SandwichProduct(jvp_method)
-        self._init_graph_cache(cache_graph)
+        self._init_graph_cache(cache_graph, cuda_graph)
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
         super().__init__(model, data, loss, param_filter=param_filter, **kwargs)

@@ -154,6 +154,11 @@ class GGNOperator(GraphCachingOperator):
     included). The cache is rebuilt or dropped as for ``HessianOperator(cache_graph=True)``
     (parameter, buffer, mode and data changes are seen; :meth:`clear_cache` for writes through
     ``param.data``; a product that raises drops it).
+
+    ``cuda_graph=True`` (with ``cache_graph=True`` and the exact JVP, on a CUDA device) captures
+    the one-column product in a CUDA graph and replays it: the dual forward's thousands of
+    operations are no longer dispatched by the host (GPT-2 small at 8x256 tokens: 1.76x a
+    gradient instead of 2.06x). Recaptured when the kept graphs are rebuilt.
     """
 
     _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
@@ -168,12 +173,18 @@ class GGNOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
+        cuda_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         if jvp_method not in GGN_JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {GGN_JVP_METHODS}, got {jvp_method!r}")
+        if cuda_graph is True and jvp_method in APPROXIMATE_JVP_METHODS:
+            raise ValueError(
+                f"cuda_graph=True cannot capture jvp_method={jvp_method!r}: its step is computed "
+                "on the host for every vector; use the exact JVP (jvp_method='auto') with it"
+            )
         self.jvp_method = jvp_method
-        self._init_graph_cache(cache_graph)
+        self._init_graph_cache(cache_graph, cuda_graph)
         self._sandwich = SandwichProduct(
             "auto" if jvp_method in APPROXIMATE_JVP_METHODS else jvp_method
         )

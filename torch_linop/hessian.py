@@ -225,6 +225,10 @@ class HessianOperator(GraphCachingOperator):
     version counters cannot be seen: after changing values through ``param.data`` (or a numpy
     view), or the contents of a ``DataLoader``'s dataset, call :meth:`clear_cache`. A product
     that raises drops the cache.
+
+    ``cuda_graph=True`` (with ``cache_graph=True``, on a CUDA device) captures the one-column
+    product in a CUDA graph and replays it, so the host no longer dispatches it operation by
+    operation (recaptured when the kept graphs are rebuilt; see ``torch_linop/_cuda_graph.py``).
     """
 
     def __init__(
@@ -236,6 +240,7 @@ class HessianOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         method: str = "autograd",
         cache_graph: bool = False,
+        cuda_graph: bool = False,
         **kwargs: Any,
     ) -> None:
         if method not in HESSIAN_METHODS:
@@ -247,7 +252,7 @@ class HessianOperator(GraphCachingOperator):
                 "or cache_graph=False"
             )
         self.method = method
-        self._init_graph_cache(cache_graph)
+        self._init_graph_cache(cache_graph, cuda_graph)
         self._batched_ok = True
         super().__init__(model, data, loss_fn, param_filter=param_filter, **kwargs)
 

@@ -34,6 +34,11 @@ class MCFisherOperator(GGNOperator):
         seed: int = 2147483647,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("cuda_graph") is True:
+            raise ValueError(
+                "cuda_graph=True cannot capture the MC Fisher: its targets are drawn on the host "
+                "in every product; use cache_graph=True alone"
+            )
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
         self.mc_samples = mc_samples

@@ -1,0 +1,158 @@
+"""``cuda_graph=True``: one-column products on kept graphs replayed from a CUDA graph.
+
+On the CPU the capture is replaced by a stand-in that records the product function and re-runs
+it on replay, which checks our side of the contract (static input copied in, output cloned out,
+recapture when the kept graphs are rebuilt, several columns and failures multiplied eagerly,
+options refused where capture cannot work). The CUDA test captures for real (GPU machine)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import torch_linop._cuda_graph as cuda_graph_module
+from torch_linop import EmpiricalFisherOperator, GGNOperator, HessianOperator, MCFisherOperator
+from torch_linop._cuda_graph import CapturedProduct, _Capture
+from torch_linop.reference import dense_ggn
+
+TOL = 1e-10
+
+
+class ReplayingStandIn:
+    """Records ``product`` at capture; ``replay()`` runs it again on the static input."""
+
+    def __init__(self, product, vector, output) -> None:
+        self.product, self.vector, self.output = product, vector, output
+
+    def replay(self) -> None:
+        self.output.copy_(self.product(self.vector))
+
+
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    captures = []
+
+    def capture(product, column):
+        vector = column.clone()
+        output = product(vector)
+        captures.append(output)
+        return _Capture(ReplayingStandIn(product, vector, output), vector, output)
+
+    monkeypatch.setattr(cuda_graph_module, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    return captures
+
+
+def with_stand_in(operator):
+    """Switch capture on for an operator built on the CPU (the constructor refuses the CPU)."""
+    operator.cuda_graph = True
+    operator._captured = CapturedProduct()
+    return operator
+
+
+def random_vector(size: int, seed: int) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_replayed_products_equal_eager_ones_and_recapture_after_changes(
+    make_case, rel_err, stand_in_capture
+):
+    case = make_case("cnn_batchnorm_eval")
+    model, data, loss = case.model, case.data, case.loss
+    operator = with_stand_in(GGNOperator(model, data, loss, cache_graph=True))
+    reference = dense_ggn(model, data, loss)
+    for seed in (1, 2, 3):  # one capture, then replays with new vectors copied in
+        vector = random_vector(operator.shape[0], seed)
+        result = operator @ vector
+        assert rel_err(result, reference @ vector) <= TOL
+    assert len(stand_in_capture) == 1
+    first = operator @ vector
+    second = operator @ vector
+    assert first.data_ptr() != second.data_ptr()  # cloned out of the static output
+    block = torch.stack([random_vector(operator.shape[0], s) for s in (4, 5)], dim=1)
+    assert rel_err(operator @ block, reference @ block) <= TOL  # several columns: eager
+    assert len(stand_in_capture) == 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    loss(model, data[0]).backward()
+    optimizer.step()  # the kept graphs are rebuilt: the capture must be too
+    assert rel_err(operator @ vector, dense_ggn(model, data, loss) @ vector) <= TOL
+    assert len(stand_in_capture) == 2
+    operator.clear_cache()
+    assert operator._captured._capture is None
+
+
+@pytest.mark.parametrize("name", ["hessian", "empirical_fisher"])
+def test_hessian_and_empirical_fisher_replay(make_case, rel_err, stand_in_capture, name):
+    case = make_case("mlp")
+    build = HessianOperator if name == "hessian" else EmpiricalFisherOperator
+    operator = with_stand_in(build(case.model, case.data, case.loss, cache_graph=True))
+    eager = build(case.model, case.data, case.loss)
+    for seed in (6, 7):
+        vector = random_vector(operator.shape[0], seed)
+        assert rel_err(operator @ vector, eager @ vector) <= TOL
+    assert len(stand_in_capture) == 1
+
+
+def test_a_failed_capture_warns_once_and_multiplies_eagerly(make_case, rel_err, monkeypatch):
+    def failing_capture(product, column):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph_module, "_capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    case = make_case("mlp")
+    operator = with_stand_in(GGNOperator(case.model, case.data, case.loss, cache_graph=True))
+    expected = GGNOperator(case.model, case.data, case.loss)
+    vector = random_vector(operator.shape[0], 8)
+    with pytest.warns(RuntimeWarning, match="capturing the product failed"):
+        assert rel_err(operator @ vector, expected @ vector) <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel_err(operator @ vector, expected @ vector) <= TOL
+    assert operator._captured.failed
+
+
+def test_options_that_cannot_be_captured_are_refused(make_case):
+    case = make_case("mlp")
+    model, data, loss = case.model, case.data, case.loss
+    with pytest.raises(ValueError, match="pass cache_graph=True with it"):
+        GGNOperator(model, data, loss, cuda_graph=True)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        GGNOperator(model, data, loss, cache_graph=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="cannot capture jvp_method='forward_difference'"):
+        GGNOperator(
+            model, data, loss, jvp_method="forward_difference", cache_graph=True, cuda_graph=True
+        )
+    with pytest.raises(ValueError, match="cannot capture the MC Fisher"):
+        MCFisherOperator(model, data, loss, cache_graph=True, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be True or False"):
+        HessianOperator(model, data, loss, cache_graph=True, cuda_graph=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_capture_and_replay_on_a_transformer(rel_err):
+    """A real capture: a small HF GPT-2 on the GPU, float64 (math attention, exact products)."""
+    transformers = pytest.importorskip("transformers")
+    from torch_linop import hf_lm_loss
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, attn_pdrop=0.0,
+        embd_pdrop=0.0, resid_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).to("cuda", torch.float64).eval()
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": tokens.cuda()}]
+    loss = hf_lm_loss()
+    for build in (GGNOperator, HessianOperator):
+        graphed = build(model, data, loss, cache_graph=True, cuda_graph=True)
+        eager = build(model, data, loss)
+        for seed in (1, 2, 3):
+            vector = random_vector(graphed.shape[0], seed).cuda()
+            assert rel_err(graphed @ vector, eager @ vector) <= 1e-10
+        assert graphed._captured._capture is not None and not graphed._captured.failed
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)  # rebuild and recapture
+        vector = random_vector(graphed.shape[0], 4).cuda()
+        assert rel_err(graphed @ vector, build(model, data, loss) @ vector) <= 1e-10

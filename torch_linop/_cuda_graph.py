@@ -1,0 +1,89 @@
+"""One-column products on kept graphs, captured in a CUDA graph and replayed (``cuda_graph=True``).
+
+A product on a kept graph launches the same kernels on the same buffers every time; what differs
+is the vector. At small batches the host cannot dispatch a dual-number forward pass (thousands of
+operations with forward-mode bookkeeping) as fast as the GPU runs it: measured on GPT-2 small at
+8x256 tokens, the cached GGN product took 2.06x a gradient eagerly and 1.76x replayed. The
+capture follows PyTorch's recipe: warm-up products on a side stream (kernels compiled and tuned,
+library handles made for that stream), then the capture on the same stream. Only one-column
+products are captured (what Lanczos, power iteration and SLQ call in their loops): each capture
+keeps a private memory pool the size of one product's temporaries.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class _Capture:
+    graph: Any  # torch.cuda.CUDAGraph
+    vector: torch.Tensor  # the static input: a product's column is copied in before a replay
+    product: torch.Tensor  # the static output, overwritten by every replay
+
+
+class CapturedProduct:
+    """The one-column product of an operator with kept graphs, replayed from a CUDA graph.
+
+    ``key`` identifies the kept graphs the capture used (their buffers are baked into it): a new
+    key recaptures. When capturing fails (an operation that synchronises with the host, such as
+    a finite-difference step or a sampled MC Fisher target, or a collective of a process group),
+    a warning says so once and the products run eagerly from then on.
+    """
+
+    def __init__(self) -> None:
+        self._capture: _Capture | None = None
+        self._key: Any = None
+        self.failed = False
+
+    def clear(self) -> None:
+        """Drop the capture and its memory pool."""
+        self._capture = None
+        self._key = None
+
+    def __call__(
+        self, product: Callable[[torch.Tensor], torch.Tensor], column: torch.Tensor, key: Any
+    ) -> torch.Tensor | None:
+        """``product(column)`` by replay (``column`` is ``(n, 1)``), capturing first when the
+        key changed; ``None`` once capturing has failed (the caller multiplies eagerly)."""
+        if self.failed:
+            return None
+        if self._capture is None or key != self._key:
+            self.clear()
+            try:
+                self._capture = _capture(product, column)
+            except Exception as error:  # the eager product decides whether it is a real error
+                self.failed = True
+                warnings.warn(
+                    f"cuda_graph=True: capturing the product failed ({type(error).__name__}: "
+                    f"{str(error)[:200]}); products run without CUDA graphs from now on (the same "
+                    "numbers). Pass cuda_graph=False to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                torch.cuda.synchronize(column.device)
+                return None
+            self._key = key
+        capture = self._capture
+        capture.vector.copy_(column)
+        capture.graph.replay()
+        return capture.product.clone()
+
+
+def _capture(product: Callable[[torch.Tensor], torch.Tensor], column: torch.Tensor) -> _Capture:
+    vector = column.clone()
+    stream = torch.cuda.Stream(column.device)
+    stream.wait_stream(torch.cuda.current_stream(column.device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # kernels loaded and tuned, per-stream handles and workspaces made
+            product(vector)
+    torch.cuda.current_stream(column.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        output = product(vector)
+    return _Capture(graph, vector, output)
