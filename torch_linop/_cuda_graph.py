@@ -2,8 +2,9 @@
 
 A product on a kept graph launches the same kernels on the same buffers every time; what differs
 is the vector. At small batches the host cannot dispatch a dual-number forward pass (thousands of
-operations with forward-mode bookkeeping) as fast as the GPU runs it: measured on GPT-2 small at
-8x256 tokens, the cached GGN product took 2.06x a gradient eagerly and 1.76x replayed. The
+operations with forward-mode bookkeeping) as fast as the GPU runs it: measured on GPT-2 small
+(H200), the cached GGN product took 2.69x a gradient eagerly and 2.13x replayed at 8x256 tokens,
+2.04x and 1.87x at 8x512 (benchmarks/lm_ggn.py). The
 capture follows PyTorch's recipe: warm-up products on a side stream (kernels compiled and tuned,
 library handles made for that stream), then the capture on the same stream. Only one-column
 products are captured (what Lanczos, power iteration and SLQ call in their loops): each capture
