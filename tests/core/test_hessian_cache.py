@@ -14,7 +14,7 @@ from torch import nn
 
 import torch_linop.hessian as hessian_module
 from torch_linop import HessianOperator, lanczos, supervised_loss
-from torch_linop.reference import dense_hessian
+from torch_linop.reference import dense_ggn, dense_hessian
 from torch_linop.solvers import checkpoint as checkpoint_module
 from torch_linop.solvers._operator import as_operator
 
@@ -339,7 +339,7 @@ import sys
 from datetime import timedelta
 import torch, torch.distributed as dist, torch.nn.functional as F
 from torch import nn
-from torch_linop import HessianOperator, supervised_loss
+from torch_linop import GGNOperator, HessianOperator, supervised_loss
 rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world,
@@ -351,14 +351,16 @@ data = [(torch.randn(size, 4, generator=generator, dtype=torch.float64),
          torch.randint(0, 3, (size,), generator=generator)) for size in (3, 5, 2, 4)]
 op = HessianOperator(model, data[rank::world], supervised_loss(F.cross_entropy), cache_graph=True)
 eye = torch.eye(op.shape[0], dtype=torch.float64)
-torch.save({"first": op @ eye, "second": op @ eye, "num_data": op.num_data}, out + f"/{rank}.pt")
+ggn = GGNOperator(model, data[rank::world], supervised_loss(F.cross_entropy), cache_graph=True)
+torch.save({"first": op @ eye, "second": op @ eye, "num_data": op.num_data,
+            "ggn_first": ggn @ eye, "ggn_second": ggn @ eye}, out + f"/{rank}.pt")
 dist.destroy_process_group()
 """
 
 
 def test_data_parallel_products_on_two_gloo_ranks(tmp_path):
     """Each rank keeps the graphs of its own shard; the all-reduce after the products gives the
-    Hessian of the union of the data on every rank."""
+    Hessian (and the cached GGN) of the union of the data on every rank."""
     import subprocess
     import sys
 
@@ -389,8 +391,11 @@ def test_data_parallel_products_on_two_gloo_ranks(tmp_path):
         for size in (3, 5, 2, 4)
     ]
     reference = dense_hessian(model, data, CE)
+    ggn_reference = dense_ggn(model, data, CE)
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert result["num_data"] == 14
         assert relative_error(result["first"], reference) <= TOL
         assert relative_error(result["second"], reference) <= TOL
+        assert relative_error(result["ggn_first"], ggn_reference) <= TOL
+        assert relative_error(result["ggn_second"], ggn_reference) <= TOL
