@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -301,9 +302,16 @@ class SandwichProduct:
             columns = []
             for j in range(tangents[0].shape[0]):
                 tangent = {name: t[j] for name, t in zip(names, tangents)}
+                jvp = None
                 if output is None and self.record_output_in_dual_forward:
-                    output, jvp = forward_with_tangent(forward, model, leaves, tangent)
-                else:
+                    try:
+                        output, jvp = forward_with_tangent(forward, model, leaves, tangent)
+                    except (torch.OutOfMemoryError, RuntimeError) as error:
+                        if not _is_oom(error):
+                            raise
+                    if jvp is None:  # out of memory: retried below, outside the handler
+                        self._record_less(model)
+                if jvp is None:
                     jvp = jvp_without_graph(forward, model, leaves, tangent)
                 columns.append(jvp)
             jvps = stack_columns(columns)
@@ -313,6 +321,22 @@ class SandwichProduct:
             with reparametrized(model, leaves):
                 output = forward()
         return jvps, output
+
+    def _record_less(self, model: torch.nn.Module) -> None:
+        """A recorded dual forward ran out of memory (it holds the tangent computations too):
+        from now on, graph-free JVPs and one plain forward, with a warning."""
+        self.record_output_in_dual_forward = False
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(
+            "out of memory in the dual-number forward pass that also records the backward "
+            "graph (it holds the tangent computations too); the products now use a JVP that "
+            "records no graph plus one plain forward pass (about 15% slower, a third of the "
+            "memory). cache_graph=True is faster and lighter still.",
+            RuntimeWarning,
+            stacklevel=6,
+        )
 
     def _batched_jvps(self, model, forward, leaves, tangents):
         """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass (on detached

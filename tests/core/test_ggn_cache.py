@@ -153,3 +153,38 @@ def test_cache_graph_must_be_a_bool(make_case):
     case = make_case("mlp")
     with pytest.raises(TypeError, match="cache_graph must be True or False"):
         GGNOperator(case.model, case.data, case.loss, cache_graph="yes")
+
+
+def test_out_of_memory_in_the_recorded_dual_forward_falls_back(make_case, rel_err, monkeypatch):
+    """The default product records the backward graph in its dual forward (tangent computations
+    included); when that runs out of memory, the product retries with the graph-free JVP and a
+    plain forward, warns once, and keeps that lighter path."""
+    case = make_case("mlp")
+    operator = GGNOperator(case.model, case.data, case.loss)
+    reference = dense_ggn(case.model, case.data, case.loss)
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(autodiff_module, "forward_with_tangent", out_of_memory)
+    vector = random_block(operator.shape[0], 1, seed=9)[:, 0]
+    with pytest.warns(RuntimeWarning, match="out of memory in the dual-number forward"):
+        assert rel_err(operator @ vector, reference @ vector) <= TOL
+    assert not operator._sandwich.record_output_in_dual_forward
+    assert rel_err(operator @ vector, reference @ vector) <= TOL
+    assert len(calls) == 1  # not tried again
+
+
+def test_other_errors_of_the_recorded_dual_forward_propagate(make_case, monkeypatch):
+    case = make_case("mlp")
+    operator = GGNOperator(case.model, case.data, case.loss)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch inside the user's model")
+
+    monkeypatch.setattr(autodiff_module, "forward_with_tangent", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        operator @ torch.ones(operator.shape[0], dtype=torch.float64)
+    assert operator._sandwich.record_output_in_dual_forward
