@@ -210,8 +210,18 @@ class GGNOperator(GraphCachingOperator):
     def _cached_product(
         self, graph: KeptForward, tangents: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        forward = self._forward_of(graph.batch)
-        middle = self.middle(graph.batch)  # per product: the MC Fisher draws its targets here
+        return self._product(graph.batch, tangents, graph)
+
+    # ----------------------------------------------------------------- per-batch products
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._product(batch, tangents, None)
+
+    def _product(
+        self, batch: Any, tangents: list[torch.Tensor], kept: KeptForward | None
+    ) -> list[torch.Tensor]:
+        """``J^T M J V`` for one batch, on its kept forward pass when there is one."""
+        forward = self._forward_of(batch)
+        middle = self.middle(batch)  # per product: the MC Fisher draws its targets here
         if self.jvp_method in APPROXIMATE_JVP_METHODS:
             return finite_difference_sandwich(
                 self.model,
@@ -220,25 +230,13 @@ class GGNOperator(GraphCachingOperator):
                 tangents,
                 middle,
                 central=self.jvp_method == "finite_difference",
-                kept=graph,
+                kept=kept,
             )
+        if kept is None:
+            return self._sandwich(self.model, forward, self.params, tangents, middle)
         return self._sandwich.on_kept_graph(
-            self.model, forward, graph.leaves, graph.output, tangents, middle
+            self.model, forward, kept.leaves, kept.output, tangents, middle
         )
-
-    # ----------------------------------------------------------------- per-batch products
-    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
-        forward = self._forward_of(batch)
-        if self.jvp_method in APPROXIMATE_JVP_METHODS:
-            return finite_difference_sandwich(
-                self.model,
-                forward,
-                self.params,
-                tangents,
-                self.middle(batch),
-                central=self.jvp_method == "finite_difference",
-            )
-        return self._sandwich(self.model, forward, self.params, tangents, self.middle(batch))
 
 
 def _check_output(output: Any) -> torch.Tensor:
