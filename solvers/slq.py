@@ -33,6 +33,24 @@ from .checkpoint import Checkpoint, seed_option
 from .results import SpectralDensityResult
 
 
+def check_density_options(
+    n: int, num_runs: Any, lanczos_steps: Any, grid_size: Any, sigma: Any
+) -> None:
+    """The options of an SLQ density over an ``n x n`` operator (single-process or sharded)."""
+    check_int("num_runs", num_runs, 1)
+    check_int("lanczos_steps", lanczos_steps, 1)
+    if lanczos_steps > n:
+        raise ValueError(
+            f"lanczos_steps={lanczos_steps} exceeds the operator size n={n}; use at most n steps "
+            "(n steps give the exact spectrum)"
+        )
+    check_int("grid_size", grid_size, 2)
+    if sigma is not None and not (
+        isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0
+    ):
+        raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
+
+
 def spectral_density(
     op: Any,
     *,
@@ -61,18 +79,7 @@ def spectral_density(
     """
     operator = as_operator(op)
     n = operator.size
-    check_int("num_runs", num_runs, 1)
-    check_int("lanczos_steps", lanczos_steps, 1)
-    if lanczos_steps > n:
-        raise ValueError(
-            f"lanczos_steps={lanczos_steps} exceeds the operator size n={n}; use at most n steps "
-            "(n steps give the exact spectrum)"
-        )
-    check_int("grid_size", grid_size, 2)
-    if sigma is not None and not (
-        isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0
-    ):
-        raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
+    check_density_options(n, num_runs, lanczos_steps, grid_size, sigma)
 
     generator = make_generator(rank_consistent_seed(seed, op))
     options = {

@@ -22,8 +22,9 @@ from torch_linop.distributed import sharded_linalg as sl
 from torch_linop.distributed._collectives import check_finite_on_all_ranks
 from torch_linop.distributed.seeds import rank_consistent_seed
 from torch_linop.solvers._random import check_distribution, make_generator
+from torch_linop.solvers._validation import check_int
 from torch_linop.solvers.results import DiagonalResult, SpectralDensityResult, TraceResult
-from torch_linop.solvers.slq import _smoothed_density
+from torch_linop.solvers.slq import _smoothed_density, check_density_options
 
 ShardedTraceMethod = Literal["hutch++", "hutchinson"]
 _MIN_MATVECS = {"hutch++": 4, "hutchinson": 2}
@@ -31,11 +32,6 @@ _MIN_MATVECS = {"hutch++": 4, "hutchinson": 2}
 
 def _generator(op: Any, seed: int | torch.Generator | None) -> torch.Generator:
     return make_generator(rank_consistent_seed(seed, op))
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _apply(op: Any, columns: Tensor, block_size: int | None) -> Tensor:
@@ -82,10 +78,10 @@ def sharded_trace(
     """
     if method not in _MIN_MATVECS:
         raise ValueError(f"method must be one of {tuple(_MIN_MATVECS)}, got {method!r}")
-    _check_count("num_matvecs", num_matvecs, _MIN_MATVECS[method])
+    check_int("num_matvecs", num_matvecs, _MIN_MATVECS[method])
     check_distribution(distribution)
     if block_size is not None:
-        _check_count("block_size", block_size, 1)
+        check_int("block_size", block_size, 1)
     size = int(op.shape[0])
     sketch_size = num_matvecs // 3 if method == "hutch++" else 0
     if sketch_size > size:
@@ -142,9 +138,9 @@ def sharded_diagonal(
     estimate never leaves its rank; ``op.full_vector`` gathers it where a full one is wanted.
     ``seed=None``: one fresh seed drawn on rank 0 and broadcast.
     """
-    _check_count("num_matvecs", num_matvecs, 2)
+    check_int("num_matvecs", num_matvecs, 2)
     if block_size is not None:
-        _check_count("block_size", block_size, 1)
+        check_int("block_size", block_size, 1)
     dtype = torch.float64 if op.torch_dtype == torch.float64 else torch.float32
     generator = _generator(op, seed)
     count_so_far = 0
@@ -191,18 +187,7 @@ def sharded_spectral_density(
     drawn on rank 0 and broadcast.
     """
     size = int(op.shape[0])
-    _check_count("num_runs", num_runs, 1)
-    _check_count("lanczos_steps", lanczos_steps, 1)
-    if lanczos_steps > size:
-        raise ValueError(
-            f"lanczos_steps={lanczos_steps} exceeds the operator size n={size}; use at most n "
-            "steps (n steps give the exact spectrum)"
-        )
-    _check_count("grid_size", grid_size, 2)
-    if sigma is not None and not (
-        isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0
-    ):
-        raise ValueError(f"sigma must be None (automatic) or a positive number, got {sigma!r}")
+    check_density_options(size, num_runs, lanczos_steps, grid_size, sigma)
     generator = _generator(op, seed)
     lanczos = _ShardedLanczos(op, capacity=min(size, lanczos_steps + 1), generator=generator)
     nodes = np.zeros((num_runs, lanczos_steps))
