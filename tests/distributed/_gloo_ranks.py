@@ -32,6 +32,18 @@ def make_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
+def make_sharded_model() -> nn.Sequential:
+    """:func:`make_model` under FSDP2: every linear layer and the root sharded (in a rank)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def classification_batches(sizes: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One batch of 4 float64 features and labels in ``0..2`` per size, from generator seed 1."""
     generator = torch.Generator().manual_seed(1)

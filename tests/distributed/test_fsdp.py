@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
 from torch_linop.reference import dense_ggn, dense_hessian
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gloo_ranks import (  # noqa: E402
     classification_batches,
     make_model,
+    make_sharded_model,
     one_thread,
     run_rank,
     run_ranks,
@@ -54,7 +54,6 @@ def exact_vectors() -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- worker side
 def worker(rank: int, world: int, out: Path) -> None:
-    from torch.distributed.fsdp import fully_shard
 
     from torch_linop.distributed import (
         FSDPGGNOperator,
@@ -63,11 +62,7 @@ def worker(rank: int, world: int, out: Path) -> None:
         sharded_lanczos,
     )
 
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = make_sharded_model()
     own = classification_batches(BATCH_SIZES)[rank::world]
     before = {name: p.to_local().clone() for name, p in model.named_parameters()}
     user_grads = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from torch_linop import GGNOperator, HessianOperator, supervised_loss
 from torch_linop.solvers import diagonal, spectral_density, trace
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gloo_ranks import (  # noqa: E402
     classification_batches,
     make_model,
+    make_sharded_model,
     one_thread,
     run_rank,
     run_ranks,
@@ -111,7 +111,6 @@ def summary(result: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- worker side
 def worker(rank: int, world: int, out: Path) -> None:
-    from torch.distributed.fsdp import fully_shard
 
     from torch_linop.distributed import same_on_all_ranks, sharded_lanczos
     from torch_linop.distributed.fsdp import FSDPGGNOperator, FSDPHessianOperator
@@ -123,11 +122,7 @@ def worker(rank: int, world: int, out: Path) -> None:
     )
     from torch_linop.distributed.sharded_linalg import tall_skinny_qr
 
-    model = make_model()
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+    model = make_sharded_model()
     own = classification_batches(BATCH_SIZES)[rank::world]
     ops: dict[str, Any] = {
         "hessian": FSDPHessianOperator(model, own, LOSS, method="autograd"),
