@@ -180,6 +180,13 @@ def worker(args: argparse.Namespace) -> None:
 
     solver_rows: list[dict[str, Any]] = []
 
+    def trace_row(kind: str, name: str, estimate: Any, seconds: float) -> None:
+        solver_rows.append(
+            {"solver": "trace (Hutch++)", "kind": kind, "operator": name, "gpus": world,
+             "seconds": seconds, "matvecs": estimate.num_matvecs, "estimate": estimate.estimate,
+             "stderr": estimate.stderr}
+        )  # fmt: skip
+
     # data parallel: replicated parameters, one all-reduce per matvec
     for name, op in (
         ()
@@ -192,12 +199,7 @@ def worker(args: argparse.Namespace) -> None:
         timing, product = time_products(op.apply, probe, args.reps, device)
         record("data-parallel", name, timing, float(probe @ product), {})
         if name == "GGN":
-            estimate, seconds = timed(trace, op, args.trace_matvecs, seed=0)
-            solver_rows.append(
-                {"solver": "trace (Hutch++)", "kind": "data-parallel", "operator": name,
-                 "gpus": world, "seconds": seconds, "matvecs": estimate.num_matvecs,
-                 "estimate": estimate.estimate, "stderr": estimate.stderr}
-            )  # fmt: skip
+            trace_row("data-parallel", name, *timed(trace, op, args.trace_matvecs, seed=0))
         del op, product
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -241,12 +243,7 @@ def worker(args: argparse.Namespace) -> None:
         }
         record("fsdp2", name, timing, quadratic, extra)
         if name == "GGN":
-            estimate, seconds = timed(sharded_trace, op, args.trace_matvecs, seed=0)
-            solver_rows.append(
-                {"solver": "trace (Hutch++)", "kind": "fsdp2", "operator": name,
-                 "gpus": world, "seconds": seconds, "matvecs": estimate.num_matvecs,
-                 "estimate": estimate.estimate, "stderr": estimate.stderr}
-            )  # fmt: skip
+            trace_row("fsdp2", name, *timed(sharded_trace, op, args.trace_matvecs, seed=0))
             density, seconds = timed(
                 sharded_spectral_density, op, num_runs=1, lanczos_steps=args.slq_steps, seed=0
             )
