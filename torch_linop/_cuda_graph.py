@@ -9,12 +9,18 @@ capture follows PyTorch's recipe: warm-up products on a side stream (kernels com
 library handles made for that stream), then the capture on the same stream. Only one-column
 products are captured (what Lanczos, power iteration and SLQ call in their loops): each capture
 keeps a private memory pool the size of one product's temporaries.
+
+The kept graphs are built on that side stream too: autograd runs a backward op on the stream of
+its forward op, and a backward captured on the side stream over a graph recorded on the legacy
+default stream would make that stream wait on the capture, which CUDA forbids (the capture is
+invalidated: seen on an H100 with a small GPT-2, 2026-12-07).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +46,30 @@ class CapturedProduct:
     def __init__(self) -> None:
         self._capture: _Capture | None = None
         self._key: Any = None
+        self._stream: Any = None  # torch.cuda.Stream: kept graphs, captures and replays
         self.failed = False
 
     def clear(self) -> None:
         """Drop the capture and its memory pool."""
         self._capture = None
         self._key = None
+
+    @contextlib.contextmanager
+    def on_side_stream(self, device: torch.device) -> Iterator[None]:
+        """Run the body on the operator's side stream, ordered after and before the caller's
+        stream (a no-op off CUDA). Tensors the body returns must be ``record_stream``-ed."""
+        if device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        caller = torch.cuda.current_stream(device)
+        self._stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            caller.wait_stream(self._stream)
 
     def __call__(
         self, product: Callable[[torch.Tensor], torch.Tensor], column: torch.Tensor, key: Any
@@ -59,15 +83,7 @@ class CapturedProduct:
             try:
                 self._capture = _capture(product, column)
             except Exception as error:  # the eager product decides whether it is a real error
-                self.failed = True
-                warnings.warn(
-                    f"cuda_graph=True: capturing the product failed ({type(error).__name__}: "
-                    f"{str(error)[:200]}); products run without CUDA graphs from now on (the same "
-                    "numbers). Pass cuda_graph=False to silence this.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                torch.cuda.synchronize(column.device)
+                self._give_up(error, column.device)
                 return None
             self._key = key
         capture = self._capture
@@ -75,16 +91,42 @@ class CapturedProduct:
         capture.graph.replay()
         return capture.product.clone()
 
+    def _give_up(self, error: Exception, device: torch.device) -> None:
+        self.failed = True
+        self._stream = None  # its allocations may still be routed to the failed capture's pool
+        warnings.warn(
+            f"cuda_graph=True: capturing the product failed ({type(error).__name__}: "
+            f"{str(error)[:200]}); products run without CUDA graphs from now on (the same "
+            "numbers). Pass cuda_graph=False to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        torch.cuda.synchronize(device)
+        _leave_capture_mode(device)
+
 
 def _capture(product: Callable[[torch.Tensor], torch.Tensor], column: torch.Tensor) -> _Capture:
+    """Warm-up products and the capture, on the current (side) stream."""
     vector = column.clone()
-    stream = torch.cuda.Stream(column.device)
-    stream.wait_stream(torch.cuda.current_stream(column.device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # kernels loaded and tuned, per-stream handles and workspaces made
-            product(vector)
-    torch.cuda.current_stream(column.device).wait_stream(stream)
+    stream = torch.cuda.current_stream(column.device)
+    for _ in range(2):  # kernels loaded and tuned, per-stream handles and workspaces made
+        product(vector)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
         output = product(vector)
     return _Capture(graph, vector, output)
+
+
+def _leave_capture_mode(device: torch.device) -> None:
+    """After a failed capture, torch leaves the CUDA random generator in capture mode (its
+    ``capture_end`` raises before the epilogue), so the next ``torch.randn`` on the device
+    fails; one small successful capture on a fresh stream resets it."""
+    if device.type != "cuda":
+        return
+    scratch = torch.zeros(1, device=device)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            scratch.add_(1)
+    except Exception:  # nothing more to do: the products run eagerly either way
+        pass

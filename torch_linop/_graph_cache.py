@@ -95,11 +95,21 @@ class GraphCachingOperator(CurvatureOperator):
 
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         captured = getattr(self, "_captured", None)
-        if captured is None or captured.failed or columns.shape[1] != 1:
+        if captured is None or captured.failed:
             return super()._apply(columns)
-        self._cached_graphs()  # rebuilt first if stale: the capture must see the current graphs
-        replayed = captured(super()._apply, columns, self._graphs_key)
-        return super()._apply(columns) if replayed is None else replayed
+        # kept graphs, captures, replays and several-column products all on the side stream
+        with captured.on_side_stream(self.device):
+            self._cached_graphs()  # rebuilt first if stale: the capture must see them
+            if columns.shape[1] == 1:
+                result = captured(super()._apply, columns, self._graphs_key)
+            else:
+                result = super()._apply(columns)
+        if result is None:  # the capture failed: no side stream from now on
+            self.clear_cache()
+            return super()._apply(columns)
+        if result.is_cuda:
+            result.record_stream(torch.cuda.current_stream(self.device))
+        return result
 
     # ----------------------------------------------------------------- hooks
     def _build_graph(self, weight: float, batch: Any) -> Any:
