@@ -63,13 +63,13 @@ class CapturedProduct:
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
-        caller = torch.cuda.current_stream(device)
-        self._stream.wait_stream(caller)
+        side, caller = self._stream, torch.cuda.current_stream(device)
+        side.wait_stream(caller)
         try:
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(side):
                 yield
         finally:
-            caller.wait_stream(self._stream)
+            caller.wait_stream(side)
 
     def __call__(
         self, product: Callable[[torch.Tensor], torch.Tensor], column: torch.Tensor, key: Any
