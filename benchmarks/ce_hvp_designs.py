@@ -14,6 +14,11 @@ hold the data in L2 instead (50 MB on an H100/H200, more than the registers of a
 - ``two_pass``: the shipped kernel (``torch_linop.kernels._ce_hvp_two_pass``), listed here so
   that one run compares every design: persistent programs, one row at a time, pass 1 streaming
   the row for its online-softmax numbers, pass 2 re-reading it in reverse from L2.
+- ``two_pass_lanes``: the shipped kernel with another pass 1. The shipped pass 1 reduces every
+  chunk across the block three times (max, then the sums of exps and of exps * u), and with one
+  16-warp program per SM (its best configs) those barrier-bound chains serialise the SM. Here
+  each lane keeps its own running (max, norm, dot) through the row (one exp per entry, no
+  cross-lane work in the loop) and the block reduces them once per row.
 - ``split_coop``: persistent groups of G programs; each program owns a contiguous segment of a
   row, streams it once for its partial (max, norm, dot), exchanges them with its G - 1 siblings
   through a global buffer, then re-reads its (short, hence L2-resident) segment in reverse and
@@ -45,10 +50,12 @@ from torch_linop.kernels._ce_hvp_common import (
     LaunchArguments,
     is_interpreter,
     launch_arguments,
+    load_raw,
     load_tile,
     locate_row,
     pick_config,
     time_configs,
+    to_acc,
 )
 from torch_linop.kernels._ce_hvp_triton import (
     KernelConfig,
@@ -75,6 +82,7 @@ __all__ = [
     "ce_hvp_split_coop",
     "ce_hvp_split_two_kernel",
     "ce_hvp_two_pass",
+    "ce_hvp_two_pass_lanes",
     "default_config",
     "occupancy_report",
     "tune",
@@ -511,6 +519,214 @@ def _block_output_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# two_pass_lanes: the shipped two-pass kernel with a pass 1 that reduces across lanes once a row.
+
+
+@triton.jit
+def _empty_lanes(BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Per-lane (max, norm, dot) of an empty set: (lowest finite value, 0, 0).
+
+    A finite start keeps ``x - max`` free of -inf - (-inf) for masked and -inf logits, and
+    (lowest, 0, 0) stands for an empty set at any max, so a logit equal to it still counts.
+    """
+    if ACC_FP64:
+        lowest = tl.full([BLOCK], -1.7976931348623157e308, tl.float64)
+    else:
+        lowest = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+    zeros = tl.zeros_like(lowest)
+    return lowest, zeros, zeros
+
+
+@triton.jit
+def _merge_lanes(lane_max, lane_norm, lane_dot, x, u):
+    """Each lane's online-softmax update with its new entry: one exp, no cross-lane work.
+
+    With e = exp(-|x - max|): a larger x rescales the lane's sums by e and adds (1, u), otherwise
+    (e, e u) is added; e <= 1 never overflows and is 0 for x = -inf (masked lanes add nothing).
+    """
+    gap = tl.exp(-tl.abs(x - lane_max))
+    grow = x > lane_max
+    keep = tl.where(grow, gap, 1.0)  # factor on the lane's sums so far
+    add = tl.where(grow, 1.0, gap)  # weight of the new entry
+    return tl.where(grow, x, lane_max), lane_norm * keep + add, lane_dot * keep + add * u
+
+
+@triton.jit
+def _reduce_lanes(lane_max, lane_norm, lane_dot):
+    """The row's (max, norm, dot) from the per-lane ones: the only cross-lane reductions.
+
+    The row max is exact (a logit), so pass 2 recomputes the same probabilities. Lanes that saw
+    no finite logit sit at the lowest finite value with zero sums and drop out.
+    """
+    row_max = tl.max(lane_max, 0)
+    weights = tl.exp(lane_max - row_max)
+    return row_max, tl.sum(lane_norm * weights, 0), tl.sum(lane_dot * weights, 0)
+
+
+@triton.jit
+def _lane_stats(
+    x_row_ptr,
+    u_row_ptr,
+    x_stride_v,
+    u_stride_v,
+    first_chunk,
+    end_chunk,
+    vocab,
+    BLOCK: tl.constexpr,
+    X_CONTIG: tl.constexpr,
+    U_CONTIG: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """(max, norm, dot) of chunks [first_chunk, end_chunk) of a row: ``segment_stats`` with
+    per-lane running numbers, reduced across the block once at the end instead of per chunk.
+
+    ``PREFETCH`` as in ``segment_stats``: the next chunk's loads are issued before the current
+    chunk is used (two chunks in flight), and the prefetched tile stays in the input dtype.
+    """
+    lane_max, lane_norm, lane_dot = _empty_lanes(BLOCK, ACC_FP64)
+    if PREFETCH:
+        x_raw, u_raw = load_raw(
+            x_row_ptr,
+            u_row_ptr,
+            x_stride_v,
+            u_stride_v,
+            first_chunk,
+            tl.where(first_chunk < end_chunk, vocab, 0),
+            BLOCK,
+            X_CONTIG,
+            U_CONTIG,
+            True,
+        )
+        for chunk in range(first_chunk, end_chunk):
+            next_x, next_u = load_raw(
+                x_row_ptr,
+                u_row_ptr,
+                x_stride_v,
+                u_stride_v,
+                chunk + 1,
+                tl.where(chunk + 1 < end_chunk, vocab, 0),
+                BLOCK,
+                X_CONTIG,
+                U_CONTIG,
+                True,
+            )
+            x, u = to_acc(x_raw, u_raw, ACC_FP64)
+            lane_max, lane_norm, lane_dot = _merge_lanes(lane_max, lane_norm, lane_dot, x, u)
+            x_raw, u_raw = next_x, next_u
+    else:
+        for chunk in range(first_chunk, end_chunk):
+            x, u = load_tile(
+                x_row_ptr,
+                u_row_ptr,
+                x_stride_v,
+                u_stride_v,
+                chunk,
+                vocab,
+                BLOCK,
+                X_CONTIG,
+                U_CONTIG,
+                ACC_FP64,
+                True,
+            )
+            lane_max, lane_norm, lane_dot = _merge_lanes(lane_max, lane_norm, lane_dot, x, u)
+    return _reduce_lanes(lane_max, lane_norm, lane_dot)
+
+
+@_jit
+def _two_pass_lanes_kernel(
+    x_ptr,
+    u_ptr,
+    out_ptr,
+    labels_ptr,
+    scale_ptr,
+    seq_len,
+    num_rows,
+    vocab,
+    num_chunks,
+    x_stride_b,
+    x_stride_t,
+    x_stride_v,
+    u_stride_b,
+    u_stride_t,
+    u_stride_v,
+    out_stride_b,
+    out_stride_t,
+    out_stride_v,
+    labels_stride_b,
+    labels_stride_t,
+    ignore_index,
+    scale_value,
+    HAS_LABELS: tl.constexpr,
+    SHIFT: tl.constexpr,
+    SCALE_IN_MEMORY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    X_CONTIG: tl.constexpr,
+    U_CONTIG: tl.constexpr,
+    OUT_CONTIG: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """The shipped two-pass kernel (persistent programs, one row at a time, pass 2 in reverse
+    from L2) with ``_lane_stats`` as pass 1."""
+    if SCALE_IN_MEMORY:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = scale_value
+    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        batch_index, position, has_target = locate_row(
+            row,
+            seq_len,
+            labels_ptr,
+            labels_stride_b,
+            labels_stride_t,
+            ignore_index,
+            HAS_LABELS,
+            SHIFT,
+        )
+        out_row_ptr = out_ptr + batch_index * out_stride_b + position * out_stride_t
+        if has_target:
+            x_row_ptr = x_ptr + batch_index * x_stride_b + position * x_stride_t
+            u_row_ptr = u_ptr + batch_index * u_stride_b + position * u_stride_t
+            row_max, row_norm, row_dot = _lane_stats(
+                x_row_ptr,
+                u_row_ptr,
+                x_stride_v,
+                u_stride_v,
+                0,
+                num_chunks,
+                vocab,
+                BLOCK,
+                X_CONTIG,
+                U_CONTIG,
+                ACC_FP64,
+                PREFETCH,
+            )
+            write_segment(
+                x_row_ptr,
+                u_row_ptr,
+                out_row_ptr,
+                x_stride_v,
+                u_stride_v,
+                out_stride_v,
+                0,
+                num_chunks,
+                vocab,
+                row_max,
+                scale / row_norm,
+                row_dot / row_norm,
+                BLOCK,
+                X_CONTIG,
+                U_CONTIG,
+                OUT_CONTIG,
+                ACC_FP64,
+                PREFETCH,
+            )
+        else:
+            zero_segment(out_row_ptr, out_stride_v, 0, num_chunks, vocab, BLOCK, OUT_CONTIG)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side: configs, occupancy, launchers, tuning.
 
 
@@ -702,6 +918,33 @@ def _two_pass_launch(problem: _Problem, config: VariantConfig) -> None:
     )
 
 
+def _two_pass_lanes_launch(problem: _Problem, config: VariantConfig) -> None:
+    """The per-lane pass-1 kernel, launched as the shipped two-pass kernel is (persistent grid
+    sized from the compiled kernel's occupancy; ``seg_chunks`` and ``block_mb`` do not apply)."""
+    logits = problem.logits
+    common = problem.arguments()
+    num_chunks = triton.cdiv(problem.vocab, config.block)
+    args = (
+        *common.pointers,
+        logits.shape[1],
+        problem.num_rows,
+        problem.vocab,
+        num_chunks,
+        *common.scalars,
+    )
+    kwargs = dict(**common.constexprs, BLOCK=config.block, PREFETCH=config.prefetch)
+    programs = persistent_programs(
+        _two_pass_lanes_kernel,
+        args,
+        kwargs,
+        num_warps=config.num_warps,
+        programs_per_sm=config.programs_per_sm,
+        device=logits.device,
+    )
+    grid = (max(1, min(problem.num_rows, programs)),)
+    _two_pass_lanes_kernel[grid](*args, num_warps=config.num_warps, **kwargs)
+
+
 def _current_launch(problem: _Problem, config: VariantConfig) -> None:
     """The split-row kernel with a given (chunk, warps) config."""
     ce_hvp_triton(
@@ -737,6 +980,22 @@ def _small_vocab(vocab: int, programs_per_sm: int = 1, block_mb: int = 0) -> lis
 def _two_pass_candidates(vocab: int) -> list[VariantConfig]:
     """The shipped autotuner's list (kernels/_ce_hvp_two_pass.py)."""
     return [_as_variant_config(config) for config in two_pass.candidate_configs(vocab)]
+
+
+def _two_pass_lanes_candidates(vocab: int) -> list[VariantConfig]:
+    """The shipped kernel's winners plus shapes its per-chunk reductions penalised: one 16-warp
+    program per SM with 8192-entry chunks, and more, smaller programs per SM."""
+    if vocab <= 4096:
+        return _small_vocab(vocab, programs_per_sm=4)
+    return [
+        VariantConfig(8192, 16, programs_per_sm=1),
+        VariantConfig(8192, 16, programs_per_sm=1, prefetch=True),
+        VariantConfig(4096, 8, programs_per_sm=2),
+        VariantConfig(4096, 8, programs_per_sm=2, prefetch=True),
+        VariantConfig(4096, 8, programs_per_sm=4),
+        VariantConfig(16384, 16, programs_per_sm=4),  # capped by occupancy (registers)
+        VariantConfig(2048, 4, programs_per_sm=4),
+    ]
 
 
 def _split_coop_candidates(vocab: int) -> list[VariantConfig]:
@@ -803,6 +1062,13 @@ _VARIANTS: dict[str, _Variant] = {
         _two_pass_launch,
         _two_pass_candidates,
         lambda vocab: _as_variant_config(two_pass.default_config(vocab)),
+    ),
+    "two_pass_lanes": _Variant(
+        _two_pass_lanes_launch,
+        _two_pass_lanes_candidates,
+        _preferring(
+            _two_pass_lanes_candidates, VariantConfig(8192, 16, programs_per_sm=1, prefetch=True)
+        ),
     ),
     "split_coop": _Variant(
         _split_coop_launch,
@@ -957,6 +1223,10 @@ def _launcher(variant: str, doc: str):
 ce_hvp_two_pass = _launcher(
     "two_pass", "The shipped persistent two-pass kernel (reverse second pass)."
 )
+ce_hvp_two_pass_lanes = _launcher(
+    "two_pass_lanes",
+    "The two-pass kernel with per-lane pass-1 numbers, reduced across lanes once per row.",
+)
 ce_hvp_split_coop = _launcher(
     "split_coop", "Persistent split-row kernel: G programs per row exchange partial results."
 )
@@ -969,6 +1239,7 @@ ce_hvp_current_sweep = _launcher(
 
 VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
     "two_pass": ce_hvp_two_pass,
+    "two_pass_lanes": ce_hvp_two_pass_lanes,
     "split_coop": ce_hvp_split_coop,
     "split_two_kernel": ce_hvp_split_two_kernel,
     "current_sweep": ce_hvp_current_sweep,

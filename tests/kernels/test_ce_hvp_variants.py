@@ -4,19 +4,25 @@ The shipped two-pass kernel (``kernels/_ce_hvp_two_pass.py``) and the benchmark'
 designs (``benchmarks/ce_hvp_designs.py``: ``split_coop``, ``split_two_kernel``,
 ``current_sweep``) each run with a config that splits rows into several chunks (and, for the split
 designs, into segments of unequal length) and with their default config. Cases, inputs, oracles
-and checks are shared with ``test_ce_hvp.py`` through ``tests/kernels/conftest.py``.
+and checks are shared with ``test_ce_hvp.py`` through ``tests/kernels/conftest.py``. The design
+``two_pass_lanes`` (the two-pass kernel with per-lane pass-1 numbers) runs every (case, config)
+that ``two_pass`` runs, plus two large vocabularies at its default config (``LANES_RUNS``).
 
 On CPU the kernels run through ``TRITON_INTERPRET=1`` in one subprocess (the variable must be set
 before Triton is imported); there, programs run one after another, so the split-row kernel's
 first program of a row claims and computes its siblings' segments (the claim path) and the later
 ones find them published. On a CUDA machine the same runs go natively, plus forced claim races.
 The shipped kernels also compile for sm_90 on the CPU (Triton's compiler needs no GPU): the
-interpreter runs Python and misses what only the compiler rejects.
+interpreter runs Python and misses what only the compiler rejects. ``two_pass_lanes`` is compiled
+here at every candidate config, as a real launch specialises it, and checked for spills.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,13 +34,44 @@ HAS_CUDA = torch.cuda.is_available()
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the designs live in benchmarks/, outside the package
     sys.path.insert(0, str(ROOT))
+LANES = "two_pass_lanes"
+
+
+def _case_table():
+    """conftest.py as pytest (or an interpreter subprocess) loaded it, found by its path (test files
+    cannot import it by name), else loaded by path: the (case, config) list of ``two_pass_lanes``
+    is needed at collection time."""
+    path = Path(__file__).with_name("conftest.py").resolve()
+    for module in list(sys.modules.values()):
+        if Path(getattr(module, "__file__", None) or "").resolve() == path:
+            return module
+    spec = importlib.util.spec_from_file_location("ce_hvp_case_table", path)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (case name, config name) runs of two_pass_lanes: those of two_pass (every vocabulary size,
+# dtype, layout, shift/labels/ignore_index, in-place, spike and all-ignored case it runs), plus two
+# large vocabularies (not multiples of the chunk) at the default config of 8192-entry chunks.
+LANES_RUNS = [
+    *(
+        (case.name, config)
+        for case, design, config in _case_table().DESIGN_RUNS
+        if design == "two_pass"
+    ),
+    ("v50257_bf16", "default"),
+    ("v130000_fp32", "default"),
+]
 
 
 def variant_config(variant: str, config: str, vocab: int):
     """``default``: the design's untuned config; ``split``: several chunks per row and, for the
     split designs, segments of three chunks (the last one shorter); ``prefetch``: ``split``
     loading one chunk ahead; ``tile``: one chunk per split_coop program, kept in registers.
-    The shipped two-pass kernel gets its own config type (it has no segments or row blocks)."""
+    The shipped two-pass kernel gets its own config type (it has no segments or row blocks), and
+    ``two_pass_lanes``, which has neither either, leaves them unset."""
     from benchmarks import ce_hvp_designs as designs
     from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 
@@ -46,6 +83,8 @@ def variant_config(variant: str, config: str, vocab: int):
     num_warps = max(1, min(8, block // 512))  # at most 16 entries per thread on a GPU
     if variant == "two_pass":
         return two_pass.TwoPassConfig(block, num_warps, prefetch=config == "prefetch")
+    if variant == LANES:
+        return designs.VariantConfig(block, num_warps, prefetch=config == "prefetch")
     return designs.VariantConfig(
         block,
         num_warps,
@@ -119,6 +158,11 @@ results = {}
 for case, variant, config in cases.DESIGN_RUNS:
     args = inputs[case.name]
     results[cases.run_id(case, variant, config)] = tests.run_variant(case, variant, config, *args)
+for name, config in tests.LANES_RUNS:
+    case = cases.CASES_BY_NAME[name]
+    results[cases.run_id(case, tests.LANES, config)] = tests.run_variant(
+        case, tests.LANES, config, *inputs[name]
+    )
 results["tuning"] = tests.tuning_facts(cases)
 from benchmarks.ce_hvp_variants import main as benchmark_main
 results["smoke_rc"] = benchmark_main(["--smoke", "--out", sys.argv[5]])
@@ -158,6 +202,7 @@ def interpreter_results(tmp_path_factory, kernel_cases) -> dict:
     smoke run, computed in one TRITON_INTERPRET=1 process (one Triton import)."""
     folder = tmp_path_factory.mktemp("ce_hvp_variants_interpreter")
     used = {case.name: case for case, _, _ in kernel_cases.DESIGN_RUNS}
+    used.update((name, kernel_cases.CASES_BY_NAME[name]) for name, _ in LANES_RUNS)
     inputs = {name: kernel_cases.make_inputs(case) for name, case in used.items()}
     results = kernel_cases.run_in_interpreter(
         _INTERPRETER_SCRIPT,
@@ -176,6 +221,37 @@ def test_interpreter_matches_oracle(design_run, kernel_cases, interpreter_result
     logits, u, labels = kernel_cases.make_inputs(case)
     result = interpreter_results[kernel_cases.run_id(*design_run)]
     kernel_cases.check_against_oracle(case, result, logits, u, labels)
+
+
+@pytest.mark.parametrize(
+    ("case_name", "config"), LANES_RUNS, ids=[f"{c}-{n}" for c, n in LANES_RUNS]
+)
+def test_lanes_interpreter_matches_oracle(case_name, config, kernel_cases, interpreter_results):
+    case = kernel_cases.CASES_BY_NAME[case_name]
+    logits, u, labels = kernel_cases.make_inputs(case)
+    result = interpreter_results[kernel_cases.run_id(case, LANES, config)]
+    kernel_cases.check_against_oracle(case, result, logits, u, labels)
+
+
+def test_lanes_runs_cover_the_edge_cases(kernel_cases):
+    """The lanes runs include several chunks per row at a non-power-of-two V, prefetch, every
+    dtype, strides, in place, shift with ignored labels, the +50 spike, -inf chunks and a batch
+    whose rows are all ignored (so a table change cannot silently drop one)."""
+    cases = [(kernel_cases.CASES_BY_NAME[name], config) for name, config in LANES_RUNS]
+    assert {case.dtype for case, _ in cases} >= {
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float64,
+    }
+    assert any(config == "prefetch" for _, config in cases)
+    assert any(case.vocab % 1024 and case.vocab > 8192 for case, _ in cases)
+    assert any(case.layout in ("vocab_strided", "permuted") for case, _ in cases)
+    assert any(case.write == "inplace" for case, _ in cases)
+    assert any(case.shift and case.labels == "some_ignored" for case, _ in cases)
+    assert any(case.spike for case, _ in cases)
+    assert any(case.masked_vocab for case, _ in cases)
+    assert any(case.labels == "all_ignored" for case, _ in cases)
 
 
 def test_tuning_in_place_leaves_u_intact_and_times_every_candidate(interpreter_results):
@@ -213,6 +289,97 @@ def test_resident_programs(regs: int, shared: int, warps: int, expected: int) ->
     assert resident_programs(regs, shared, warps, **limits) == expected
 
 
+_LANES_COMPILE_SCRIPT = """
+import inspect, json, re, subprocess, sys, tempfile, triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks import ce_hvp_designs as designs
+kernel = designs._two_pass_lanes_kernel
+names = list(inspect.signature(kernel.fn).parameters)
+# What a launch on contiguous (B, T, V) tensors with V % 16 == 0 specialises: 16-byte aligned
+# pointers, strides and V divisible by 16, unit vocabulary strides turned into constants.
+ALIGNED = {"x_ptr", "u_ptr", "out_ptr", "labels_ptr", "scale_ptr", "vocab", "x_stride_b",
+           "x_stride_t", "u_stride_b", "u_stride_t", "out_stride_b", "out_stride_t"}
+UNIT = ("x_stride_v", "u_stride_v", "out_stride_v")
+def compile_for_sm90(dtype, block, num_warps, prefetch, contiguous):
+    constexprs = dict(HAS_LABELS=True, SHIFT=True, SCALE_IN_MEMORY=dtype == "fp64",
+                      X_CONTIG=contiguous, U_CONTIG=contiguous, OUT_CONTIG=contiguous,
+                      ACC_FP64=dtype == "fp64", BLOCK=block, PREFETCH=prefetch)
+    if contiguous:
+        constexprs.update((name, 1) for name in UNIT)
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in ("x_ptr", "u_ptr", "out_ptr"):
+            return "*" + dtype
+        if name == "scale_ptr":
+            return "*fp64" if dtype == "fp64" else "*fp32"
+        return {"labels_ptr": "*i64", "scale_value": "fp32"}.get(name, "i32")
+    constants = {(names.index(name),): value for name, value in constexprs.items()}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED}
+    source = ASTSource(kernel, {name: kind(name) for name in names}, constexprs=constants,
+                       attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    return {key: int(re.search(key + r":(\\d+)", usage).group(1)) for key in ("REG", "STACK")}
+results = [(*run, compile_for_sm90(*run)) for run in json.loads(sys.argv[1])]
+print(json.dumps(results))
+"""
+
+
+def lanes_compile_runs() -> list[tuple[str, int, int, bool, bool]]:
+    """(dtype, block, warps, prefetch, contiguous): every candidate config of two_pass_lanes at
+    V = 50304 in fp32 and bf16, two of them in fp16 and fp64, and strided rows in bf16 and fp64."""
+    from benchmarks import ce_hvp_designs as designs
+
+    candidates = designs.candidate_configs(LANES, 50304)
+    runs = [
+        (dtype, c.block, c.num_warps, c.prefetch, True)
+        for dtype in ("fp32", "bf16")
+        for c in candidates
+    ]
+    runs += [(dtype, 8192, 16, True, True) for dtype in ("fp16", "fp64")]
+    runs += [(dtype, 4096, 8, False, True) for dtype in ("fp16", "fp64")]
+    runs += [(dtype, 4096, 8, True, False) for dtype in ("bf16", "fp64")]
+    return list(dict.fromkeys(runs))  # 4096x8 at 2 and 4 programs per SM is one kernel
+
+
+def test_lanes_compiles_for_sm90_without_spills() -> None:
+    """Triton's compiler (no GPU needed) accepts two_pass_lanes at every candidate config, and
+    ptxas keeps the per-lane numbers in registers (no stack frame, i.e. no spills) wherever a
+    thread holds at most 16 entries of a chunk in fp32, bf16 or fp16: the lanes' max, norm and
+    dot add three registers per entry to the shipped kernel's tile. (Triton 3.9: 75-98 registers
+    at 8192x16, 72-80 at 4096x8, 98-128 at 4096x8 with prefetch; 16384x16 spills in fp32, and
+    fp64 at 16 warps, where 128 registers per thread is the limit.)"""
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile for")
+    runs = lanes_compile_runs()
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    completed = subprocess.run(
+        [sys.executable, "-c", _LANES_COMPILE_SCRIPT, json.dumps(runs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, f"compilation failed:\n{completed.stderr[-4000:]}"
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(results) == len(runs)
+    for dtype, block, warps, prefetch, contiguous, usage in results:
+        entries_per_thread = block // (32 * warps)
+        if dtype != "fp64" and entries_per_thread <= 16:
+            assert usage["STACK"] == 0, (dtype, block, warps, prefetch, contiguous, usage)
+        assert 0 < usage["REG"] <= min(255, 65536 // (32 * warps)), usage
+
+
 def test_benchmark_smoke(interpreter_results, kernel_cases) -> None:
     """``benchmarks/ce_hvp_variants.py --smoke`` (its ``main``, run in the interpreter process) on
     tiny shapes: every variant ran, was checked against eager, and the table lists it."""
@@ -221,15 +388,15 @@ def test_benchmark_smoke(interpreter_results, kernel_cases) -> None:
     report = json.loads((tmp_path / "ce_hvp_variants.json").read_text())
     assert len(report["rows"]) == 2
     for row in report["rows"]:
-        for name in ("current", *kernel_cases.DESIGN_NAMES):
+        for name in ("current", *kernel_cases.DESIGN_NAMES, LANES):
             assert f"{name}_error" not in row, row[f"{name}_error"]
             check = row[f"{name}_check"]
             assert check["all_written"] and check["max_rel_err"] < 2e-2, (name, check)
             assert row[f"{name}_ms"] > 0
-        for name in kernel_cases.DESIGN_NAMES:
+        for name in (*kernel_cases.DESIGN_NAMES, LANES):
             assert len(row[f"{name}_candidates_ms"]) == 2, name
     table = (tmp_path / "ce_hvp_variants.md").read_text()
-    assert all(name in table for name in kernel_cases.DESIGN_NAMES)
+    assert all(name in table for name in (*kernel_cases.DESIGN_NAMES, LANES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,13 +439,11 @@ def test_cuda_split_coop_claim_path(
         kernel_cases.check_against_oracle(case, result, logits, u, labels)
 
 
-@cuda_only
-def test_cuda_autotuned_large_vocab(design_name: str, monkeypatch, kernel_cases) -> None:
-    """Autotuned launch at a real vocabulary size, in place (tuning must not touch u)."""
+def check_autotuned(variant: str, monkeypatch, kernel_cases) -> None:
+    """Autotuned launch of a design at a real vocabulary size, in place (tuning must not touch u)."""
     from benchmarks import ce_hvp_designs as designs
     from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 
-    variant = design_name
     tuner = two_pass if variant == "two_pass" else designs
     monkeypatch.setattr(tuner, "_tuned", {})
     case = kernel_cases.Case(
@@ -297,3 +462,33 @@ def test_cuda_autotuned_large_vocab(design_name: str, monkeypatch, kernel_cases)
     )
     kernel_cases.check_against_oracle(case, buffer, logits, u, labels)
     assert tuner.tuned_configs(), "the call should have autotuned"
+
+
+@cuda_only
+def test_cuda_autotuned_large_vocab(design_name: str, monkeypatch, kernel_cases) -> None:
+    check_autotuned(design_name, monkeypatch, kernel_cases)
+
+
+@cuda_only
+def test_cuda_lanes_autotuned_large_vocab(monkeypatch, kernel_cases) -> None:
+    check_autotuned(LANES, monkeypatch, kernel_cases)
+
+
+# The lanes runs on a CUDA device: the interpreter's, plus the CUDA-only cases (V up to 262144,
+# unaligned and permuted rows, in place, float64) at the default config.
+CUDA_LANES_RUNS = [
+    *LANES_RUNS,
+    *((case.name, "default") for case in _case_table().CUDA_CASES),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    ("case_name", "config"), CUDA_LANES_RUNS, ids=[f"{c}-{n}" for c, n in CUDA_LANES_RUNS]
+)
+def test_cuda_lanes_matches_oracle(case_name, config, kernel_cases, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_LINOP_CE_HVP_AUTOTUNE", "0")
+    case = kernel_cases.CASES_BY_NAME[case_name]
+    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
+    result = run_variant(case, LANES, config, logits, u, labels)
+    kernel_cases.check_against_oracle(case, result, logits, u, labels)
