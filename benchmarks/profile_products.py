@@ -63,11 +63,15 @@ def main() -> None:
     ggn = GGNOperator(model, data, loss)
     cached_ggn = GGNOperator(model, data, loss, cache_graph=True)
     hessian = HessianOperator(model, data, loss)
+    cached_difference = GGNOperator(
+        model, data, loss, cache_graph=True, jvp_method="forward_difference"
+    )
     vector = torch.randn(ggn.shape[0], generator=torch.Generator().manual_seed(2)).to(device)
     products = {
         "gradient": lambda: torch.autograd.grad(loss(model, data[0]), params),
         "GGN (forward-mode JVP, CE Hessian, VJP)": lambda: ggn @ vector,
         "GGN, cached graph (graph-free dual forward, CE Hessian, VJP)": lambda: cached_ggn @ vector,
+        "GGN, cached graph, one-sided difference JVP": lambda: cached_difference @ vector,
         "Hessian (double backward)": lambda: hessian @ vector,
     }
     report = "".join(profile_one(n, fn, device, args.rows) for n, fn in products.items())

@@ -13,7 +13,7 @@ from torch import nn
 from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make_leaves
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
-from torch_linop._finite_difference import local_step
+from torch_linop._finite_difference import local_step, shifted
 from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
 from torch_linop.params import ParamFilter
@@ -23,7 +23,9 @@ HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
 
 def _norm(tensors: list[torch.Tensor]) -> float:
     """Euclidean norm of the concatenation of ``tensors``."""
-    return float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
 def loss_and_gradient(
@@ -181,11 +183,9 @@ def hessian_product_finite_difference(
         step = local_step(acc_theta, direction, theta_norm, v_norm, eps, 1.0 / 3.0)
         grads = []
         for sign in (1.0, -1.0):
-            shifted = {
-                name: (t.to(acc_dtype) + sign * step * d).to(t.dtype).requires_grad_(True)
-                for name, t, d in zip(names, theta, direction)
-            }
-            _, g = loss_and_gradient(model, loss_fn, shifted, batch, create_graph=False)
+            moved = shifted(acc_theta, direction, sign * step, [t.dtype for t in theta])
+            leaves = {name: m.requires_grad_(True) for name, m in zip(names, moved)}
+            _, g = loss_and_gradient(model, loss_fn, leaves, batch, create_graph=False)
             grads.append([x.to(acc_dtype) for x in g])
         for result, plus, minus in zip(results, *grads):
             result[j] = ((plus - minus) / (2.0 * step)).to(result.dtype)

@@ -75,3 +75,26 @@ def test_one_sided_ggn_jvp_within_its_documented_tolerance(dtype, tolerance, rel
     assert one_sided_error <= tolerance
     # central differences are the more accurate of the two
     assert rel_err((central @ columns.to(dtype)).double(), expected) < one_sided_error
+
+
+@pytest.mark.parametrize("group_entries", [1 << 24, 7])
+def test_entry_cap_equals_the_entrywise_minimum(monkeypatch, group_entries):
+    """The multi-tensor cap (groups of any size, empty and all-zero tensors among them) equals
+    ``min_i (|theta_i| + rms) / |v_i|`` computed entry by entry."""
+    import torch_linop._finite_difference as fd
+
+    monkeypatch.setattr(fd, "_GROUP_ENTRIES", group_entries)
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(3, 4), (0,), (5,), (2, 2, 2), (9,)]
+    theta = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    direction = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    direction[2] = torch.zeros(5, dtype=torch.float64)  # no cap from a zero direction
+    rms = 0.3
+    flat_theta = torch.cat([t.flatten() for t in theta])
+    flat_direction = torch.cat([d.flatten() for d in direction])
+    nonzero = flat_direction != 0
+    expected = float(((flat_theta.abs() + rms)[nonzero] / flat_direction.abs()[nonzero]).min())
+    assert fd.entry_cap(theta, direction, rms) == pytest.approx(expected, rel=1e-14)
+    zeros = [torch.zeros_like(d) for d in direction]
+    assert fd.entry_cap(theta, zeros, rms) == float("inf")
+    assert fd.entry_cap([], [], rms) == float("inf")
