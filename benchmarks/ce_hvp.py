@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -124,7 +125,8 @@ def reference_rows(logits, u, labels, shift: bool, rows: torch.Tensor) -> torch.
 
 
 def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth: float) -> dict:
-    from torch_linop.kernels import _ce_hvp_triton, _ce_hvp_two_pass, ce_hvp
+    from torch_linop.kernels import _ce_hvp_cluster, _ce_hvp_triton, _ce_hvp_two_pass, ce_hvp
+    from torch_linop.kernels.ce_hvp import CLUSTER_ENV  # after --dry-run sets TRITON_INTERPRET
 
     dtype = DTYPES[dtype_name]
     generator = torch.Generator(device=DEVICE).manual_seed(num_rows * 7 + vocab)
@@ -171,8 +173,23 @@ def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth
             two_pass_timings = _ce_hvp_two_pass.tuning_timings().get(key, {})
             row["tuning_ms"] = {c.label(): t for c, t in two_pass_timings.items()}
 
+    for key, cluster in _ce_hvp_cluster._tuned.items():
+        if key[1] == vocab and key[2] == dtype:  # the Hopper cluster kernel took the call
+            row["triton_kernel"] = "cluster"
+            row["triton_config"] = f"C{cluster}"
+            cluster_timings = _ce_hvp_cluster._tuning_timings.get(key, {})
+            row["tuning_ms"] = {f"C{c}": t for c, t in cluster_timings.items()}
+
+    def two_pass() -> object:  # the Triton two-pass kernel, with the cluster kernel switched off
+        os.environ[CLUSTER_ENV] = "0"
+        try:
+            return ce_hvp(logits, u, labels, shift=shift, backend="triton")
+        finally:
+            del os.environ[CLUSTER_ENV]
+
     backends = {
         "triton": lambda: ce_hvp(logits, u, labels, shift=shift, backend="triton"),
+        "two_pass": two_pass,
         "compile": lambda: ce_hvp(logits, u, labels, shift=shift, backend="compile"),
         "eager": lambda: ce_hvp(logits, u, labels, shift=shift, backend="eager"),
     }
@@ -202,10 +219,10 @@ def markdown(rows: list[dict], bandwidth: float) -> str:
     lines = [
         f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s",
         "",
-        "| N | V | dtype | shift+labels | eager ms | compile ms | triton ms | in-place ms "
-        "| floor ms | triton % floor | in-place % floor | peak extra GB eager / compile / "
-        "triton / in-place | output GB | H100 peer ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | V | dtype | shift+labels | kernel | eager ms | compile ms | Triton two-pass ms "
+        "| ours ms | in-place ms | floor ms | two-pass % floor | ours % floor | in-place % floor "
+        "| peak extra GB eager / compile / ours / in-place | output GB | H100 peer ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value: object, digits: int = 2) -> str:
@@ -219,10 +236,12 @@ def markdown(rows: list[dict], bandwidth: float) -> str:
         peer = PEER_MS_H100.get((row["rows"], row["vocab"], row["dtype"]))
         lines.append(
             f"| {row['rows']} | {row['vocab']} | {row['dtype']} | "
-            f"{'yes' if row['shift_and_labels'] else 'no'} | {fmt(row.get('eager_ms'))} | "
-            f"{fmt(row.get('compile_ms'))} | {fmt(row.get('triton_ms'))} | "
+            f"{'yes' if row['shift_and_labels'] else 'no'} | {row.get('triton_kernel', '')} | "
+            f"{fmt(row.get('eager_ms'))} | {fmt(row.get('compile_ms'))} | "
+            f"{fmt(row.get('two_pass_ms'))} | {fmt(row.get('triton_ms'))} | "
             f"{fmt(row.get('triton_inplace_ms'))} | {fmt(row['floor_ms'])} | "
-            f"{fmt(row.get('triton_pct_floor'), 1)} | {fmt(row.get('triton_inplace_pct_floor'), 1)} "
+            f"{fmt(row.get('two_pass_pct_floor'), 1)} | {fmt(row.get('triton_pct_floor'), 1)} | "
+            f"{fmt(row.get('triton_inplace_pct_floor'), 1)} "
             f"| {peaks} | {fmt(row['output_gb'])} | {'' if peer is None else f'{peer:.2f}'} |"
         )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ p * u - p * <p, u> (divided by the number of rows with a target for ``reduction=
 
 from __future__ import annotations
 
+import os
 import warnings
 from types import ModuleType
 
@@ -120,6 +121,46 @@ def _backend_order(backend: str, logits: torch.Tensor, u: torch.Tensor) -> list[
 _use_split_kernel = False
 
 
+# TORCH_LINOP_CE_HVP_CLUSTER=0 keeps every call on the Triton kernels (for comparisons).
+CLUSTER_ENV = "TORCH_LINOP_CE_HVP_CLUSTER"
+# Why the cluster kernel failed in this process (compilation or launch), if it did: not retried.
+_cluster_failure: list[str] = []
+
+
+def _try_cluster_kernel(
+    logits3: torch.Tensor,
+    u3: torch.Tensor,
+    labels2: torch.Tensor | None,
+    target3: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    scale: torch.Tensor | float,
+) -> torch.Tensor | None:
+    """The Hopper cluster kernel where it applies (``_ce_hvp_cluster.applies``), else None.
+    A failure (NVRTC missing, a driver that refuses the launch) warns once and hands this and
+    every later call to the Triton kernels."""
+    if _cluster_failure or os.environ.get(CLUSTER_ENV, "1") == "0":
+        return None
+    from . import _ce_hvp_cluster
+
+    if not _ce_hvp_cluster.applies(logits3, u3, target3):
+        return None
+    try:
+        return _ce_hvp_cluster.ce_hvp_cluster(
+            logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
+        )
+    except Exception as error:
+        _cluster_failure.append(f"{type(error).__name__}: {error}"[:300])
+        warnings.warn(
+            f"ce_hvp: the Hopper cluster kernel failed ({_cluster_failure[0]}); using the "
+            "Triton kernels for the rest of this process",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+
+
 def _run_backend(
     name: str,
     logits3: torch.Tensor,
@@ -156,6 +197,11 @@ def _run_backend(
             return triton_backend.ce_hvp_triton(
                 logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
             )
+        cluster_result = _try_cluster_kernel(
+            logits3, u3, labels2, target3, ignore_index=ignore_index, shift=shift, scale=scale
+        )
+        if cluster_result is not None:
+            return cluster_result
         from ._ce_hvp_two_pass import ce_hvp_two_pass
 
         return ce_hvp_two_pass(
