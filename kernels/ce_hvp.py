@@ -245,7 +245,9 @@ def ce_hvp(
         shift: HF causal-LM convention: row t is scored against ``labels[..., t + 1]``, so the last
             position of every sequence has no target. (N, V) inputs count as one sequence.
         reduction: ``"mean"`` or ``"sum"``; with no target at all the result is zero.
-        backend: ``"triton"`` (CUDA), ``"compile"`` (``torch.compile`` of the eager reference),
+        backend: ``"triton"`` (our CUDA kernels: on sm_90 GPUs a cluster kernel for contiguous
+            16-byte-aligned fp32/bf16/fp16 rows of V >= 16384, see ``_ce_hvp_cluster``; the
+            Triton kernels otherwise), ``"compile"`` (``torch.compile`` of the eager reference),
             ``"eager"``, or ``"auto"``: Triton on CUDA, else compile, else eager, falling back
             (with a warning, once) when one fails. On CPU, and when autograd must flow through
             the result, ``"auto"`` uses eager.
