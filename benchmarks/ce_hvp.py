@@ -176,9 +176,9 @@ def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth
     for key, cluster in _ce_hvp_cluster._tuned.items():
         if key[1] == vocab and key[2] == dtype:  # the Hopper cluster kernel took the call
             row["triton_kernel"] = "cluster"
-            row["triton_config"] = f"C{cluster}"
+            row["triton_config"] = f"C{cluster[0]}x{cluster[1]}"
             cluster_timings = _ce_hvp_cluster._tuning_timings.get(key, {})
-            row["tuning_ms"] = {f"C{c}": t for c, t in cluster_timings.items()}
+            row["tuning_ms"] = {f"C{c}x{n}": t for (c, n), t in cluster_timings.items()}
 
     def two_pass() -> object:  # the Triton two-pass kernel, with the cluster kernel switched off
         os.environ[CLUSTER_ENV] = "0"
