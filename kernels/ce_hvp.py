@@ -142,6 +142,8 @@ def _try_cluster_kernel(
     every later call to the Triton kernels."""
     if _cluster_failure or os.environ.get(CLUSTER_ENV, "1") == "0":
         return None
+    if not -(2**31) <= ignore_index < 2**31:  # the kernel takes a 32-bit ignore_index
+        return None
     from . import _ce_hvp_cluster
 
     if not _ce_hvp_cluster.applies(logits3, u3, target3):

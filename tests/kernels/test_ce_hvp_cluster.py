@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,21 @@ def test_cuda_replays_in_a_cuda_graph(cluster_calls):
     expected = oracle(logits, u)
     assert float((out.double() - expected).norm() / expected.norm()) < 1.5e-2
     assert len(cluster_calls) >= 2
+
+
+def test_an_ignore_index_beyond_32_bits_stays_on_triton(monkeypatch):
+    monkeypatch.setattr(cluster_kernel, "applies", lambda *args: True)
+    monkeypatch.setattr(cluster_kernel, "ce_hvp_cluster", lambda *a, **k: pytest.fail("called"))
+    monkeypatch.setattr(ce_hvp_dispatch, "_cluster_failure", [])
+    logits = torch.randn(1, 2, 8)
+    arguments = dict(ignore_index=-(2**40), shift=False, scale=1.0)
+    assert ce_hvp_dispatch._try_cluster_kernel(logits, logits, None, logits, **arguments) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message off Hopper")
+def test_the_sweep_benchmark_says_what_it_needs(capsys):
+    import runpy
+
+    module = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "ce_hvp_cluster.py"))
+    assert module["main"]([]) == 2
+    assert "needs an sm_90" in capsys.readouterr().err
