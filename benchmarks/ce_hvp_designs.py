@@ -48,13 +48,13 @@ import triton.language as tl
 from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 from torch_linop.kernels._ce_hvp_common import (
     LaunchArguments,
+    fastest_config,
     is_interpreter,
     launch_arguments,
     load_raw,
     load_tile,
     locate_row,
     pick_config,
-    time_configs,
     to_acc,
 )
 from torch_linop.kernels._ce_hvp_triton import (
@@ -1140,12 +1140,17 @@ def tune(
     def run(logits, u, labels, out, config: VariantConfig) -> None:
         launch(_Problem(logits, u, labels, out, ignore_index, shift, scale), config)
 
-    timings = time_configs(
-        run, candidates, logits, u, labels, out, tune_rows=tune_rows, failed=failed
+    return fastest_config(
+        run,
+        candidates,
+        logits,
+        u,
+        labels,
+        out,
+        tune_rows=tune_rows,
+        kernel_name=f"variant {variant!r}",
+        failed=failed,
     )
-    if not timings:
-        raise RuntimeError(f"ce_hvp variant {variant!r}: no candidate config ran")
-    return min(timings, key=timings.__getitem__), timings
 
 
 def _run_variant(

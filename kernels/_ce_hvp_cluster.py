@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._ce_hvp_common import pick_config, time_configs
+from ._ce_hvp_common import fastest_config, pick_config
 
 __all__ = [
     "applies",
@@ -489,10 +489,9 @@ def tune(
     """Time every candidate config (median ms); return the fastest and all times."""
     run = functools.partial(launch, ignore_index=ignore_index, shift=shift, scale=scale)
     candidates = candidate_configs(logits.shape[-1], logits.element_size())
-    timings = time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows)
-    if not timings:
-        raise RuntimeError(f"ce_hvp cluster kernel: no cluster size ran (V={logits.shape[-1]})")
-    return min(timings, key=timings.__getitem__), timings
+    return fastest_config(
+        run, candidates, logits, u, labels, out, tune_rows=tune_rows, kernel_name="cluster kernel"
+    )
 
 
 def ce_hvp_cluster(

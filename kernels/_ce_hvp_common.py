@@ -31,6 +31,7 @@ __all__ = [
     "load_tile",
     "locate_row",
     "median_ms",
+    "fastest_config",
     "pick_config",
     "scale_arguments",
     "time_configs",
@@ -332,6 +333,28 @@ def time_configs(
             if failed is not None:
                 failed[config] = f"{type(error).__name__}: {error}"[:300]
     return timings
+
+
+def fastest_config(
+    launch: Callable[..., object],
+    candidates: Iterable[Config],
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    labels: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    tune_rows: int | None,
+    kernel_name: str,
+    failed: dict[Config, str] | None = None,
+) -> tuple[Config, dict[Config, float]]:
+    """The fastest candidate and every candidate's median ms (``time_configs``); raises when
+    none ran (each kernel's tuner, so that none writes this out again)."""
+    timings = time_configs(
+        launch, candidates, logits, u, labels, out, tune_rows=tune_rows, failed=failed
+    )
+    if not timings:
+        raise RuntimeError(f"ce_hvp {kernel_name}: no candidate config ran (V={logits.shape[-1]})")
+    return min(timings, key=timings.__getitem__), timings
 
 
 def pick_config(

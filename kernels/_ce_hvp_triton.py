@@ -35,13 +35,13 @@ import triton
 import triton.language as tl
 
 from ._ce_hvp_common import (
+    fastest_config,
     is_inner_contiguous,
     is_interpreter,
     launch_arguments,
     load_tile,
     locate_row,
     pick_config,
-    time_configs,
 )
 
 __all__ = [
@@ -402,10 +402,9 @@ def _tune(
     tune_rows = max(256, (1 << 28) // (vocab * logits.element_size()))
 
     run = functools.partial(_launch, ignore_index=ignore_index, shift=shift, scale=scale)
-    timings = time_configs(run, candidates, logits, u, labels, out, tune_rows=tune_rows)
-    if not timings:
-        raise RuntimeError(f"no ce_hvp Triton config compiled for vocab={vocab}")
-    return min(timings, key=timings.__getitem__), timings
+    return fastest_config(
+        run, candidates, logits, u, labels, out, tune_rows=tune_rows, kernel_name="split kernel"
+    )
 
 
 def ce_hvp_triton(

@@ -31,13 +31,13 @@ import triton
 import triton.language as tl
 
 from ._ce_hvp_common import (
+    fastest_config,
     is_interpreter,
     launch_arguments,
     load_raw,
     load_tile,
     locate_row,
     pick_config,
-    time_configs,
     to_acc,
 )
 
@@ -591,14 +591,17 @@ def tune(
         candidates = candidate_configs(logits.shape[-1])
 
     run = functools.partial(launch, ignore_index=ignore_index, shift=shift, scale=scale)
-    timings = time_configs(
-        run, candidates, logits, u, labels, out, tune_rows=tune_rows, failed=failed
+    return fastest_config(
+        run,
+        candidates,
+        logits,
+        u,
+        labels,
+        out,
+        tune_rows=tune_rows,
+        kernel_name="two-pass kernel",
+        failed=failed,
     )
-    if not timings:
-        raise RuntimeError(
-            f"ce_hvp two-pass kernel: no candidate config ran (V={logits.shape[-1]})"
-        )
-    return min(timings, key=timings.__getitem__), timings
 
 
 def ce_hvp_two_pass(

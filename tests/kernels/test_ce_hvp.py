@@ -326,3 +326,32 @@ def test_cuda_inplace_tuning_leaves_u_intact(
     result = run_triton(case, logits, u, labels)
     kernel_cases.check_against_oracle(case, result, logits, u, labels)
     assert launcher._tuned, "the call should have autotuned"
+
+
+def test_fastest_config_times_every_candidate_and_never_writes_u() -> None:
+    """The tuners' shared core (CPU: wall-clock medians): the fastest candidate wins, a failing
+    one is reported and skipped, in place mode times into a scratch buffer, none ran raises."""
+    import time as time_module
+
+    from torch_linop.kernels._ce_hvp_common import fastest_config
+
+    def launch(logits, u, labels, out, *, config):
+        if config == "broken":
+            raise RuntimeError("out of shared memory")
+        time_module.sleep(config)
+        out.fill_(config)
+
+    logits = torch.randn(2, 3, 5)
+    u = torch.randn(2, 3, 5)
+    u_before = u.clone()
+    failed: dict = {}
+    best, timings = fastest_config(
+        launch, [0.02, 0.0, "broken"], logits, u, None, u, tune_rows=None,
+        kernel_name="test kernel", failed=failed,
+    )  # fmt: skip
+    assert best == 0.0 and set(timings) == {0.02, 0.0}
+    assert "out of shared memory" in failed["broken"]
+    assert torch.equal(u, u_before)  # out aliased u: tuning wrote elsewhere
+    with pytest.raises(RuntimeError, match="ce_hvp test kernel: no candidate config ran"):
+        fastest_config(launch, ["broken"], logits, u, None, u.clone(), tune_rows=None,
+                       kernel_name="test kernel")  # fmt: skip
