@@ -36,7 +36,13 @@ def profile_one(name: str, fn: Callable[[], Any], device: torch.device, rows: in
             torch.cuda.synchronize(device)
     events = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    # device-side events only, as the profiler's own "Self CUDA time total" counts them (an
+    # operator's self device time repeats its kernels')
+    kernel_us = sum(
+        e.self_device_time_total
+        for e in events
+        if e.device_type != torch.autograd.DeviceType.CPU and not e.is_user_annotation
+    )
     launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel"))
     header = (
         f"## {name}: wall {1e3 * measure(fn, device, 5)[0]:.1f} ms, device kernels "
