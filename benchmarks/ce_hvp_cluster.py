@@ -28,19 +28,6 @@ SHAPES = [
 THREADS = (256, 512, 1024)
 
 
-def median_ms(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, return_mode="median"))
-
-
-def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Bytes read plus written per second by a device-to-device copy."""
-    source = torch.empty(num_bytes // 4, device="cuda")
-    target = torch.empty_like(source)
-    return 2 * num_bytes / (median_ms(lambda: target.copy_(source)) / 1e3)
-
-
 def check(kernel, logits, u, config) -> float:
     """Relative error of the config's output on the first rows against float64."""
     from torch_linop.kernels import ce_hvp
@@ -56,6 +43,8 @@ def check(kernel, logits, u, config) -> float:
 
 
 def sweep(num_rows: int, vocab: int, dtype: torch.dtype, bandwidth: float, grids: bool) -> dict:
+    from ce_hvp import bench_ms  # sibling script: the same timing as the main ce_hvp benchmark
+
     from torch_linop.kernels import _ce_hvp_cluster as kernel
     from torch_linop.kernels import ce_hvp
     from torch_linop.kernels.ce_hvp import CLUSTER_ENV
@@ -67,7 +56,7 @@ def sweep(num_rows: int, vocab: int, dtype: torch.dtype, bandwidth: float, grids
     floor_ms = 3 * logits.numel() * logits.element_size() / bandwidth * 1e3
     os.environ[CLUSTER_ENV] = "0"
     try:
-        two_pass_ms = median_ms(lambda: ce_hvp(logits, u, backend="triton", out=out))
+        two_pass_ms = bench_ms(lambda: ce_hvp(logits, u, backend="triton", out=out))
     finally:
         del os.environ[CLUSTER_ENV]
     row: dict = {"rows": num_rows, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
@@ -89,7 +78,7 @@ def sweep(num_rows: int, vocab: int, dtype: torch.dtype, bandwidth: float, grids
                     kernel.launch(logits, u, None, out, ignore_index=-100, shift=False,
                                   scale=1 / num_rows, config=config, num_clusters=count)  # fmt: skip
 
-                ms = median_ms(run)
+                ms = bench_ms(run)
                 row["configs"].append(
                     {
                         "cluster": cluster,
@@ -125,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         print("benchmarks/ce_hvp_cluster.py needs an sm_90 (Hopper) GPU", file=sys.stderr)
         return 2
+    from ce_hvp import copy_bandwidth  # sibling script (benchmarks/ is on sys.path when run)
+
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.3f} TB/s")
     rows = []
