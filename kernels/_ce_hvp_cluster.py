@@ -4,11 +4,12 @@ Per row r with a target and p = softmax(x_r): ``out_r = scale * (p * u_r - p * <
 other rows are exact zeros. The Triton kernels must read a row twice (the output needs the whole
 row's softmax numbers first) and hope the second read hits L2; rows of 0.2-1 MB times 132 SMs
 exceed the 50 MB L2 at large vocabularies. Here a thread-block cluster of C CTAs (on C SMs)
-splits the row: each CTA streams its segment of x and u once from memory into shared memory,
-computing per-thread running (max, sum exp, sum exp * u) on the way; the CTA's partial numbers
-go to its shared memory, one cluster barrier, and every CTA merges the C partials read through
-distributed shared memory, then writes its segment's output from shared memory. Memory sees
-x and u read once and the output written once (the bandwidth floor's bytes).
+splits the row: each CTA copies its segment of x and u once from memory into shared memory
+(cp.async, every copy in flight at once), then computes per-thread running (max, sum exp,
+sum exp * u) from it; the CTA's partial numbers go to its shared memory, one cluster barrier,
+and every CTA merges the C partials read through distributed shared memory, then writes its
+segment's output from shared memory while the next row's entries are copied into the freed
+slots. Memory sees x and u read once and the output written once (the bandwidth floor's bytes).
 
 Written in CUDA C++ (Triton exposes neither clusters' shared memory nor their barriers) and
 compiled at first use with NVRTC through ``torch.cuda._compile_kernel``, so nothing is built at
@@ -335,8 +336,6 @@ def resident_clusters(
     share a GPC, so this is below SMs x CTAs per SM / C. Launching more than this runs a second
     wave of rows (measured: 66 clusters of 4 took 5.1 ms where 59 took 3.9). Falls back to 85%
     of the naive count if the driver call is not available."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    naive = max(1, sms * max(1, (228 * 1024) // (shared_bytes + 2048)) // cluster)
     try:
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
         count = ctypes.c_int(0)
@@ -348,6 +347,8 @@ def resident_clusters(
             return int(count.value)
     except (AttributeError, OSError):
         pass
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    naive = max(1, sms * max(1, (228 * 1024) // (shared_bytes + 2048)) // cluster)
     return max(1, int(0.85 * naive))
 
 
@@ -386,8 +387,9 @@ class _Launcher:
 def _launcher(
     dtype: torch.dtype, cluster: int, seg_vecs: int, device: torch.device, threads: int = THREADS
 ) -> _Launcher:
-    """Compiled on first use per (dtype, cluster size, device) with NVRTC (about a second),
-    its dynamic shared memory limit raised once to ``_MAX_SEGMENT_BYTES``."""
+    """Compiled on first use per (dtype, cluster size, device, threads) with NVRTC, its
+    dynamic shared memory limit raised once to ``_MAX_SEGMENT_BYTES``; the resident cluster
+    count is queried once per shared-memory size."""
     shared = 2 * seg_vecs * 16
     with _lock:
         key = (dtype, cluster, device.index, threads)
