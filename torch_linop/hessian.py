@@ -173,6 +173,7 @@ def hessian_product_finite_difference(
     acc_dtype = torch.float64 if theta[0].dtype == torch.float64 else torch.float32
     eps = torch.finfo(theta[0].dtype).eps
     acc_theta = [t.to(acc_dtype) for t in theta]
+    dtypes = [t.dtype for t in theta]
     theta_norm = _norm(acc_theta)
     results = [torch.zeros_like(t) for t in tangents]
     for j in range(tangents[0].shape[0]):
@@ -183,7 +184,7 @@ def hessian_product_finite_difference(
         step = local_step(acc_theta, direction, theta_norm, v_norm, eps, 1.0 / 3.0)
         grads = []
         for sign in (1.0, -1.0):
-            moved = shifted(acc_theta, direction, sign * step, [t.dtype for t in theta])
+            moved = shifted(acc_theta, direction, sign * step, dtypes)
             leaves = {name: m.requires_grad_(True) for name, m in zip(names, moved)}
             _, g = loss_and_gradient(model, loss_fn, leaves, batch, create_graph=False)
             grads.append([x.to(acc_dtype) for x in g])
