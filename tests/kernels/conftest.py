@@ -327,6 +327,79 @@ def check_against_oracle(case: Case, result: torch.Tensor, logits, u, labels) ->
 
 
 # ----------------------------------------------------------------------------------------------
+# Triton's compiler for sm_90 (no GPU needed), run in a subprocess without TRITON_INTERPRET: the
+# shipped kernels' and the unshipped designs' compile tests load this file by its path.
+
+
+def compile_for_sm90(
+    kernel, dtype: str, num_warps: int, constexprs: dict, aligned: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Compile a ce_hvp Triton kernel for sm_90 with these constexprs (``aligned`` arguments
+    marked 16-divisible, as a launch on aligned tensors specialises them); its registers and
+    stack bytes per thread (``REG``, ``STACK``) as cuobjdump reports them, or {} without it."""
+    import inspect
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name in ("x_ptr", "u_ptr", "out_ptr"):
+            return "*" + dtype
+        if name in ("scale_ptr", "stats_ptr"):
+            return "*fp64" if dtype == "fp64" else "*fp32"
+        pointers = {"labels_ptr": "*i64", "claim_ptr": "*i32", "count_ptr": "*i32"}
+        return pointers.get(name, "fp32" if name == "scale_value" else "i32")
+
+    constants = {(names.index(name),): value for name, value in constexprs.items()}
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(kernel, {name: kind(name) for name in names}, constexprs=constants,
+                       attrs=attrs)  # fmt: skip
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)
+    )
+    try:
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except AttributeError:  # an older Triton: compiled, usage unknown
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK")}
+
+
+def compile_subprocess(script: str, *args: str, extra_path: str | None = None):
+    """Run ``script`` (which finds this file as ``sys.argv[1]``) with Triton's compiler, not its
+    interpreter; ``extra_path`` goes on PYTHONPATH."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", script, str(Path(__file__).resolve()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+COMPILE_PRELUDE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("ce_hvp_cases", sys.argv[1])
+cases = sys.modules["ce_hvp_cases"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cases)
+"""
+
+
+# ----------------------------------------------------------------------------------------------
 # Triton's interpreter: one subprocess per test file (one Triton import under TRITON_INTERPRET=1).
 
 _INTERPRETER_PRELUDE = """

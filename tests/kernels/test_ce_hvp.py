@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -168,37 +166,20 @@ def test_triton_backend_on_cpu_without_interpreter_says_how_to_fix() -> None:
 
 
 _COMPILE_SCRIPT = """
-import inspect, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from torch_linop.kernels import _ce_hvp_triton, _ce_hvp_two_pass
-def compile_for_sm90(kernel, dtype, num_warps, **constexprs):
-    names = list(inspect.signature(kernel.fn).parameters)
-    def kind(name):
-        if name in constexprs:
-            return "constexpr"
-        if name in ("x_ptr", "u_ptr", "out_ptr"):
-            return "*" + dtype
-        if name in ("scale_ptr", "stats_ptr"):
-            return "*fp64" if dtype == "fp64" else "*fp32"
-        return {"labels_ptr": "*i64", "claim_ptr": "*i32", "count_ptr": "*i32"}.get(
-            name, "fp32" if name == "scale_value" else "i32")
-    constants = {(names.index(name),): value for name, value in constexprs.items()}
-    source = ASTSource(kernel, {name: kind(name) for name in names}, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 layout = dict(HAS_LABELS=True, SHIFT=True, SCALE_IN_MEMORY=True, X_CONTIG=True, U_CONTIG=True,
               OUT_CONTIG=True, BLOCK=4096)
-for dtype in sys.argv[1:]:
+for dtype in sys.argv[2:]:
     fp64 = dtype == "fp64"
     for prefetch in (False, True):
-        compile_for_sm90(_ce_hvp_two_pass._two_pass_kernel, dtype, 8, ACC_FP64=fp64,
-                         PREFETCH=prefetch, **layout)
-    compile_for_sm90(_ce_hvp_triton._ce_hvp_kernel, dtype, 4, ACC_FP64=fp64, CHUNKS_POW2=16,
-                     MAX_SPIN=1, **layout)
+        cases.compile_for_sm90(_ce_hvp_two_pass._two_pass_kernel, dtype, 8,
+                               dict(ACC_FP64=fp64, PREFETCH=prefetch, **layout))
+    cases.compile_for_sm90(_ce_hvp_triton._ce_hvp_kernel, dtype, 4,
+                           dict(ACC_FP64=fp64, CHUNKS_POW2=16, MAX_SPIN=1, **layout))
 """
 
 
-def test_shipped_kernels_compile_for_a_gpu_in_every_dtype() -> None:
+def test_shipped_kernels_compile_for_a_gpu_in_every_dtype(kernel_cases) -> None:
     """Triton's compiler (it needs no GPU) accepts both shipped kernels in every dtype, two-pass
     with and without prefetch. The interpreter runs the kernels as Python and cannot see what only
     the compiler rejects: the two-pass kernel's float64 path once had two ``return`` statements
@@ -206,13 +187,8 @@ def test_shipped_kernels_compile_for_a_gpu_in_every_dtype() -> None:
     triton = pytest.importorskip("triton")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA backend to compile for")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    completed = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, "fp32", "bf16", "fp16", "fp64"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    completed = kernel_cases.compile_subprocess(
+        kernel_cases.COMPILE_PRELUDE + _COMPILE_SCRIPT, "fp32", "bf16", "fp16", "fp64"
     )
     assert completed.returncode == 0, f"compilation failed:\n{completed.stderr[-4000:]}"
 

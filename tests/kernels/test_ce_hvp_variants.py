@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -290,45 +288,22 @@ def test_resident_programs(regs: int, shared: int, warps: int, expected: int) ->
 
 
 _LANES_COMPILE_SCRIPT = """
-import inspect, json, re, subprocess, sys, tempfile, triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 from benchmarks import ce_hvp_designs as designs
-kernel = designs._two_pass_lanes_kernel
-names = list(inspect.signature(kernel.fn).parameters)
 # What a launch on contiguous (B, T, V) tensors with V % 16 == 0 specialises: 16-byte aligned
 # pointers, strides and V divisible by 16, unit vocabulary strides turned into constants.
-ALIGNED = {"x_ptr", "u_ptr", "out_ptr", "labels_ptr", "scale_ptr", "vocab", "x_stride_b",
-           "x_stride_t", "u_stride_b", "u_stride_t", "out_stride_b", "out_stride_t"}
+ALIGNED = ("x_ptr", "u_ptr", "out_ptr", "labels_ptr", "scale_ptr", "vocab", "x_stride_b",
+           "x_stride_t", "u_stride_b", "u_stride_t", "out_stride_b", "out_stride_t")
 UNIT = ("x_stride_v", "u_stride_v", "out_stride_v")
-def compile_for_sm90(dtype, block, num_warps, prefetch, contiguous):
+def compile_lanes(dtype, block, num_warps, prefetch, contiguous):
     constexprs = dict(HAS_LABELS=True, SHIFT=True, SCALE_IN_MEMORY=dtype == "fp64",
                       X_CONTIG=contiguous, U_CONTIG=contiguous, OUT_CONTIG=contiguous,
                       ACC_FP64=dtype == "fp64", BLOCK=block, PREFETCH=prefetch)
     if contiguous:
         constexprs.update((name, 1) for name in UNIT)
-    def kind(name):
-        if name in constexprs:
-            return "constexpr"
-        if name in ("x_ptr", "u_ptr", "out_ptr"):
-            return "*" + dtype
-        if name == "scale_ptr":
-            return "*fp64" if dtype == "fp64" else "*fp32"
-        return {"labels_ptr": "*i64", "scale_value": "fp32"}.get(name, "i32")
-    constants = {(names.index(name),): value for name, value in constexprs.items()}
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ALIGNED}
-    source = ASTSource(kernel, {name: kind(name) for name in names}, constexprs=constants,
-                       attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-    return {key: int(re.search(key + r":(\\d+)", usage).group(1)) for key in ("REG", "STACK")}
-results = [(*run, compile_for_sm90(*run)) for run in json.loads(sys.argv[1])]
+    return cases.compile_for_sm90(designs._two_pass_lanes_kernel, dtype, num_warps, constexprs,
+                                  ALIGNED)
+results = [(*run, compile_lanes(*run)) for run in json.loads(sys.argv[2])]
 print(json.dumps(results))
 """
 
@@ -350,7 +325,7 @@ def lanes_compile_runs() -> list[tuple[str, int, int, bool, bool]]:
     return list(dict.fromkeys(runs))  # 4096x8 at 2 and 4 programs per SM is one kernel
 
 
-def test_lanes_compiles_for_sm90_without_spills() -> None:
+def test_lanes_compiles_for_sm90_without_spills(kernel_cases) -> None:
     """Triton's compiler (no GPU needed) accepts two_pass_lanes at every candidate config, and
     ptxas keeps the per-lane numbers in registers (no stack frame, i.e. no spills) wherever a
     thread holds at most 16 entries of a chunk in fp32, bf16 or fp16: the lanes' max, norm and
@@ -361,14 +336,8 @@ def test_lanes_compiles_for_sm90_without_spills() -> None:
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA backend to compile for")
     runs = lanes_compile_runs()
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-c", _LANES_COMPILE_SCRIPT, json.dumps(runs)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    completed = kernel_cases.compile_subprocess(
+        kernel_cases.COMPILE_PRELUDE + _LANES_COMPILE_SCRIPT, json.dumps(runs), extra_path=str(ROOT)
     )
     assert completed.returncode == 0, f"compilation failed:\n{completed.stderr[-4000:]}"
     results = json.loads(completed.stdout.strip().splitlines()[-1])
