@@ -137,24 +137,24 @@ class TorchLinearOperator(LinearOperator):
         """Words after the expected shape in a shape error (curvature operators say what n is)."""
         return ""
 
-    def _checked_product(self, columns: Tensor) -> Tensor:
-        """``_matmat_torch`` on checked ``(n, k)`` columns, with the output's finiteness checked."""
-        if columns.shape[1] == 0:
-            return columns.new_zeros((self.shape[0], 0))
-        result = self._matmat_torch(columns)
-        if not all_finite(result):
-            raise ValueError(
-                f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
-                + self._non_finite_hint()
-            )
-        return result
+    def _non_finite_product(self) -> ValueError:
+        """The error for a non-finite product of a finite input."""
+        return ValueError(
+            f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
+            + self._non_finite_hint()
+        )
 
     def apply(self, tensor: Tensor) -> Tensor:
         """Torch path: ``(n,)`` or ``(n, k)`` tensor in, ``(m,)`` or ``(m, k)`` out, on ``device``."""
         self._check_tensor(tensor)
-        if tensor.dim() == 1:
-            return self._checked_product(tensor.unsqueeze(1)).squeeze(1)
-        return self._checked_product(tensor)
+        # inlined below and in _numpy_product: every frame shows in small models' products
+        columns = tensor.unsqueeze(1) if tensor.dim() == 1 else tensor
+        if columns.shape[1] == 0:
+            return columns.new_zeros((self.shape[0], 0))
+        result = self._matmat_torch(columns)
+        if not all_finite(result):
+            raise self._non_finite_product()
+        return result.squeeze(1) if tensor.dim() == 1 else result
 
     # ----------------------------------------------------------------- numpy path
     def _numpy_product(self, array: np.ndarray) -> np.ndarray:
@@ -166,12 +166,19 @@ class TorchLinearOperator(LinearOperator):
         out_dtype = array.dtype if kind == "f" else self.dtype
         if array.dtype not in _NUMPY_INPUT_DTYPES:  # integers, bools, non-native byte order
             array = array.astype(np.float64)
+        elif not array.flags.writeable:  # torch.from_numpy warns about read-only memory
+            array = array.copy()
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         tensor = tensor.to(device=self.device, dtype=self.torch_dtype)
         if not all_finite(tensor):
             raise ValueError("the vector contains NaN or Inf; products need finite input")
         columns = tensor.view(tensor.shape[0], -1)
-        result = self._checked_product(columns).detach().to("cpu")
+        if columns.shape[1] == 0:
+            return np.zeros((self.shape[0], 0), dtype=out_dtype)
+        result = self._matmat_torch(columns)
+        if not all_finite(result):
+            raise self._non_finite_product()
+        result = result.detach().to("cpu")
         if result.dtype == torch.bfloat16:
             result = result.float()
         output = result.numpy().astype(out_dtype, copy=False)
