@@ -1,8 +1,8 @@
 """Identity, diagonal and composite torch operators: the results of ``A + B``, ``c * A``,
-``A @ B``, ``A.T`` and ``A.shift(sigma)`` on :class:`TorchLinearOperator`\\ s.
+``A @ B``, ``A.T`` and ``A.shift(sigma)`` on :class:`TorchLinearOperator` objects.
 
 Composites multiply torch tensors by calling their operands' ``_matmat_torch``, so
-``(H + 1e-3 * I) @ t`` never leaves the device; they are scipy ``LinearOperator``\\ s too, and an
+``(H + 1e-3 * I) @ t`` never leaves the device; they are scipy ``LinearOperator`` objects too, and an
 operand's products run once per composite product. Shapes, dtypes, devices and solver vector
 spaces of the operands are checked where the composite is built. Sums flatten
 (``H1 + ... + H10`` is one sum of ten terms), scalars fold into sums and float out of chains.

@@ -1,7 +1,7 @@
 """Operator algebra that keeps torch: sums, differences, scalings, negations, chains, transposes,
 shifts, identity and diagonal operators of curvature operators multiply torch tensors on the
 device, match the same algebra on dense float64 matrices (built independently by
-``torch_linop.reference``), stay scipy ``LinearOperator``\\ s, and run in our solvers and scipy's."""
+``torch_linop.reference``), stay scipy ``LinearOperator`` objects, and run in our solvers and scipy's."""
 
 # ruff: noqa: E741  (I is the identity, as in the algebra it mirrors)
 from __future__ import annotations
