@@ -11,6 +11,7 @@ spaces of the operands are checked where the composite is built. Sums flatten
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -84,8 +85,9 @@ class IdentityOperator(TorchLinearOperator):
         device: torch.device | str = "cpu",
         vector_space: Any = None,
     ) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or int(size) < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        size = int(size)
         super().__init__((size, size), dtype, device, vector_space=vector_space)
 
     def _matmat_torch(self, X: Tensor) -> Tensor:

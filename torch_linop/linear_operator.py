@@ -54,6 +54,14 @@ def real_scalar(value: Any) -> float | None:
     return None
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:0`` (the current index): tensors report indexed devices, and an
+    ``IdentityOperator(n, device="cuda")`` must combine with operators on ``cuda:0``."""
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    return torch.empty(0, device=device).device
+
+
 class TorchLinearOperator(LinearOperator):
     """An ``(m, n)`` linear operator that multiplies torch tensors on ``device`` in ``torch_dtype``.
 
@@ -92,7 +100,7 @@ class TorchLinearOperator(LinearOperator):
         vector_space: Any = None,
     ) -> None:
         self.torch_dtype = torch_dtype
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         if vector_space is not None:
             self.vector_space = vector_space
         super().__init__(dtype=numpy_dtype_of(torch_dtype), shape=shape)
@@ -275,6 +283,12 @@ class TorchLinearOperator(LinearOperator):
             raise ValueError("Scalar operands are not allowed, use '*' instead")
         return self.dot(other)
 
+    def __rmatmul__(self, other: Any) -> Any:
+        if isinstance(other, Tensor) and other.dim() in (1, 2):  # x^T A = (A^T x)^T, real dtypes
+            adjoint = self._adjoint()
+            return adjoint.apply(other) if other.dim() == 1 else adjoint.apply(other.T).T
+        return super().__rmatmul__(other)
+
     def __mul__(self, x: Any) -> Any:
         return self.dot(x)
 
@@ -328,9 +342,12 @@ class TorchLinearOperator(LinearOperator):
 
     def shift(self, sigma: float) -> TorchLinearOperator:
         """``A + sigma * I`` as a torch operator (damping, spectral shifts); A must be square."""
+        value = real_scalar(sigma)
+        if value is None:
+            raise TypeError(f"shift(sigma) needs a real scalar, got {sigma!r}")
         from torch_linop.algebra import shifted
 
-        return shifted(self, sigma)
+        return shifted(self, value)
 
     # ----------------------------------------------------------------- transposes
     def _adjoint(self) -> TorchLinearOperator:

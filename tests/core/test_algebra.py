@@ -294,6 +294,8 @@ def test_bad_compositions_and_inputs_get_clear_errors(operands: Operands) -> Non
         _Dense(torch.ones(2, 3, dtype=DTYPE)).shift(1.0)
     with pytest.raises(ValueError, match="size must be a positive int"):
         IdentityOperator(0)
+    with pytest.raises(TypeError, match="shift.*needs a real scalar"):
+        H.shift("0.1")
     with pytest.raises(ValueError, match="non-empty 1-d torch.Tensor"):
         DiagonalOperator(torch.ones(2, 2))
     with pytest.raises(TypeError, match="floating dtype"):
@@ -353,6 +355,10 @@ def test_subclasses_with_one_hook_get_the_whole_interface() -> None:
     y = torch.randn(4, generator=generator, dtype=DTYPE)
     torch.testing.assert_close(A @ x, matrix @ x, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(A.rmatvec(y), matrix.T @ y, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(y @ A, y @ matrix, rtol=1e-14, atol=1e-14)  # row vector, torch
+    rows = torch.randn(2, 4, generator=generator, dtype=DTYPE)
+    torch.testing.assert_close(rows @ A, rows @ matrix, rtol=1e-14, atol=1e-14)
+    assert IdentityOperator(np.int64(6)).shape == (6, 6)
     gram = A.T @ A  # (6, 6), not provably symmetric from its factors
     assert gram.shape == (6, 6) and not gram.is_symmetric
     torch.testing.assert_close(gram.shift(2.0) @ x, (matrix.T @ matrix) @ x + 2 * x)
