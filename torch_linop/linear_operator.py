@@ -108,7 +108,9 @@ class TorchLinearOperator(LinearOperator):
     # ----------------------------------------------------------------- hooks
     def _matmat_torch(self, X: Tensor) -> Tensor:
         """The operator times ``X`` of shape ``(n, k)``, ``k >= 1``, on ``device`` in
-        ``torch_dtype`` (already checked); returns ``(m, k)``. Must not modify ``X``."""
+        ``torch_dtype`` (already checked); returns ``(m, k)``. Must not modify ``X``.
+        Composites call their operands' ``_matmat_torch`` directly, so whatever a product
+        needs (grad mode, contexts) belongs here, not in ``apply``."""
         raise NotImplementedError(f"{type(self).__name__} must implement _matmat_torch")
 
     def _adjoint_torch_operator(self) -> TorchLinearOperator | None:
