@@ -26,6 +26,7 @@ REQUIREMENTS = {
     "per_layer_spectrum.py": ("matplotlib", "wrote per_layer_spectrum.png"),
     "scipy_interop.py": (None, "cg step vs dense solve"),
     "supervised_mlp.py": (None, "Lanczos, ARPACK and the dense matrix agree."),
+    "track_sharpness.py": ("matplotlib", "the monitor's last sharpness agrees with ARPACK."),
 }
 
 # Run the script as __main__, but first hide a torchvision that is installed yet cannot be

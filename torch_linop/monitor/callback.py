@@ -33,7 +33,7 @@ class CurvatureCallback(TrainerCallback):
         examples: Sequence[Any] | None = None,
         batch_size: int = 8,
         loss: Any = None,
-        every: int = 50,
+        every: int | str = "auto",
         prefix: str = "curvature/",
         **monitor_kwargs: Any,
     ) -> None:
@@ -88,10 +88,9 @@ class CurvatureCallback(TrainerCallback):
                 "CurvatureCallback needs its trainer to log: use CurvatureCallback(...)"
                 ".attach(trainer) instead of Trainer(callbacks=[...])"
             )
-        if state.global_step % self.every != 0:
-            return control
         if self.monitor is None:
             self.monitor = self._build()
-        record = self.monitor.check(state.global_step)
-        self.trainer.log(record.scalars(self.prefix))
+        record = self.monitor.step(state.global_step)
+        if record is not None:
+            self.trainer.log(record.scalars(self.prefix))
         return control

@@ -42,7 +42,7 @@ CURVATURES: dict[str, type] = {
     "mc-fisher": MCFisherOperator,
 }
 QUANTITIES = ("top_eigenvalue", "preconditioned_top_eigenvalue", "trace")
-DEFAULT_EVERY = 50
+DEFAULT_MAX_SHARE = 0.05
 DEFAULT_MAX_MATVECS = 400
 DEFAULT_TOL = 1e-4  # ||H v - lambda v|| <= tol ||H||: eigenvalue error <= tol ||H||, typically far less
 DEFAULT_FRESH_WEIGHT = 1e-2
@@ -51,7 +51,7 @@ DEFAULT_FRESH_WEIGHT = 1e-2
 class CurvatureMonitor:
     """Tracks curvature quantities of ``model`` on ``data`` during training.
 
-    Call :meth:`step` after each ``optimizer.step()``; every ``every`` steps it runs a check and
+    Call :meth:`step` after each ``optimizer.step()``; when a check is due it runs one and
     appends a :class:`~torch_linop.monitor.records.CheckRecord` to :attr:`history` (and returns
     it). Quantities: ``"top_eigenvalue"`` (the ``k`` largest eigenvalues of the curvature, by
     Lanczos until ``||H v - lambda v|| <= tol ||H||``, default ``tol=1e-4``: the eigenvalue error
@@ -69,7 +69,9 @@ class CurvatureMonitor:
     A warm start finds the eigenpairs that continue the previous ones: an eigenvalue that
     overtakes them between two checks is found by the next cold check, every ``cold_every``-th
     (default 10; None: only the first). ``warm_start=False`` starts every check cold.
-    Cost control: each eigen-quantity gets ``max_matvecs`` Krylov products per check; a check that
+    Cost control: ``every="auto"`` (default) spaces the checks so that they take at most
+    ``max_share`` (5%) of the wall time since the first step (an int checks every ``every`` steps);
+    each eigen-quantity gets ``max_matvecs`` Krylov products per check; a check that
     runs out first is recorded with ``converged=False`` and warns (its value is rough). The
     curvature is taken over ``num_batches`` batches of ``data`` (all by default) with
     ``cache_graph`` products where the curvature offers them (the kept graphs are dropped after
@@ -84,7 +86,8 @@ class CurvatureMonitor:
         data: Iterable[Any],
         loss: Any,
         *,
-        every: int = DEFAULT_EVERY,
+        every: int | str = "auto",
+        max_share: float = DEFAULT_MAX_SHARE,
         curvature: str = "hessian",
         quantities: Sequence[str] = ("top_eigenvalue",),
         k: int = 1,
@@ -122,14 +125,16 @@ class CurvatureMonitor:
                     "Adam/AdamW optimiser"
                 )
             check_adam_like(optimizer)
+        if every != "auto":
+            _check_int("every", every, 1)
+        if not (isinstance(max_share, (int, float)) and 0 < max_share <= 1):
+            raise ValueError(f"max_share must be in (0, 1], got {max_share!r}")
         for name, value, minimum in (
-            ("every", every, 1),
             ("k", k, 1),
             ("max_matvecs", max_matvecs, k),
             ("trace_matvecs", trace_matvecs, 3),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+            _check_int(name, value, minimum)
         if cold_every is not None and (
             not isinstance(cold_every, int) or isinstance(cold_every, bool) or cold_every < 1
         ):
@@ -138,6 +143,10 @@ class CurvatureMonitor:
             raise ValueError(f"fresh_weight must be a number >= 0, got {fresh_weight!r}")
         self.model, self.data, self.loss = model, data, loss
         self.every, self.curvature, self.quantities = every, curvature, tuple(chosen)
+        self.max_share = float(max_share)
+        self._first_step_time: float | None = None
+        self.monitor_seconds = 0.0  # wall time spent in checks
+        self._last_check_seconds = 0.0
         self.k, self.optimizer, self.tol = k, optimizer, tol
         self.max_matvecs, self.trace_matvecs = max_matvecs, trace_matvecs
         self.warm_start, self.fresh_weight = warm_start, float(fresh_weight)
@@ -168,17 +177,38 @@ class CurvatureMonitor:
         return self._operator
 
     def step(self, step: int | None = None) -> CheckRecord | None:
-        """Run a check if ``step`` (default: the number of calls so far, from 1) is a multiple of
-        ``every``; returns the new record or None."""
+        """Run a check if one is due at ``step`` (default: the number of calls so far, from 1);
+        returns the new record or None. Due: every ``every``-th step, or with ``every="auto"``
+        at the first call and then whenever the time in checks, plus what the last check took,
+        is at most ``max_share`` of the wall time since the first call: after the first check
+        (whose cost a long enough run amortises) checks stay within that share of training."""
         self._calls += 1
         step = self._calls if step is None else int(step)
-        if step % self.every != 0:
+        now = time.perf_counter()
+        if self._first_step_time is None:
+            self._first_step_time = now
+        if self.every == "auto":
+            elapsed = now - self._first_step_time
+            # the next check is predicted to cost what the last one did
+            expected = self.monitor_seconds + self._last_check_seconds
+            if self.history and expected > self.max_share * elapsed:
+                return None
+        elif step % int(self.every) != 0:
             return None
         return self.check(step)
+
+    @property
+    def share(self) -> float:
+        """Time in checks over the wall time since the first :meth:`step` call (NaN before)."""
+        if self._first_step_time is None:
+            return float("nan")
+        elapsed = time.perf_counter() - self._first_step_time
+        return self.monitor_seconds / elapsed if elapsed > 0 else float("nan")
 
     def check(self, step: int) -> CheckRecord:
         """Compute every quantity now, append the record to :attr:`history` and return it."""
         record = CheckRecord(step=int(step))
+        started = time.perf_counter()
         with self._untouched():
             operator = self.operator
             try:
@@ -199,6 +229,8 @@ class CurvatureMonitor:
                     operator.clear_cache()  # kept graphs must not outlive the check
         self._add_thresholds(record)
         self.history.append(record)
+        self._last_check_seconds = time.perf_counter() - started
+        self.monitor_seconds += self._last_check_seconds
         unconverged = [name for name, ok in record.converged.items() if not ok]
         if unconverged:
             warnings.warn(
@@ -342,6 +374,11 @@ class CurvatureMonitor:
             finally:
                 for module, training in modes:
                     module.training = training
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
