@@ -114,8 +114,12 @@ def run(name: str, phase: str, every: int, checks: int, share_steps: int) -> dic
         warm_later = warm.history[1:]
         cold_later = cold.history[1:]
         short = "sharpness" if quantity == "top_eigenvalue" else "preconditioned"
-        row[f"{short}_cold_products"] = float(np.mean([r.num_matvecs[quantity] for r in cold_later]))
-        row[f"{short}_warm_products"] = float(np.mean([r.num_matvecs[quantity] for r in warm_later]))
+        row[f"{short}_cold_products"] = float(
+            np.mean([r.num_matvecs[quantity] for r in cold_later])
+        )
+        row[f"{short}_warm_products"] = float(
+            np.mean([r.num_matvecs[quantity] for r in warm_later])
+        )
         row[f"{short}_cold_seconds"] = float(np.mean([r.seconds[quantity] for r in cold_later]))
         row[f"{short}_warm_seconds"] = float(np.mean([r.seconds[quantity] for r in warm_later]))
         row[f"{short}_max_rel_diff"] = max(

@@ -47,7 +47,9 @@ history = monitor.history
 warm = [r.num_matvecs["top_eigenvalue"] for r in history if r.warm_started["top_eigenvalue"]]
 cold = [r.num_matvecs["top_eigenvalue"] for r in history if not r.warm_started["top_eigenvalue"]]
 last = history[-1]
-print(f"{len(history)} checks in {num_steps} steps; monitor share {monitor.monitor_seconds / elapsed:.1%}")
+print(
+    f"{len(history)} checks in {num_steps} steps; monitor share {monitor.monitor_seconds / elapsed:.1%}"
+)
 print(f"products per sharpness check: cold {np.mean(cold):.1f}, warm {np.mean(warm):.1f}")
 print(
     f"step {last.step}: sharpness {last.values['top_eigenvalue'][0]:.3f} (2/lr "

@@ -44,7 +44,7 @@ def train_step(model, data, optimizer) -> None:
 def dense_preconditioned(model, data, optimizer) -> np.ndarray:
     """P^-1/2 H P^-1/2 with P = sqrt(v / (1 - beta2^t)) + eps written out from the state."""
     hessian = dense_hessian(model, data, LOSS)
-    (beta1, beta2), eps = optimizer.param_groups[0]["betas"], optimizer.param_groups[0]["eps"]
+    (_beta1, beta2), eps = optimizer.param_groups[0]["betas"], optimizer.param_groups[0]["eps"]
     pieces = []
     for param in model.parameters():
         state = optimizer.state[param]

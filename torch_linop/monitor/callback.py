@@ -59,7 +59,9 @@ class CurvatureCallback(TrainerCallback):
         assert self.examples is not None
         collate = self.trainer.data_collator
         rows = [self.examples[index] for index in range(len(self.examples))]
-        return [collate(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+        return [
+            collate(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)
+        ]
 
     def _build(self) -> CurvatureMonitor:
         from torch_linop.losses.language_models import hf_lm_loss

@@ -44,7 +44,9 @@ CURVATURES: dict[str, type] = {
 QUANTITIES = ("top_eigenvalue", "preconditioned_top_eigenvalue", "trace")
 DEFAULT_MAX_SHARE = 0.05
 DEFAULT_MAX_MATVECS = 400
-DEFAULT_TOL = 1e-4  # ||H v - lambda v|| <= tol ||H||: eigenvalue error <= tol ||H||, typically far less
+DEFAULT_TOL = (
+    1e-4  # ||H v - lambda v|| <= tol ||H||: eigenvalue error <= tol ||H||, typically far less
+)
 DEFAULT_FRESH_WEIGHT = 1e-2
 
 
@@ -382,8 +384,4 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
-    return sorted(
-        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
-    )
-
-
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

@@ -1,6 +1,7 @@
 """Draw a curvature history: one panel per quantity against the training step, with the
 stability lines (``2/lr`` beside the sharpness, Adam's ``(2 + 2 beta1)/((1 - beta1) lr)``
-beside the preconditioned sharpness) and the trace's error bars; unconverged checks hollow."""
+beside the preconditioned sharpness) and the trace's error bars, on a log scale where all values
+are positive; unconverged checks circled in red."""
 
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ _TITLES = {
 _LINE_LABELS = {"2/lr": "2 / lr", "adam": "(2 + 2 beta1) / ((1 - beta1) lr)"}
 
 
-def plot_history(
-    records: list[CheckRecord], path: str | os.PathLike[str] | None = None
-) -> Any:
+def plot_history(records: list[CheckRecord], path: str | os.PathLike[str] | None = None) -> Any:
     """A matplotlib Figure of ``records`` (saved to ``path`` if given); ValueError if empty."""
     if not records:
         raise ValueError("the history is empty: run some checks (monitor.step) before plotting")
@@ -48,6 +47,9 @@ def plot_history(
         if line is not None and any(line in record.thresholds for record in rows):
             threshold = [record.thresholds.get(line, float("nan")) for record in rows]
             axis.plot(steps, threshold, "k--", lw=1, label=_LINE_LABELS[line])
+        plotted = [y for line_ in axis.get_lines() for y in line_.get_ydata()]
+        if plotted and min(plotted) > 0:  # sharpness and its line are orders of magnitude apart
+            axis.set_yscale("log")
         axis.set_title(title, fontsize=10)
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)

@@ -78,9 +78,13 @@ def learning_rate_and_beta1(optimizer: Any, params: dict[str, Tensor]) -> tuple[
     """The ``lr`` and ``beta1`` shared by the groups of ``params``; NaN where groups differ
     (no single threshold line then) and ``beta1`` NaN for optimisers without betas."""
     optimizer = unwrap_optimizer(optimizer)
-    groups = {id(_group_of(optimizer, param)): _group_of(optimizer, param) for param in params.values()}
+    groups = {
+        id(_group_of(optimizer, param)): _group_of(optimizer, param) for param in params.values()
+    }
     rates = {float(group["lr"]) for group in groups.values()}
-    betas = {float(group["betas"][0]) if "betas" in group else float("nan") for group in groups.values()}
+    betas = {
+        float(group["betas"][0]) if "betas" in group else float("nan") for group in groups.values()
+    }
     lr = rates.pop() if len(rates) == 1 else float("nan")
     beta1 = betas.pop() if len(betas) == 1 else float("nan")
     return lr, beta1
