@@ -247,3 +247,31 @@ def test_bad_input_says_what_to_do() -> None:
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="no Adam state"):
             monitor.check(0)
+
+
+def test_auto_cadence_keeps_checks_within_their_share(monkeypatch) -> None:
+    """A fake clock: each training step takes 1 s, each check 1 s. With max_share=0.2 a check is
+    due when (time in checks + the last check's time) <= 0.2 * the time since the first step."""
+    import torch_linop.monitor.monitor as monitor_module
+
+    now = [0.0]
+    monkeypatch.setattr(monitor_module, "_clock", lambda: now[0])
+    model, data = make_problem(10)
+    monitor = CurvatureMonitor(model, data, LOSS, max_share=0.2)
+    original = monitor._top_eigenvalues
+
+    def one_second(*args):
+        now[0] += 1.0  # inside the check: it measures 1 s
+        return original(*args)
+
+    monkeypatch.setattr(monitor, "_top_eigenvalues", one_second)
+    checked = []
+    for step in range(1, 41):
+        now[0] += 1.0  # the training step
+        if monitor.step(step) is not None:
+            checked.append(step)
+    # the first call (clock 1) checks; after c checks, the clock at step s reads s + c and the
+    # next check is due when c + 1 <= 0.2 * (s + c - 1): s = 10, 14, 18, ...
+    assert checked == [1, 10, 14, 18, 22, 26, 30, 34, 38]
+    assert monitor.monitor_seconds == pytest.approx(len(checked))
+    assert monitor.share == pytest.approx(9 / 48) and monitor.share <= 0.2
