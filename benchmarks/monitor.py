@@ -167,12 +167,15 @@ def main() -> None:
     parser.add_argument("--checks", type=int, default=10)
     parser.add_argument("--share-steps", type=int, default=3000)
     parser.add_argument("--workloads", default="mlp,gpt2")
+    parser.add_argument(
+        "--phases", default="trained, full-batch;trained, minibatch;early, minibatch"
+    )
     parser.add_argument("--out", default="benchmarks/results/monitor.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.workloads.split(","):
-        for phase in ("trained, full-batch", "trained, minibatch", "early, minibatch"):
+        for phase in args.phases.split(";"):
             rows.append(run(name, phase, args.every, args.checks, args.share_steps))
             print(rows[-1], flush=True)
     table = markdown(rows)

@@ -34,6 +34,7 @@ from torch_linop.monitor.preconditioner import (
 from torch_linop.monitor.records import CheckRecord, load_history, save_history
 from torch_linop.params import ParamFilter
 from torch_linop.solvers import lanczos, trace
+from torch_linop.solvers.eigenpairs import default_tol
 
 CURVATURES: dict[str, type] = {
     "hessian": HessianOperator,
@@ -57,8 +58,9 @@ class CurvatureMonitor:
     Call :meth:`step` after each ``optimizer.step()``; when a check is due it runs one and
     appends a :class:`~torch_linop.monitor.records.CheckRecord` to :attr:`history` (and returns
     it). Quantities: ``"top_eigenvalue"`` (the ``k`` largest eigenvalues of the curvature, by
-    Lanczos until ``||H v - lambda v|| <= tol ||H||``, default ``tol=1e-4``: the eigenvalue error
-    is at most that and, being quadratic in the residual, typically far less),
+    Lanczos until ``||H v - lambda v|| <= tol ||H||``, default ``tol=1e-4`` (coarser in bf16/fp16,
+    as the solver's default for the dtype): the eigenvalue error is at most that and, being
+    quadratic in the residual, typically far less),
     ``"preconditioned_top_eigenvalue"`` (the same for ``P^-1/2 H P^-1/2``
     with Adam's ``P = sqrt(v / (1 - beta2^t)) + eps`` read from ``optimizer``; also switched on by
     ``preconditioned=True``) and ``"trace"`` (Hutch++ with ``trace_matvecs`` products and a
@@ -74,7 +76,8 @@ class CurvatureMonitor:
     (default 10; None: only the first). ``warm_start=False`` starts every check cold.
     Cost control: ``every="auto"`` (default) spaces the checks so that they take at most
     ``max_share`` (5%) of the wall time since the first step (an int checks every ``every`` steps);
-    each eigen-quantity gets ``max_matvecs`` Krylov products per check; a check that
+    each eigen-quantity gets ``max_matvecs`` Krylov products per check (plus ``k`` residual
+    products per Lanczos run); a check that
     runs out first is recorded with ``converged=False`` and warns (its value is rough). The
     curvature is taken over ``num_batches`` batches of ``data`` (all by default) with
     ``cache_graph`` products where the curvature offers them (the kept graphs are dropped after
@@ -99,7 +102,7 @@ class CurvatureMonitor:
         num_batches: int | None = None,
         param_filter: ParamFilter | None = None,
         cache_graph: bool = False,
-        tol: float = DEFAULT_TOL,
+        tol: float | None = None,
         max_matvecs: int = DEFAULT_MAX_MATVECS,
         trace_matvecs: int = 30,
         warm_start: bool = True,
@@ -289,7 +292,8 @@ class CurvatureMonitor:
                 result = probe
                 if not probe.converged.all():
                     self._probe_failed.add(name)
-                    start = torch.as_tensor(probe.eigenvectors).T
+                    if probe.eigenvectors is not None:
+                        start = torch.as_tensor(probe.eigenvectors).T
                     budget = max(self.k, self.max_matvecs - spent)
             else:
                 self._probe_failed.discard(name)
@@ -320,13 +324,19 @@ class CurvatureMonitor:
                 operator,
                 self.k,
                 which="LA",
-                tol=self.tol,
+                tol=self._tolerance(operator),
                 max_matvecs=budget,
                 block_size=self.k,
                 seed=self._seed(step, name),
                 start_block=start_block,
                 progress=False,
             )
+
+    def _tolerance(self, operator: Any) -> float:
+        """``tol``, or by default 1e-4 (or the solver's default for the dtype, if coarser)."""
+        if self.tol is not None:
+            return self.tol
+        return max(DEFAULT_TOL, default_tol(torch.finfo(operator.torch_dtype).eps))
 
     def _trace(self, record: CheckRecord, operator: Any) -> None:
         started = _clock()
