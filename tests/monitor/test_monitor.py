@@ -275,3 +275,13 @@ def test_auto_cadence_keeps_checks_within_their_share(monkeypatch) -> None:
     assert checked == [1, 10, 14, 18, 22, 26, 30, 34, 38]
     assert monitor.monitor_seconds == pytest.approx(len(checked))
     assert monitor.share == pytest.approx(9 / 48) and monitor.share <= 0.2
+
+
+def test_ggn_on_a_batch_subset_equals_the_dense_ggn_of_that_subset() -> None:
+    from torch_linop.reference import dense_ggn
+
+    model, data = make_problem(11)
+    monitor = CurvatureMonitor(model, data, LOSS, curvature="ggn", num_batches=1, tol=1e-10, k=2)
+    record = monitor.check(0)
+    truth = np.linalg.eigvalsh(dense_ggn(model, data[:1], LOSS).numpy())[::-1][:2]
+    np.testing.assert_allclose(record.values["top_eigenvalue"], truth, rtol=1e-8)
