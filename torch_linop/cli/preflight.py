@@ -19,11 +19,17 @@ DENSE_EIGH_LIMIT = 1024
 
 
 def check_writable_directory(directory: Path, option: str) -> None:
-    """Create ``directory`` (and its parents) and write and delete a probe file in it."""
+    """``directory`` exists as a writable folder or can be created: its nearest existing ancestor
+    is a folder in which a probe file can be written (and is deleted again). Nothing is created,
+    so a run that stops on another usage error leaves no empty folder behind."""
     directory = directory.expanduser()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".torch-linop-probe-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{str(existing)!r} is a file")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".torch-linop-probe-"):
             pass
     except OSError as error:
         reason = error.strerror or type(error).__name__
