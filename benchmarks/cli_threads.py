@@ -31,7 +31,9 @@ def time_products(threads: int, repeats: int) -> float:
     torch.set_num_threads(threads)
     workload = builtin_workload(0, torch.float64)
     operator = HessianOperator(workload.model, workload.data, workload.loss)
-    vector = torch.randn(operator.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    vector = torch.randn(
+        operator.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     operator @ vector  # warm-up
     seconds = []
     for _ in range(repeats):
@@ -53,7 +55,9 @@ def main() -> None:
     for process in spinners:
         process.start()
     try:
-        print(f"{cores} cores, {args.load} busy processes beside the job, torch {torch.__version__}")
+        print(
+            f"{cores} cores, {args.load} busy processes beside the job, torch {torch.__version__}"
+        )
         print(f"{'threads':>7}  {'ms / product':>12}")
         for threads in counts:
             print(f"{threads:>7}  {1e3 * time_products(threads, args.repeats):>12.2f}", flush=True)

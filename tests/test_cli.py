@@ -750,9 +750,13 @@ def test_figure_states_smoothing_keeps_legend_off_the_curve(curvature, factory_m
         density_ax = figure.axes[0]
         legend = density_ax.get_legend()
         texts = [text.get_text() for text in legend.get_texts()]
-        assert any(f"= {analysis.density.sigma:.2g}" in text and "smoothing" in text for text in texts)
+        assert any(
+            f"= {analysis.density.sigma:.2g}" in text and "smoothing" in text for text in texts
+        )
         renderer = figure.canvas.get_renderer()
-        assert not legend.get_window_extent(renderer).overlaps(density_ax.get_window_extent(renderer))
+        assert not legend.get_window_extent(renderer).overlaps(
+            density_ax.get_window_extent(renderer)
+        )
         if curvature == "ggn":  # PSD: nothing drawn below 0, and the legend says why
             assert density_ax.get_xlim()[0] >= 0
             assert np.asarray(density_ax.lines[0].get_xdata()).min() >= 0  # the density curve

@@ -125,7 +125,9 @@ def test_cli_sample_and_figure_are_current(tmp_path: Path) -> None:
     drawn = image.imread(cli_sample.produced_figure(tmp_path))
     committed = image.imread(cli_sample.FIGURE)
     assert drawn.shape == committed.shape
-    assert float(np.abs(drawn - committed).mean()) < 2e-3, "stale figure: run docs/tools/cli_sample.py"
+    assert float(np.abs(drawn - committed).mean()) < 2e-3, (
+        "stale figure: run docs/tools/cli_sample.py"
+    )
 
 
 def test_install_commands_agree() -> None:
@@ -141,4 +143,6 @@ def test_install_commands_agree() -> None:
     assert readme.index(cpu_step) < readme.index(command)
     fallback = re.search(r'pip install "torch==(\d+\.\d+\.\d+)"', readme)
     assert fallback is not None and f'"torch=={fallback[1]}"' in install
-    assert 'pip install -e ".[test,bench]"' in readme and 'pip install -e ".[test,bench]"' in install
+    assert (
+        'pip install -e ".[test,bench]"' in readme and 'pip install -e ".[test,bench]"' in install
+    )

@@ -26,7 +26,9 @@ COMMAND = "torch-linop"  # what the page shows; run as python -m torch_linop
 HOME = "/home/you"  # the temporary directory's path is shown as this
 BEGIN = "<!-- cli-sample: begin"
 END = "<!-- cli-sample: end -->"
-BLOCK = re.compile(rf"{re.escape(BEGIN)}[^\n]*\n```text\n(?P<body>.*?)\n```\n{re.escape(END)}", re.S)
+BLOCK = re.compile(
+    rf"{re.escape(BEGIN)}[^\n]*\n```text\n(?P<body>.*?)\n```\n{re.escape(END)}", re.S
+)
 TIMES = re.compile(r"^Time  .*$", re.M)
 
 

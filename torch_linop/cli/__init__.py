@@ -148,7 +148,9 @@ def _run(options: Options) -> int:
         summary = f"{_plural(len(losses), 'Adam step')}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         if dtype in TRAINING_DTYPES:
             trained_in = str(TRAINING_DTYPES[dtype]).removeprefix("torch.")
-            summary += f" (trained in {trained_in}: Adam overflows {str(dtype).removeprefix('torch.')})"
+            summary += (
+                f" (trained in {trained_in}: Adam overflows {str(dtype).removeprefix('torch.')})"
+            )
         if workload.evaluate is not None:
             summary += f"; {workload.evaluate()}"
         header["training"] = summary

@@ -61,4 +61,3 @@ def hutchinson_by_tensor(
         total_stderr = float("inf")
     result = DiagonalResult(mean, entry_stderr, num_matvecs, "hutchinson")
     return result, block_means, block_stderr, (float(totals.mean()), total_stderr)
-

@@ -43,7 +43,9 @@ def check_writable_file(path: Path, option: str) -> None:
     """``path`` can be created or overwritten: its folder is writable and it is not a folder."""
     path = path.expanduser()
     if path.is_dir():
-        raise UsageError(f"{option} {str(path)!r} is a directory; give a file name such as out.json")
+        raise UsageError(
+            f"{option} {str(path)!r} is a directory; give a file name such as out.json"
+        )
     check_writable_directory(path.parent if str(path.parent) else Path("."), option)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {str(path)!r} exists and is read-only; choose another file")

@@ -248,9 +248,9 @@ def analysis_to_dict(analysis: Analysis, header: dict[str, str], meta: dict[str,
             "method": analysis.diagonal.method,
             "num_matvecs": analysis.diagonal.num_matvecs,
             "blocks": analysis.diagonal_blocks,
-            "total": None if analysis.diagonal_total is None else {
-                "sum": analysis.diagonal_total[0], "stderr": analysis.diagonal_total[1]
-            },
+            "total": None
+            if analysis.diagonal_total is None
+            else {"sum": analysis.diagonal_total[0], "stderr": analysis.diagonal_total[1]},
         }
     return record
 
