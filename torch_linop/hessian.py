@@ -17,7 +17,7 @@ from torch_linop._finite_difference import local_step, norm_of, shifted
 from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
 from torch_linop.params import ParamFilter
-from torch_linop.products.capability import Capability
+from torch_linop.products.jvp import Capabilities
 
 HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
 
@@ -248,9 +248,13 @@ class HessianOperator(GraphCachingOperator):
             )
         self.method = method
         self._init_graph_cache(cache_graph, cuda_graph)
-        # vmap (method="forward") or is_grads_batched (double backward): probed once
-        self.batched_columns = Capability(
-            "vmap over forward-over-reverse" if method == "forward" else "batched backward"
+        self.capabilities = Capabilities()
+        # the k columns in one pass: vmap over forward-over-reverse (method="forward") or one
+        # is_grads_batched backward (double backward), each probed once
+        self._batched_columns = (
+            self.capabilities.vmap_jvp
+            if method == "forward"
+            else self.capabilities.batched_backward
         )
         super().__init__(model, data, loss_fn, param_filter=param_filter, **kwargs)
 
@@ -274,7 +278,7 @@ class HessianOperator(GraphCachingOperator):
         if tangents[0].shape[0] == 1:
             return product(batched=False)
         # a failed batched backward leaves the graph retained: the loop runs on it
-        return self.batched_columns.choose(lambda: product(True), lambda: product(False))
+        return self._batched_columns.choose(lambda: product(True), lambda: product(False))
 
     # ----------------------------------------------------------------- per-batch products
     def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -289,7 +293,7 @@ class HessianOperator(GraphCachingOperator):
 
         if tangents[0].shape[0] == 1:
             return columns(batched=False)
-        return self.batched_columns.choose(lambda: columns(True), lambda: columns(False))
+        return self._batched_columns.choose(lambda: columns(True), lambda: columns(False))
 
     def _exact(
         self, product: Any, batch: Any, tangents: list[torch.Tensor], batched: bool

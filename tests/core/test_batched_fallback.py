@@ -34,7 +34,7 @@ def test_one_off_model_error_keeps_batching(cls):
     with pytest.raises(RuntimeError, match="one-off"):
         op @ V
     if cls is HessianOperator:
-        assert op.batched_columns.supported is True
+        assert op.capabilities.batched_backward.supported is True
     else:
         assert op.capabilities.vmap_jvp.supported is True
         assert op.capabilities.batched_backward.supported is True

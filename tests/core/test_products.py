@@ -164,7 +164,10 @@ def test_batched_backward_of_the_hessian_is_probed_once(make_case, rel_err, monk
     for _ in range(3):
         assert rel_err(operator @ vectors, reference @ vectors) <= EXACT
     assert len(refused) == 1
-    assert operator.batched_columns.supported is False and operator.batched_columns.probes == 1
+    assert (
+        operator.capabilities.batched_backward.supported is False
+        and operator.capabilities.batched_backward.probes == 1
+    )
 
 
 def dense_sampled_ggn(model, data, loss, mc_samples: int, seed: int) -> torch.Tensor:

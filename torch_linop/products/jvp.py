@@ -45,7 +45,10 @@ class JVP(Protocol):
 
 @dataclass
 class Capabilities:
-    """What the products of one operator found out about its model, each probed once."""
+    """What the products of one operator found out about its model, each probed once: whether
+    it has forward-mode AD, whether ``vmap`` runs its forward-mode JVPs (or, for the Hessian's
+    ``method="forward"``, its forward-over-reverse products) over a block's columns, and whether
+    a backward takes a block's columns at once (``is_grads_batched``)."""
 
     forward_ad: Capability = field(default_factory=lambda: Capability("forward-mode AD"))
     vmap_jvp: Capability = field(default_factory=lambda: Capability("vmap over forward-mode JVPs"))
@@ -78,7 +81,14 @@ class ForwardModeJVP:
         self.vmap_jvp = vmap_jvp
         self.record_output_in_dual_forward = True
 
-    def __call__(self, model, forward, leaves, tangents, output):
+    def __call__(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        output: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if tangents[0].shape[0] > 1:
             jvps, output = self.vmap_jvp.choose(
                 lambda: (vmapped_jvps(model, forward, leaves, tangents), output),
@@ -90,7 +100,14 @@ class ForwardModeJVP:
             output = _record_output(model, forward, leaves)
         return jvps, output
 
-    def _looped(self, model, forward, leaves, tangents, output):
+    def _looped(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        output: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         names = list(leaves)
         columns = []
         for j in range(tangents[0].shape[0]):
@@ -104,7 +121,13 @@ class ForwardModeJVP:
             columns.append(jvp_without_graph(forward, model, leaves, tangent))
         return stack_columns(columns), output
 
-    def _recorded(self, model, forward, leaves, tangent):
+    def _recorded(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangent: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(output, J v)`` from one recording dual forward; ``None`` when it ran out of memory
         (then this strategy records no more: see the class docstring)."""
         try:
@@ -127,7 +150,12 @@ class ForwardModeJVP:
         return None
 
 
-def vmapped_jvps(model, forward, leaves, tangents) -> torch.Tensor:
+def vmapped_jvps(
+    model: nn.Module,
+    forward: Forward,
+    leaves: dict[str, torch.Tensor],
+    tangents: list[torch.Tensor],
+) -> torch.Tensor:
     """The k JVPs ``(k, *output.shape)`` in one vmapped forward-mode pass (on detached
     primals: no graph is recorded)."""
     primals = {name: leaf.detach() for name, leaf in leaves.items()}
@@ -153,7 +181,14 @@ class DoubleBackwardJVP:
     def __init__(self, batched_backward: Capability) -> None:
         self.batched_backward = batched_backward
 
-    def __call__(self, model, forward, leaves, tangents, output):
+    def __call__(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        output: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if output is None:
             output = _record_output(model, forward, leaves)
         leaf_list = list(leaves.values())
@@ -183,7 +218,14 @@ class ForwardOrDoubleBackwardJVP:
         self.double_backward = double_backward
         self.forward_ad = forward_ad
 
-    def __call__(self, model, forward, leaves, tangents, output):
+    def __call__(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        output: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_ad.choose(
             lambda: self.forward_mode(model, forward, leaves, tangents, output),
             lambda: self.double_backward(model, forward, leaves, tangents, output),
@@ -202,7 +244,14 @@ class FiniteDifferenceJVP:
     def __init__(self, central: bool) -> None:
         self.central = central
 
-    def __call__(self, model, forward, leaves, tangents, output):
+    def __call__(
+        self,
+        model: nn.Module,
+        forward: Forward,
+        leaves: dict[str, torch.Tensor],
+        tangents: list[torch.Tensor],
+        output: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if output is None:
             output = _record_output(model, forward, leaves)
         theta = {name: leaf.detach() for name, leaf in leaves.items()}
