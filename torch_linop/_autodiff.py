@@ -67,7 +67,8 @@ def vjp_columns(
             allow_unused=True,
         )
         columns.append(grads_or_zeros(grads, leaves))
-    return [torch.stack(per_param) for per_param in zip(*columns)]
+    # one column: views, not a parameter-sized copy (the data loop copies once, into its result)
+    return [stack_columns(list(per_param)) for per_param in zip(*columns)]
 
 
 def stack_columns(columns: list[torch.Tensor]) -> torch.Tensor:
