@@ -8,7 +8,7 @@ swap, per-batch product, weighting, finiteness checks), ``operator.matvec(ndarra
 path on top: conversions and scipy's dispatch) and, back to back, a hand-written product
 that makes the same autograd calls and nothing else (the MLP's layers called with the parameter
 tensors directly, the closed-form cross-entropy Hessian, one ``torch.autograd.grad``). The
-difference of the two times (10th percentiles of the interleaved rounds, in this thread's CPU
+difference of the two times (the fastest of the interleaved rounds, in this thread's CPU
 time by default: with one torch thread that is all the work, and other jobs on a shared machine
 do not inflate it as they inflate wall time) is what the library adds per product on the host. Models: ``mlp`` is
 the MLP of ``benchmarks/operators.py`` (128-256-256-10, batch 256; the "benchmark MLP"), ``tiny``
@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -146,9 +145,10 @@ def measure(name: str, rounds: int, clock: Callable[[], float]) -> list[dict[str
                 start = clock()
                 function()
                 times[key].append(clock() - start)
-        # the 10th percentile: on a shared machine, load only ever adds time, so a low quantile
-        # of interleaved rounds estimates the unloaded cost better than the median does
-        low = {key: statistics.quantiles(values, n=10)[0] for key, values in times.items()}
+        # the fastest round: on a shared machine, load only ever adds time (descheduling, caches
+        # evicted by other jobs), so the minimum over many interleaved rounds is the estimate of
+        # the unloaded cost least disturbed by it (as timeit advises)
+        low = {key: min(values) for key, values in times.items()}
         rows.append(
             {
                 "model": f"{name}: {description} ({num_params:,} params)",
