@@ -1,19 +1,22 @@
 """Host overhead of one curvature product: the operator's matvec minus the autograd calls alone.
 
     python -m benchmarks.product_overhead [--rounds 400] [--threads 1] [--models mlp,tiny]
+                                             [--clock cpu|wall] [--json FILE]
 
 For each operator (Hessian by double backward, GGN with the forward-mode JVP, empirical Fisher),
 one round times ``operator @ v`` (a torch vector, the torch path: checks, data loop, parameter
 swap, per-batch product, weighting, finiteness checks), ``operator.matvec(ndarray)`` (the scipy
-path on top: conversions and scipy's dispatch) and, back to back, a hand-written product
-that makes the same autograd calls and nothing else (the MLP's layers called with the parameter
+path on top: conversions and scipy's dispatch) and, back to back, a hand-written product that
+makes the same autograd calls and nothing else (the MLP's layers called with the parameter
 tensors directly, the closed-form cross-entropy Hessian, one ``torch.autograd.grad``). The
-difference of the two times (the fastest of the interleaved rounds, in this thread's CPU
-time by default: with one torch thread that is all the work, and other jobs on a shared machine
-do not inflate it as they inflate wall time) is what the library adds per product on the host. Models: ``mlp`` is
-the MLP of ``benchmarks/operators.py`` (128-256-256-10, batch 256; the "benchmark MLP"), ``tiny``
-an MLP 8-16-4 with batch 4, where autograd's own work is small and the overhead is most of a
-product. Timings only; the numbers are in docs/benchmarks/operators.md.
+difference of the two times is what the library adds per product on the host. Each time is the
+fastest of the interleaved rounds, in this thread's CPU time by default: with one torch thread
+that is all the work, and other jobs on a shared machine inflate it less than wall time.
+
+Models: ``mlp`` is the MLP of ``benchmarks/operators.py`` (128-256-256-10, batch 256; the
+"benchmark MLP"), ``tiny`` an MLP 8-16-4 with batch 4, where autograd's own work is small and
+the overhead is most of a product. Timings only; the numbers are in
+docs/benchmarks/operators.md.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
-from torch_linop.products.jvp import Capabilities, make_jvp
+from torch_linop.products.capability import Capabilities
+from torch_linop.products.jvp import make_jvp
 from torch_linop.products.middle import empirical_fisher_middle
 from torch_linop.products.sandwich import Sandwich
 

@@ -13,7 +13,8 @@ from torch import nn
 from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter
-from torch_linop.products.jvp import JVP_METHODS, Capabilities, make_jvp
+from torch_linop.products.capability import Capabilities
+from torch_linop.products.jvp import JVP_METHODS, make_jvp
 from torch_linop.products.middle import autograd_output_hvp, output_hvp_of
 from torch_linop.products.sandwich import Sandwich
 

@@ -17,7 +17,7 @@ from torch_linop._finite_difference import local_step, norm_of, shifted
 from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
 from torch_linop.params import ParamFilter
-from torch_linop.products.jvp import Capabilities
+from torch_linop.products.capability import Capabilities
 
 HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
 

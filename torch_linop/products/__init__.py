@@ -13,8 +13,8 @@ gradients) live in :mod:`torch_linop.hessian`; kept graphs and CUDA-graph replay
 :mod:`torch_linop._graph_cache` and :mod:`torch_linop._cuda_graph`.
 """
 
-from torch_linop.products.capability import Capability
-from torch_linop.products.jvp import JVP_METHODS, Capabilities, make_jvp
+from torch_linop.products.capability import Capabilities, Capability
+from torch_linop.products.jvp import JVP_METHODS, make_jvp
 from torch_linop.products.middle import SampledOutputHessian, empirical_fisher_middle, output_hvp_of
 from torch_linop.products.sandwich import Sandwich
 

@@ -12,6 +12,7 @@ later product takes the recorded path with no ``try``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from torch_linop._autodiff import _is_oom
@@ -55,3 +56,21 @@ class Capability:
     def __repr__(self) -> str:
         state = {None: "not probed yet", True: "supported", False: "unsupported"}[self.supported]
         return f"Capability({self.name!r}: {state})"
+
+
+@dataclass
+class Capabilities:
+    """What the products of one operator found out about its model, each probed once: whether
+    it has forward-mode AD, whether ``vmap`` runs its forward-mode JVPs (or, for the Hessian's
+    ``method="forward"``, its forward-over-reverse products) over a block's columns, and whether
+    a backward takes a block's columns at once (``is_grads_batched``)."""
+
+    forward_ad: Capability = field(default_factory=lambda: Capability("forward-mode AD"))
+    vmap_jvp: Capability = field(default_factory=lambda: Capability("vmap over forward-mode JVPs"))
+    batched_backward: Capability = field(
+        default_factory=lambda: Capability("batched backward (is_grads_batched)")
+    )
+
+    def as_dict(self) -> dict[str, bool | None]:
+        """``{name: supported}``, ``None`` where no product needed it yet."""
+        return {name: getattr(self, name).supported for name in self.__dataclass_fields__}

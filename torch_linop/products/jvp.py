@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -21,7 +20,7 @@ from torch_linop import _autodiff
 from torch_linop._autodiff import _is_oom, double_backward_jvps, jvp_without_graph, stack_columns
 from torch_linop._context import reparametrized
 from torch_linop._finite_difference import local_step, norm_of, shifted
-from torch_linop.products.capability import Capability
+from torch_linop.products.capability import Capabilities, Capability
 
 Forward = Callable[[], torch.Tensor]
 
@@ -41,24 +40,6 @@ class JVP(Protocol):
         tangents: list[torch.Tensor],
         output: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-@dataclass
-class Capabilities:
-    """What the products of one operator found out about its model, each probed once: whether
-    it has forward-mode AD, whether ``vmap`` runs its forward-mode JVPs (or, for the Hessian's
-    ``method="forward"``, its forward-over-reverse products) over a block's columns, and whether
-    a backward takes a block's columns at once (``is_grads_batched``)."""
-
-    forward_ad: Capability = field(default_factory=lambda: Capability("forward-mode AD"))
-    vmap_jvp: Capability = field(default_factory=lambda: Capability("vmap over forward-mode JVPs"))
-    batched_backward: Capability = field(
-        default_factory=lambda: Capability("batched backward (is_grads_batched)")
-    )
-
-    def as_dict(self) -> dict[str, bool | None]:
-        """``{name: supported}``, ``None`` where no product needed it yet."""
-        return {name: getattr(self, name).supported for name in self.__dataclass_fields__}
 
 
 def _record_output(
