@@ -6,7 +6,9 @@ kernels). What an error message says about it differs between PyTorch versions a
 so the probe does not read it: the first product that can use the fast path tries it; when it
 raises, the exact fallback runs, and only when the fallback succeeds is the fast path recorded as
 unsupported (an error of the user's model raises in the fallback too, and decides nothing). Every
-later product takes the recorded path with no ``try``.
+later product takes the recorded path with no ``try``. The price of not reading the error: a
+one-off failure during the probing product that the fallback does not repeat also records the
+fast path as unsupported, which costs speed, never correctness (both paths are exact).
 """
 
 from __future__ import annotations
