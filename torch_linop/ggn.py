@@ -33,10 +33,11 @@ class GGNOperator(GraphCachingOperator):
 
     Call as ``GGNOperator(model, data, supervised_loss(F.cross_entropy))`` or, seed-style, as
     ``GGNOperator(model, data, forward_fn, loss_of_output_fn)``. ``jvp_method="auto"`` uses exact
-    forward-mode AD (falling back to an exact double-backward JVP where the model has no
-    forward-mode AD: probed once, at the first product; see ``capabilities``); ``"finite_difference"``
-    (central) and ``"forward_difference"`` (one-sided, one forward pass fewer) are approximate
-    options, never the default.
+    forward-mode AD, falling back to an exact double-backward JVP where the model has no
+    forward-mode AD (probed once, at the first product: see ``capabilities``);
+    ``"finite_difference"`` (central) and ``"forward_difference"`` (one-sided, one forward pass
+    fewer) are approximate options, never the default. The product is composed at construction
+    from a JVP strategy and the loss Hessian as its middle (:mod:`torch_linop.products`).
 
     ``cache_graph=True`` runs each batch's forward pass once, with its graph, and keeps it:
     every later product is a JVP that records no graph (a dual forward, or the shifted forwards
