@@ -5,29 +5,34 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
+from torch import Tensor
 
 from torch_linop.distributed.seeds import rank_consistent_seed
 
-from . import chen2023krylov_aware, epperly2024xtrace, meyer2021hutchpp
+from . import chen2023krylov_aware, epperly2024xtrace, hutchinson, meyer2021hutchpp
 from ._operator import Operator, as_operator
 from ._progress import progress_bar
 from ._random import Distribution, check_distribution, make_generator
-from ._sampling import EstimatorState, mean_and_stderr
+from ._sampling import EstimatorState
 from .checkpoint import Checkpoint, seed_option
 from .chen2023krylov_aware import krylov_aware_trace
 from .epperly2024xtrace import xdiag, xtrace
-from .hutchinson import hutchinson_samples
+from .hutchinson import hutchinson_samples, mean_and_stderr_or_nan
 from .meyer2021hutchpp import hutchpp
 from .results import DiagonalResult, TraceResult
 
 TraceMethod = Literal["hutch++", "hutchinson", "xtrace", "krylov"]
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace", "krylov")
 DiagonalMethod = Literal["hutchinson", "xdiag"]
-# The fewest products with which each method gives an estimate and a standard error.
+# The fewest products with which each method gives an estimate (and, but for Hutchinson's single
+# probe, whose standard error is NaN, a standard error).
 _MIN_MATVECS = {
     "hutch++": meyer2021hutchpp.MIN_MATVECS,
-    "hutchinson": 2,
+    "hutchinson": hutchinson.MIN_MATVECS,
     "xtrace": epperly2024xtrace.MIN_MATVECS,
     "xdiag": epperly2024xtrace.MIN_MATVECS,
     "krylov": chen2023krylov_aware.MIN_MATVECS,
@@ -74,7 +79,7 @@ def trace(
     :func:`lanczos` (bit-identical results after a resume); the state is saved between blocks
     of products, so ``block_size`` also bounds the work an interruption can lose.
     """
-    operator = as_operator(op)
+    operator = _as_estimated_operator(op, method)
     _check_request(method, TRACE_METHODS, num_matvecs, operator.size)
     check_distribution(distribution)
     _check_block_size(block_size)
@@ -105,7 +110,7 @@ def trace(
                 block_size=block_size,
                 bar=bar,
             )
-            mean, standard_error = mean_and_stderr(state)
+            mean, standard_error = mean_and_stderr_or_nan(state)
             estimate, stderr = float(mean), float(standard_error)
     return TraceResult(estimate, stderr, state.num_matvecs, method)
 
@@ -139,7 +144,7 @@ def diagonal(
     for numpy-path operators and a torch tensor on the operator's device otherwise.
     ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: as for :func:`trace`.
     """
-    operator = as_operator(op)
+    operator = _as_estimated_operator(op, method)
     _check_request(method, ("hutchinson", "xdiag"), num_matvecs, operator.size)
     _check_block_size(block_size)
     state = _start(
@@ -160,8 +165,32 @@ def diagonal(
                 block_size=block_size,
                 bar=bar,
             )
-            mean, stderr = mean_and_stderr(state)
+            mean, stderr = mean_and_stderr_or_nan(state)
     return DiagonalResult(operator.output(mean), operator.output(stderr), state.num_matvecs, method)
+
+
+class _GeneralMatrix:
+    """A dense real matrix in the solvers' torch protocol, which (unlike a bare tensor) is not
+    checked for symmetry."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = matrix
+        self.shape, self.device, self.torch_dtype = matrix.shape, matrix.device, matrix.dtype
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return self.matrix @ block
+
+
+def _as_estimated_operator(op: Any, method: str) -> Operator:
+    """``as_operator(op)``; for plain Hutchinson, which is unbiased for any square operator
+    (``E[z^T A z] = tr(A)`` needs no symmetry), dense matrices skip the symmetry check."""
+    if method == "hutchinson":
+        if isinstance(op, Tensor) and op.dtype.is_floating_point:
+            return as_operator(_GeneralMatrix(op))
+        is_array = isinstance(op, np.ndarray) or scipy.sparse.issparse(op)
+        if is_array and np.issubdtype(op.dtype, np.floating):
+            return as_operator(scipy.sparse.linalg.aslinearoperator(op))
+    return as_operator(op)
 
 
 def _start(
@@ -205,8 +234,7 @@ def _check_request(method: str, methods: tuple[str, ...], num_matvecs: Any, size
     minimum = _MIN_MATVECS[method]
     if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < minimum:
         raise ValueError(
-            f"method {method!r} needs num_matvecs >= {minimum} (for an estimate and a standard "
-            f"error), got {num_matvecs!r}"
+            f"method {method!r} needs num_matvecs >= {minimum}, got {num_matvecs!r}"
         )
     fraction = _SKETCH_FRACTION.get(method)
     if fraction is not None and num_matvecs // fraction > size:
