@@ -47,12 +47,14 @@ def operator_dtype(operator: Any) -> Any:
     return torch_dtype if isinstance(torch_dtype, torch.dtype) else getattr(operator, "dtype", None)
 
 
-def _shapes_of(operator: Any, side: str) -> Shapes:
-    """``_in_shape``/``_out_shape`` of a curvlinops-style operator, else one flat space."""
-    shapes = getattr(operator, f"_{side}_shape", None)
-    if shapes is not None:
-        return [Size(shape) for shape in shapes]
-    return [Size((int(operator.shape[1 if side == "in" else 0]),))]
+def _shapes_of(side: str, *operators: Any) -> Shapes:
+    """``_in_shape``/``_out_shape`` of the first curvlinops-style operator among ``operators``
+    (all of one shape), else one flat space."""
+    for operator in operators:
+        shapes = getattr(operator, f"_{side}_shape", None)
+        if shapes is not None:
+            return [Size(shape) for shape in shapes]
+    return [Size((int(operators[0].shape[1 if side == "in" else 0]),))]
 
 
 def _flatten(tensors: list[Tensor]) -> Tensor:
@@ -278,7 +280,7 @@ class _SumPyTorchLinearOperator(PyTorchLinearOperator):
         if tuple(A.shape) != tuple(B.shape):
             raise ValueError(f"Shapes of linear operators must match. Got {A.shape} vs. {B.shape}.")
         _check_same(A, B)
-        super().__init__(_shapes_of(A, "in"), _shapes_of(A, "out"))
+        super().__init__(_shapes_of("in", A, B), _shapes_of("out", A, B))
         self._A, self._B = A, B
         self.SELF_ADJOINT = bool(getattr(A, "SELF_ADJOINT", False)) and bool(
             getattr(B, "SELF_ADJOINT", False)
@@ -307,7 +309,7 @@ class _ScalePyTorchLinearOperator(PyTorchLinearOperator):
     """``scalar * A``."""
 
     def __init__(self, A: Any, scalar: Any) -> None:
-        super().__init__(_shapes_of(A, "in"), _shapes_of(A, "out"))
+        super().__init__(_shapes_of("in", A), _shapes_of("out", A))
         self._A, self._scalar = A, scalar
         self.SELF_ADJOINT = bool(getattr(A, "SELF_ADJOINT", False))
 
@@ -333,9 +335,9 @@ class _ChainPyTorchLinearOperator(PyTorchLinearOperator):
         if A.shape[1] != B.shape[0]:
             raise ValueError(f"Shapes do not chain: A is {A.shape}, B is {B.shape}.")
         _check_same(A, B)
-        super().__init__(_shapes_of(B, "in"), _shapes_of(A, "out"))
+        super().__init__(_shapes_of("in", B), _shapes_of("out", A))
         self._A, self._B = A, B
-        middle_out, middle_in = _shapes_of(B, "out"), _shapes_of(A, "in")
+        middle_out, middle_in = _shapes_of("out", B), _shapes_of("in", A)
         # the space between the two: B's output format if A's input format differs
         self._middle = middle_out if middle_out == middle_in else [Size((int(B.shape[0]),))]
 
