@@ -13,7 +13,9 @@ from torch_linop.curvlinops._estimation import (
     TorchOperand,
     check_num_matvecs,
     check_square,
+    draw_probes,
     resolve_seed,
+    solver_distribution,
 )
 from torch_linop.solvers import diagonal
 
@@ -21,19 +23,20 @@ from torch_linop.solvers import diagonal
 def hutchinson_diag(
     A: Any, num_matvecs: int, distribution: str = "rademacher", *, seed: int | None = None
 ) -> Any:
-    """Hutchinson's estimate of ``diag(A)``: the mean of ``z * (A z)`` over Rademacher probes.
+    """Hutchinson's estimate of ``diag(A)``: the mean of ``z * (A z)`` over ``num_matvecs``
+    probes (Rademacher: streamed by our solvers; ``"normal"``: all at once, as curvlinops).
 
     Returns a tensor in ``A``'s dtype on its device (numpy for scipy operators).
     """
     check_num_matvecs(num_matvecs, check_square(A))
-    if distribution != "rademacher":
-        raise ValueError(
-            f"hutchinson_diag supports distribution='rademacher' only, got {distribution!r} "
-            "(Rademacher probes have the smaller variance for diagonals)"
-        )
+    solver_distribution(distribution)  # ValueError for unknown names
     operand = TorchOperand(A)
-    result = diagonal(operand, num_matvecs, method="hutchinson", seed=resolve_seed(seed))
-    return operand.result(result.estimate)
+    if distribution == "rademacher":
+        result = diagonal(operand, num_matvecs, method="hutchinson", seed=resolve_seed(seed))
+        return operand.result(result.estimate)
+    generator = torch.Generator().manual_seed(resolve_seed(seed))
+    probes = draw_probes(operand, num_matvecs, distribution, generator)
+    return operand.result((probes * operand.matmat(probes)).mean(1))
 
 
 def xdiag(A: Any, num_matvecs: int, *, seed: int | None = None) -> Any:
