@@ -233,9 +233,7 @@ def _check_request(method: str, methods: tuple[str, ...], num_matvecs: Any, size
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     minimum = _MIN_MATVECS[method]
     if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < minimum:
-        raise ValueError(
-            f"method {method!r} needs num_matvecs >= {minimum}, got {num_matvecs!r}"
-        )
+        raise ValueError(f"method {method!r} needs num_matvecs >= {minimum}, got {num_matvecs!r}")
     fraction = _SKETCH_FRACTION.get(method)
     if fraction is not None and num_matvecs // fraction > size:
         raise ValueError(

@@ -80,9 +80,9 @@ def truths(model: nn.Module, data: list) -> dict[str, torch.Tensor]:
 
     jacobian = jacrev(outputs)(flat)  # (N, C, D)
     probabilities = outputs(flat).softmax(-1)
-    output_hessian = torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[
-        :, None, :
-    ]
+    output_hessian = (
+        torch.diag_embed(probabilities) - probabilities[:, :, None] * probabilities[:, None, :]
+    )
     ggn = torch.einsum("ncd,nce,nef->df", jacobian, output_hessian, jacobian) / NUM_DATA
 
     def sample_loss(vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -277,7 +277,9 @@ def test_algebra_with_a_user_written_operator(library: Any) -> None:
         product = operator @ vector
         assert isinstance(product, torch.Tensor), what
         assert_close(product, truth @ vector.double(), 1e-4)
-        as_list = [t.reshape(p.shape) for t, p in zip(vector.split([p.numel() for p in params]), params)]
+        as_list = [
+            t.reshape(p.shape) for t, p in zip(vector.split([p.numel() for p in params]), params)
+        ]
         listed = operator @ as_list
         assert [t.shape for t in listed] == [p.shape for p in params], what
         assert_close(torch.cat([t.flatten() for t in listed]), truth @ vector.double(), 1e-4)

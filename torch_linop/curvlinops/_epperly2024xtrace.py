@@ -55,9 +55,10 @@ def xdiag_estimate(operand: TorchOperand, num_probes: int, generator: torch.Gene
     basis_t_a = operand.rmatmat(basis).T  # Q^T A
     directions = _left_out_directions(triangular)
     diagonal = (basis * basis_t_a.T).sum(1)  # diag(Q Q^T A)
-    diagonal = diagonal - torch.einsum(
-        "ij,jk,lk,li->i", basis, directions, directions, basis_t_a
-    ) / num_probes
+    diagonal = (
+        diagonal
+        - torch.einsum("ij,jk,lk,li->i", basis, directions, directions, basis_t_a) / num_probes
+    )
     # (I - Q_i Q_i^T) A w_i = A w_i - Q (I - s_i s_i^T) Q^T A w_i
     coordinates = basis_t_a @ probes
     deflated = coordinates - directions * (directions * coordinates).sum(0)

@@ -21,6 +21,7 @@ order (``ours + theirs`` here, ``theirs + ours`` through curvlinops' own composi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -65,19 +66,19 @@ def _flatten(tensors: list[Tensor]) -> Tensor:
 def _unflatten(flat: Tensor, shapes: Shapes) -> list[Tensor]:
     """One ``(m, K)`` tensor to ``[(*s_i, K)]``."""
     sizes = [int(shape.numel()) for shape in shapes]
-    return [
-        chunk.reshape(*shape, flat.shape[1])
-        for chunk, shape in zip(flat.split(sizes), shapes)
-    ]
+    return [chunk.reshape(*shape, flat.shape[1]) for chunk, shape in zip(flat.split(sizes), shapes)]
 
 
-def matmat_list(operator: Any, X: list[Tensor], in_shapes: Shapes, out_shapes: Shapes) -> list[Tensor]:
+def matmat_list(
+    operator: Any, X: list[Tensor], in_shapes: Shapes, out_shapes: Shapes
+) -> list[Tensor]:
     """``operator`` times the list-format matrix ``X`` (shapes ``in_shapes`` + ``(K,)``), returned
     in ``out_shapes``: through its own list ``_matmat`` when its spaces are these, else flat."""
     own_in = getattr(operator, "_in_shape", None)
     own_out = getattr(operator, "_out_shape", None)
     if (
         own_in is not None
+        and own_out is not None
         and [Size(s) for s in own_in] == list(in_shapes)
         and [Size(s) for s in own_out] == list(out_shapes)
         and callable(getattr(operator, "_matmat", None))
@@ -98,7 +99,9 @@ class PyTorchLinearOperator:
 
     SELF_ADJOINT: bool = False
 
-    def __init__(self, in_shape: list[tuple[int, ...]], out_shape: list[tuple[int, ...]]) -> None:
+    def __init__(
+        self, in_shape: Sequence[Sequence[int]], out_shape: Sequence[Sequence[int]]
+    ) -> None:
         self._in_shape = [Size(shape) for shape in in_shape]
         self._out_shape = [Size(shape) for shape in out_shape]
         self._in_shape_flat = [int(shape.numel()) for shape in self._in_shape]
@@ -314,7 +317,9 @@ class _ScalePyTorchLinearOperator(PyTorchLinearOperator):
         self.SELF_ADJOINT = bool(getattr(A, "SELF_ADJOINT", False))
 
     def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-        return [self._scalar * AX for AX in matmat_list(self._A, X, self._in_shape, self._out_shape)]
+        return [
+            self._scalar * AX for AX in matmat_list(self._A, X, self._in_shape, self._out_shape)
+        ]
 
     def _adjoint(self) -> _ScalePyTorchLinearOperator:
         return _ScalePyTorchLinearOperator(self._A.adjoint(), self._scalar)

@@ -32,4 +32,3 @@ def hutchinson_squared_fro(
         probes = draw_probes(operand, num_matvecs, distribution, generator)
         products = operand.matmat(probes)
     return operand.result((products**2).sum() / num_matvecs)
-
