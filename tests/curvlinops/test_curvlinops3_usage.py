@@ -11,6 +11,7 @@ products each accepts.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 from typing import Any
@@ -98,6 +99,13 @@ def truths(model: nn.Module, data: list) -> dict[str, torch.Tensor]:
     }
 
 
+@functools.cache
+def reference() -> dict[str, torch.Tensor]:
+    """:func:`truths` of :func:`setup` (deterministic), computed once per session."""
+    model, _, data = setup()
+    return truths(model, data)
+
+
 def dense(operator: Any) -> torch.Tensor:
     """The operator's matrix in float64 from products with the identity's columns."""
     identity = torch.eye(operator.shape[1], dtype=operator.dtype, device=operator.device)
@@ -119,7 +127,7 @@ def test_each_operator_in_its_dtype_and_in_float64_through_scipy(library: Any, n
     model, loss, data = setup()
     params = [p for p in model.parameters() if p.requires_grad]
     A = getattr(library, name)(model, loss, params, data)
-    truth = truths(model, data)[name]
+    truth = reference()[name]
     assert A.dtype == torch.float32 and A.device == torch.device("cpu")
     v = torch.rand(A.shape[1], dtype=A.dtype, device=A.device)  # curvlinops' own idiom
     assert_close(A @ v, truth @ v.double(), FLOAT32)
@@ -137,8 +145,8 @@ def test_each_operator_in_its_dtype_and_in_float64_through_scipy(library: Any, n
     assert as_scipy.dtype == np.float64  # numpy's default, whatever the model's dtype
     top = eigsh(as_scipy, k=3, which="LA", return_eigenvectors=False)
     assert top.dtype == np.float64
-    reference = torch.linalg.eigvalsh(truth)[-3:]
-    assert_close(torch.as_tensor(np.sort(top)), reference, 1e-4)
+    top_truth = torch.linalg.eigvalsh(truth)[-3:]
+    assert_close(torch.as_tensor(np.sort(top)), top_truth, 1e-4)
     assert A.to_scipy(np.float32).dtype == np.float32
 
 
@@ -146,7 +154,7 @@ def test_jacobian_and_its_adjoint(library: Any) -> None:
     model, _, data = setup()
     params = list(model.parameters())
     J = library.JacobianLinearOperator(model, params, data)
-    truth = truths(model, data)["JacobianLinearOperator"]
+    truth = reference()["JacobianLinearOperator"]
     assert J.shape == tuple(truth.shape) and J.dtype == torch.float32
     assert_close(dense(J), truth, FLOAT32)
     JT = library.TransposedJacobianLinearOperator(model, params, data)
@@ -202,7 +210,7 @@ def test_damped_ggn_with_cg_and_fisher_sums(library: Any) -> None:
     G = library.GGNLinearOperator(model, loss, params, data)
     damping = 1e-2
     damped = G + damping * identity_class(library)(shapes, 1.0, G.dtype)
-    truth = truths(model, data)
+    truth = reference()
     damped_truth = truth["GGNLinearOperator"] + damping * torch.eye(G.shape[0], dtype=torch.float64)
     gradient = np.random.default_rng(1).standard_normal(G.shape[0])
     step, info = cg(damped.to_scipy(), gradient, rtol=1e-10, maxiter=1000)
@@ -222,6 +230,43 @@ def test_damped_ggn_with_cg_and_fisher_sums(library: Any) -> None:
     assert isinstance(product, list) and [t.shape for t in product] == [p.shape for p in params]
     ones = torch.ones(G.shape[0], dtype=torch.float64)
     assert_close(torch.cat([t.flatten() for t in product]), expected_sum @ ones, FLOAT32)
+
+
+def test_submatrix_and_inverses_of_a_damped_ggn(library: Any) -> None:
+    model, loss, data = setup()
+    params = list(model.parameters())
+    shapes = [tuple(p.shape) for p in params]
+    G = library.GGNLinearOperator(model, loss, params, data)
+    G_truth = reference()["GGNLinearOperator"]
+    rows, cols = [0, 5, 3, 20], [7, 1, 2]
+    sub = library.SubmatrixLinearOperator(G, rows, cols)
+    assert sub.shape == (4, 3) and sub.dtype == torch.float32
+    assert_close(dense(sub), G_truth[rows][:, cols], FLOAT32)
+    assert_close(dense(sub.adjoint()), G_truth[rows][:, cols].T, FLOAT32)
+    np.testing.assert_allclose(
+        sub.to_scipy() @ np.ones(3), G_truth[rows][:, cols].sum(1).numpy(), rtol=1e-4, atol=1e-5
+    )
+
+    damping = 0.5
+    damped = G + damping * identity_class(library)(shapes, 1.0, G.dtype)
+    damped_truth = G_truth + damping * torch.eye(G.shape[0], dtype=torch.float64)
+    rhs = torch.randn(G.shape[0], 2, generator=torch.Generator().manual_seed(11))
+    solution = torch.linalg.solve(damped_truth, rhs.double())
+    spectrum = torch.linalg.eigvalsh(damped_truth)
+    scale = 2 / float(spectrum[0] + spectrum[-1])  # the fastest Neumann series
+    inverses = {
+        "cg": library.CGInverseLinearOperator(damped, tolerance=1e-6, max_iter=100),
+        "lsmr": library.LSMRInverseLinearOperator(damped, atol=1e-7, btol=1e-7, maxiter=100),
+        "neumann": library.NeumannInverseLinearOperator(damped, num_terms=30, scale=scale),
+    }
+    for what, inverse in inverses.items():
+        result = inverse @ rhs
+        assert isinstance(result, torch.Tensor) and result.dtype == torch.float32, what
+        assert_close(result, solution, 1e-3)
+    listed = inverses["cg"] @ [torch.ones(*p.shape, 1) for p in params]  # parameter spaces
+    assert [t.shape for t in listed] == [(*p.shape, 1) for p in params]
+    flat = torch.cat([t.flatten() for t in listed])
+    assert_close(flat, torch.linalg.solve(damped_truth, torch.ones(G.shape[0]).double()), 1e-3)
 
 
 def user_matrix_operator(library: Any, matrix: torch.Tensor, shapes: list) -> Any:
@@ -257,7 +302,7 @@ def test_algebra_with_a_user_written_operator(library: Any) -> None:
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
     H = library.HessianLinearOperator(model, loss, params, data)
-    H_truth = truths(model, data)["HessianLinearOperator"]
+    H_truth = reference()["HessianLinearOperator"]
     generator = torch.Generator().manual_seed(2)
     M_truth = torch.randn(H.shape[0], H.shape[0], generator=generator, dtype=torch.float64)
     M = user_matrix_operator(library, M_truth.float(), shapes)
@@ -294,7 +339,7 @@ def test_the_drop_in_mixes_with_curvlinops_classes() -> None:
     params = list(model.parameters())
     H = ours.HessianLinearOperator(model, loss, params, data)
     G = curvlinops.GGNLinearOperator(model, loss, params, data)
-    truth = truths(model, data)
+    truth = reference()
     H_truth, G_truth = truth["HessianLinearOperator"], truth["GGNLinearOperator"]
     vector = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3))
     for operator, expected in [
@@ -327,7 +372,7 @@ def test_the_drop_in_composes_with_protocol_only_operators() -> None:
     model, loss, data = setup()
     params = list(model.parameters())
     G = ours.GGNLinearOperator(model, loss, params, data)
-    G_truth = truths(model, data)["GGNLinearOperator"]
+    G_truth = reference()["GGNLinearOperator"]
     M_truth = torch.randn(G.shape[0], G.shape[0], generator=torch.Generator().manual_seed(4))
     M = DuckOperator(M_truth)
     vector = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(5))
@@ -438,7 +483,7 @@ def test_estimators_reject_what_curvlinops_rejects(library: Any) -> None:
 def test_spectral_density_of_an_operator(library: Any) -> None:
     model, loss, data = setup()
     G = library.GGNLinearOperator(model, loss, list(model.parameters()), data)
-    eigenvalues = torch.linalg.eigvalsh(truths(model, data)["GGNLinearOperator"])
+    eigenvalues = torch.linalg.eigvalsh(reference()["GGNLinearOperator"])
     torch.manual_seed(9)
     boundaries = (float(eigenvalues[0]), float(eigenvalues[-1]))  # skips eigsh on a singular G
     grid, density = library.lanczos_approximate_spectrum(
