@@ -6,7 +6,6 @@ Every operator here obeys curvlinops 3's ``PyTorchLinearOperator`` contract (tor
 (``.operator``, a scipy ``LinearOperator`` with numpy ``dtype``), whose products they use.
 """
 
-from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
@@ -41,7 +40,6 @@ from torch_linop.curvlinops.submatrix import SubmatrixLinearOperator
 from torch_linop.curvlinops.trace import hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [
-    "CurvatureLinearOperator",
     "PyTorchLinearOperator",
     "CGInverseLinearOperator",
     "EFLinearOperator",
