@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from torch import Tensor
 from torch_linop.distributed.seeds import rank_consistent_seed
 
 from . import chen2023krylov_aware, epperly2024xtrace, hutchinson, meyer2021hutchpp
-from ._operator import Operator, as_operator
+from ._operator import Operator, _aligned, as_operator
 from ._progress import progress_bar
 from ._random import Distribution, check_distribution, make_generator
 from ._sampling import EstimatorState
@@ -171,10 +172,10 @@ def diagonal(
 
 class _GeneralMatrix:
     """A dense real matrix in the solvers' torch protocol, which (unlike a bare tensor) is not
-    checked for symmetry."""
+    checked for symmetry; aligned as :func:`as_operator` aligns dense matrices."""
 
     def __init__(self, matrix: Tensor) -> None:
-        self.matrix = matrix
+        self.matrix = _aligned(matrix)
         self.shape, self.device, self.torch_dtype = matrix.shape, matrix.device, matrix.dtype
 
     def matmat(self, block: Tensor) -> Tensor:
@@ -183,12 +184,15 @@ class _GeneralMatrix:
 
 def _as_estimated_operator(op: Any, method: str) -> Operator:
     """``as_operator(op)``; for plain Hutchinson, which is unbiased for any square operator
-    (``E[z^T A z] = tr(A)`` needs no symmetry), dense matrices skip the symmetry check."""
+    (``E[z^T A z] = tr(A)`` needs no symmetry), dense matrices skip the symmetry check and
+    multiply as before (torch, float64 on the CPU for ndarrays, which come back as numpy)."""
     if method == "hutchinson":
         if isinstance(op, Tensor) and op.dtype.is_floating_point:
             return as_operator(_GeneralMatrix(op))
-        is_array = isinstance(op, np.ndarray) or scipy.sparse.issparse(op)
-        if is_array and np.issubdtype(op.dtype, np.floating):
+        if isinstance(op, np.ndarray) and np.issubdtype(op.dtype, np.floating) and op.ndim == 2:
+            matrix = torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64))
+            return dataclasses.replace(as_operator(_GeneralMatrix(matrix)), returns_numpy=True)
+        if scipy.sparse.issparse(op) and np.issubdtype(op.dtype, np.floating):
             return as_operator(scipy.sparse.linalg.aslinearoperator(op))
     return as_operator(op)
 
