@@ -62,7 +62,9 @@ def trace(
 ) -> TraceResult:
     """Estimate ``tr(op)`` with about ``num_matvecs`` products, with a standard error.
 
-    Methods: "hutchinson" (plain Hutchinson), "hutch++" (default; Meyer et al. 2021: a third of
+    Methods: "hutchinson" (plain Hutchinson: valid for any square operator, so dense matrices
+    are not checked for symmetry; from one product on, whose standard error is NaN), "hutch++"
+    (default; Meyer et al. 2021: a third of
     the products find a dominant subspace, a third take its trace exactly, a third run
     Hutchinson on the rest), "xtrace" (Epperly et al. 2024: every probe is used in the sketch
     and, left out of it, as a Hutchinson probe) and "krylov" (Krylov-aware, Chen and Hallman
@@ -140,7 +142,7 @@ def diagonal(
     """Estimate ``diag(op)`` from Rademacher probes, with an entrywise standard error.
 
     "hutchinson" averages ``z * (H z)`` over ``num_matvecs`` probes (streamed in blocks of
-    ``block_size``); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
+    ``block_size``; any square operator, one probe giving a NaN standard error); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
     is exact in the span of its sketch, far better when the spectrum decays. The result is numpy
     for numpy-path operators and a torch tensor on the operator's device otherwise.
     ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: as for :func:`trace`.
