@@ -190,8 +190,30 @@ class SupervisedLoss(LossFunction):
         if family == "cross_entropy":
             logits, moved, valid = self._rows(output, vectors, batch)
             result = closed_form.softmax_ce_rows_hvp(logits, moved, valid, scale)
+            result = self._times_target_mass(result, batch)
             return result.movedim(-1, 2) if output.dim() > 1 else result
         return None
+
+    def _target_mass(self, batch: Any) -> torch.Tensor | None:
+        """Per-row total target probability of cross-entropy with probability targets, class
+        axis dropped (None for class-index targets, whose mass is 1).
+
+        The output Hessian of ``-sum_c q_c log softmax(z)_c`` is ``(sum_c q_c)(diag p - p p^T)``:
+        rows that do not sum to 1 (unnormalised or partial soft labels) scale it. Label smoothing
+        mixes in ``eps / C`` per class, giving mass ``(1 - eps) sum q + eps``."""
+        targets = self._split(batch)[1]
+        if not (isinstance(targets, torch.Tensor) and targets.is_floating_point()):
+            return None
+        mass = targets.sum(dim=1 if targets.dim() > 1 else 0)
+        smoothing = self.kind.label_smoothing
+        return mass * (1.0 - smoothing) + smoothing if smoothing else mass
+
+    def _times_target_mass(self, rows: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``rows`` (``(k, ..., C)``, class axis last) times each row's target mass."""
+        mass = self._target_mass(batch)
+        if mass is None:
+            return rows
+        return rows * mass.to(rows.dtype).unsqueeze(-1)
 
     def sampled_output_hessian_vector_product(
         self,
@@ -212,6 +234,7 @@ class SupervisedLoss(LossFunction):
             result = closed_form.softmax_ce_rows_sampled_hvp(
                 logits, moved, valid, scale, generator, mc_samples
             )
+            result = self._times_target_mass(result, batch)
             return result.movedim(-1, 2) if output.dim() > 1 else result
         return super().sampled_output_hessian_vector_product(
             output, batch, vectors, generator, mc_samples
