@@ -17,6 +17,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from torch_linop._autodiff import _is_oom
+from torch_linop._unreliable_derivatives import warn_if_second_derivatives_unreliable
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
@@ -72,6 +73,9 @@ class CurvatureOperator(LinearOperator):
         self.process_group = data_parallel.check_process_group(process_group)
         self.loss_fn = as_loss_function(loss_fn)
         self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
+        warn_if_second_derivatives_unreliable(
+            model, self.params, type(self).__name__, getattr(self, "method", None)
+        )
         self._shapes = [param.shape for param in self.params.values()]
         self._sizes = [int(param.numel()) for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
@@ -165,6 +169,39 @@ class CurvatureOperator(LinearOperator):
                 "losses or batch sizes. Likely causes: dropout or BatchNorm in train mode (call "
                 "model.eval()), a DataLoader with shuffle=True, or random data augmentation."
             )
+
+    def check_symmetric(self, rtol: float | None = None, seed: int = 0) -> float:
+        """Compare ``v^T (H w)`` with ``w^T (H v)`` for two seeded Gaussian probes (one product of
+        two columns) and return their relative difference; raise if it exceeds ``rtol`` (default
+        1e-6 for float64, 1e-2 for lower precision).
+
+        Every curvature matrix is symmetric, so an asymmetric product means wrong numbers: a
+        layer whose double backward PyTorch gets wrong (a weight norm), or products that are not
+        reproducible (dropout or train-mode BatchNorm with a shuffled DataLoader)."""
+        if rtol is None:
+            rtol = 1e-6 if self.torch_dtype == torch.float64 else 1e-2
+        generator = torch.Generator().manual_seed(seed)
+        probes = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
+        probes = probes.to(device=self.device, dtype=self.torch_dtype)
+        products = self.apply(probes).to(torch.float64)
+        probes = probes.to(torch.float64)
+        v_h_w = float(probes[:, 0] @ products[:, 1])
+        w_h_v = float(probes[:, 1] @ products[:, 0])
+        scale = max(
+            float(probes[:, 0].norm() * products[:, 1].norm()),
+            float(probes[:, 1].norm() * products[:, 0].norm()),
+        )
+        asymmetry = abs(v_h_w - w_h_v) / scale if scale > 0 else 0.0
+        if asymmetry > rtol:
+            raise RuntimeError(
+                f"{type(self).__name__} is not symmetric: v^T H w = {v_h_w:.6g} but "
+                f"w^T H v = {w_h_v:.6g} (relative difference {asymmetry:.2e} > rtol={rtol:g}), "
+                "so its products are wrong. Likely causes: a layer whose double backward "
+                "PyTorch gets wrong (weight norm: use HessianOperator(method='finite_difference') "
+                "or the GGN), or products that are not reproducible (dropout or BatchNorm in "
+                "train mode: model.eval(); a shuffled DataLoader: shuffle=False)"
+            )
+        return asymmetry
 
     def _batch_loss(self, batch: Any) -> torch.Tensor:
         # under reparametrized: train-mode BatchNorm updates clones, not the model's statistics
