@@ -22,7 +22,7 @@ from torch_linop._unreliable_derivatives import warn_if_second_derivatives_unrel
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.params import ParamFilter, select_parameters, split_vector
+from torch_linop.params import ParamFilter, frozen_entries, select_parameters, split_vector
 
 _NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
     torch.float64: np.dtype(np.float64),
@@ -54,6 +54,8 @@ class CurvatureOperator(LinearOperator):
     sample-weighted mean of per-batch matrices (``reduction="mean"`` losses) or their sum.
     """
 
+    _frozen: torch.Tensor | None = None  # flat indices every product zeroes (frozen_entries)
+
     def __init__(
         self,
         model: nn.Module,
@@ -77,6 +79,10 @@ class CurvatureOperator(LinearOperator):
             model, self.params, type(self).__name__, getattr(self, "method", None)
         )
         self._shapes = [param.shape for param in self.params.values()]
+        frozen = frozen_entries(model, self.params)
+        self._frozen = (
+            None if frozen is None else frozen.to(next(iter(self.params.values())).device)
+        )
         self._sizes = [int(param.numel()) for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
         self.batch_size_fn = batch_size_fn
@@ -239,6 +245,8 @@ class CurvatureOperator(LinearOperator):
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         """Matrix times ``columns`` of shape ``(n, k)``, both torch on the model's device."""
         num_columns = columns.shape[1]
+        if self._frozen is not None:  # padding rows of embeddings: see params.frozen_entries
+            columns = columns.index_fill(0, self._frozen, 0.0)
         tangents = self._split_columns(columns)
         totals: list[torch.Tensor] | None = None
         owned = False  # whether ``totals`` may be written in place (not a batch's own product)
@@ -264,6 +272,8 @@ class CurvatureOperator(LinearOperator):
         if totals is None:  # no batch held a sample with a weight
             return self._all_reduce_product(torch.zeros_like(columns))
         joined = torch.cat([total.reshape(num_columns, -1) for total in totals], dim=1).T
+        if self._frozen is not None:
+            joined = joined.index_fill(0, self._frozen, 0.0)
         return self._all_reduce_product(joined)
 
     def _out_of_memory_message(self, columns: torch.Tensor, error: BaseException) -> str:

@@ -122,3 +122,39 @@ def vector_to_parameters(
     """Split a flat vector into a dict shaped like ``params`` (views, no copy)."""
     pieces = split_vector(vector, [param.shape for param in params.values()])
     return dict(zip(params.keys(), pieces))
+
+
+def frozen_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Flat indices (into the vector of ``params``) that every product treats as frozen: the
+    padding row of each ``nn.Embedding``/``nn.EmbeddingBag`` with a ``padding_idx``; None if
+    there are none.
+
+    Reverse mode zeroes the padding row's gradient but forward mode and finite differences move
+    it, so without this the methods computed different (and non-symmetric) matrices. Zeroing
+    these entries of every input and output vector gives all of them autograd's matrix, with
+    the row frozen. A padding row whose weight is tied to another module (an LM head) is left
+    alone: that module's gradient reaches it."""
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                owners.setdefault(id(tensor), set()).add(id(module))
+    offsets: dict[str, int] = {}
+    offset = 0
+    for name, tensor in params.items():
+        offsets[name] = offset
+        offset += int(tensor.numel())
+    indices: list[torch.Tensor] = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if name not in offsets or owners.get(id(module.weight), set()) != {id(module)}:
+            continue
+        rows, width = module.weight.shape
+        row = module.padding_idx % rows  # a negative padding_idx counts from the end
+        start = offsets[name] + row * width
+        indices.append(torch.arange(start, start + width))
+    if not indices:
+        return None
+    return torch.cat(indices)
