@@ -91,6 +91,7 @@ class CurvatureOperator(LinearOperator):
         ):
             raise ValueError(f"num_data must be a positive int or None, got {num_data!r}")
         self._num_data = num_data
+        self._mass: float | None = None
         self.progress = progress
         first = next(iter(self.params.values()))
         self.device: torch.device = first.device
@@ -156,9 +157,40 @@ class CurvatureOperator(LinearOperator):
             if self.loss_fn.reduction == "sum":
                 yield 1.0, batch
                 continue
+            mass = self._batch_mass(batch)
+            if mass is not None:  # a loss whose mean divides by a weight, not a count
+                if mass > 0:
+                    yield mass / self._total_mass(), batch
+                continue
             count = self._samples_in(batch)
             if count > 0:
                 yield count / self.num_data, batch
+
+    def _batch_mass(self, batch: Any) -> float | None:
+        """The loss's own batch weight (class-weighted cross-entropy: the targets' total class
+        weight), or None to weigh by sample counts (always when ``batch_size_fn`` is given)."""
+        if self.batch_size_fn is not None:
+            return None
+        return self.loss_fn.batch_weight(batch)
+
+    def _total_mass(self) -> float:
+        """Sum of :meth:`_batch_mass` over the data; counted once, lazily."""
+        if self._mass is None:
+            if data_parallel.resolve(self.process_group) is not None:
+                raise NotImplementedError(
+                    "a class-weighted loss (cross-entropy with weight=...) over a process group "
+                    "is not supported: its dataset mean divides by the class weights of all "
+                    "ranks' targets. Run on one process, or use reduction='sum' and scale"
+                )
+            masses = [self._batch_mass(batch) for batch in self._device_batches()]
+            total = sum(mass for mass in masses if mass is not None)
+            if total <= 0:
+                raise ValueError(
+                    "the targets' class weights sum to 0 over the data (every label ignored or "
+                    "weighted 0); check the labels and the criterion's weight"
+                )
+            self._mass = total
+        return self._mass
 
     def check_deterministic(self, rtol: float = 1e-8) -> None:
         """Raise if two passes over the data give different losses or batch sizes (dropout in
