@@ -19,7 +19,7 @@ from torch import nn
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop._unreliable_derivatives import warn_if_second_derivatives_unreliable
-from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
+from torch_linop.data import BatchSizeFn, BatchSource, floating_dtypes, move_to_device
 from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, frozen_entries, select_parameters, split_vector
@@ -55,6 +55,7 @@ class CurvatureOperator(LinearOperator):
     """
 
     _frozen: torch.Tensor | None = None  # flat indices every product zeroes (frozen_entries)
+    _last_batch: Any = None  # the batch a product is on (for _dtype_mismatch_message)
 
     def __init__(
         self,
@@ -142,7 +143,25 @@ class CurvatureOperator(LinearOperator):
 
     def _device_batches(self) -> Iterator[Any]:
         for batch in self.batches:
-            yield move_to_device(batch, self.device)
+            batch = move_to_device(batch, self.device)
+            self._last_batch = batch  # for the error message of a failing product
+            yield batch
+
+    def _dtype_mismatch_message(self, error: BaseException) -> str | None:
+        """For a product that raised on a batch holding floating-point tensors of another dtype
+        than the parameters (float32 data into a float64 model): what to do; else None."""
+        batch, self._last_batch = self._last_batch, None
+        if not isinstance(error, RuntimeError) or batch is None:
+            return None
+        others = sorted(str(d) for d in floating_dtypes(batch) - {self.torch_dtype})
+        if not others:
+            return None
+        return (
+            f"a {type(self).__name__} product failed on a batch holding {', '.join(others)} "
+            f"tensors while the model's parameters are {self.torch_dtype}: cast the data to the "
+            f"model's dtype (x.to({self.torch_dtype}), e.g. in the DataLoader's collate_fn) or "
+            f"the model to the data's (model.to({others[0]})). PyTorch's error: {error}"
+        )
 
     def weighted_batches(self) -> Iterator[tuple[float, Any]]:
         """Batches on the model's device with their weight ``n_b / N`` (or 1 for sums)."""
@@ -300,7 +319,12 @@ class CurvatureOperator(LinearOperator):
             self._share_failure(error, num_columns)
             if _is_oom(error):
                 raise torch.OutOfMemoryError(self._out_of_memory_message(columns, error)) from error
+            mismatch = self._dtype_mismatch_message(error)
+            if mismatch is not None:
+                raise TypeError(mismatch) from error
             raise
+        finally:
+            self._last_batch = None
         if totals is None:  # no batch held a sample with a weight
             return self._all_reduce_product(torch.zeros_like(columns))
         joined = torch.cat([total.reshape(num_columns, -1) for total in totals], dim=1).T
@@ -334,6 +358,16 @@ class CurvatureOperator(LinearOperator):
     def _share_failure(self, error: BaseException, num_columns: int) -> None:
         """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
         data_parallel.share_failure(self, error, num_columns)
+
+    def _check_ndarray_rows(self, array: Any) -> None:
+        """scipy's own check says only "dimension mismatch": name the expected length."""
+        shape = np.shape(array)
+        if len(shape) in (1, 2) and shape[0] != self.shape[1]:
+            size = self.shape[1]
+            raise ValueError(
+                f"expected a vector of length {size} or a matrix ({size}, k) — {size} is the "
+                f"number of selected parameters — got an array of shape {tuple(shape)}"
+            )
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
         size = self.shape[1]
@@ -410,6 +444,7 @@ class CurvatureOperator(LinearOperator):
             if x.dim() != 1:
                 raise ValueError(f"matvec expects a vector, got shape {tuple(x.shape)}")
             return self.apply(x)
+        self._check_ndarray_rows(x)
         return super().matvec(x)
 
     def rmatvec(self, x: Any) -> Any:
@@ -420,6 +455,7 @@ class CurvatureOperator(LinearOperator):
             if X.dim() != 2:
                 raise ValueError(f"matmat expects a 2-d (n, k) matrix, got shape {tuple(X.shape)}")
             return self.apply(X)
+        self._check_ndarray_rows(X)
         return super().matmat(X)
 
     def rmatmat(self, X: Any) -> Any:
