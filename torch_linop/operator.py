@@ -18,6 +18,7 @@ from torch import nn
 
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
+from torch_linop._nondeterminism import warn_if_nondeterministic
 from torch_linop._unreliable_derivatives import warn_if_second_derivatives_unreliable
 from torch_linop.data import BatchSizeFn, BatchSource, floating_dtypes, move_to_device
 from torch_linop.distributed import data_parallel
@@ -86,6 +87,8 @@ class CurvatureOperator(LinearOperator):
         )
         self._sizes = [int(param.numel()) for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
+        if not check_deterministic:  # that check raises on what this would warn about
+            warn_if_nondeterministic(model, data, num_batches, type(self).__name__)
         self.batch_size_fn = batch_size_fn
         if num_data is not None and (
             not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1
