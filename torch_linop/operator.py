@@ -181,8 +181,9 @@ class CurvatureOperator(LinearOperator):
                 continue
             mass = self._batch_mass(batch)
             if mass is not None:  # a loss whose mean divides by a weight, not a count
+                total = self._total_mass()  # raises if every target weighs 0
                 if mass > 0:
-                    yield mass / self._total_mass(), batch
+                    yield mass / total, batch
                 continue
             count = self._samples_in(batch)
             if count > 0:
