@@ -17,7 +17,7 @@ from torch_linop._warnings import user_stacklevel
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-def _train_mode(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+def _train_mode(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> list[str]:
     return [
         name or type(module).__name__
         for name, module in model.named_modules()
@@ -31,7 +31,8 @@ def _shuffles(data: Any) -> bool:
     """Whether ``data`` is a DataLoader that draws its batches in random order."""
     if not isinstance(data, DataLoader):
         return False
-    sampler = data.batch_sampler.sampler if data.batch_sampler is not None else data.sampler
+    batch_sampler: Any = data.batch_sampler
+    sampler = batch_sampler.sampler if batch_sampler is not None else data.sampler
     return isinstance(sampler, RandomSampler) or isinstance(
         getattr(sampler, "sampler", None), RandomSampler
     )

@@ -136,9 +136,9 @@ def frozen_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.T
     alone: that module's gradient reaches it."""
     owners: dict[int, set[int]] = {}
     for module in model.modules():
-        for tensor in module._parameters.values():
-            if tensor is not None:
-                owners.setdefault(id(tensor), set()).add(id(module))
+        for owned in module._parameters.values():
+            if owned is not None:
+                owners.setdefault(id(owned), set()).add(id(module))
     offsets: dict[str, int] = {}
     offset = 0
     for name, tensor in params.items():

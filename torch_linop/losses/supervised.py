@@ -209,7 +209,7 @@ class SupervisedLoss(LossFunction):
             getattr(criterion, "reduction", None), str
         ):
             unreduced = copy.copy(criterion)  # shares the module's buffers (pos_weight, weight)
-            unreduced.reduction = "none"
+            object.__setattr__(unreduced, "reduction", "none")
             return unreduced(output, targets)
         try:
             return criterion(output, targets, reduction="none")
