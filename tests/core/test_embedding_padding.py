@@ -84,6 +84,8 @@ OPERATORS = {
     "ggn_auto": (GGNOperator, {}, "ggn"),
     "ggn_double_backward": (GGNOperator, {"jvp_method": "double_backward"}, "ggn"),
     "ggn_finite_difference": (GGNOperator, {"jvp_method": "finite_difference"}, "ggn"),
+    "hessian_cached_graph": (HessianOperator, {"cache_graph": True}, "hessian"),
+    "ggn_cached_graph": (GGNOperator, {"cache_graph": True}, "ggn"),
 }
 
 
