@@ -181,7 +181,7 @@ def _irreproducible_hint(operator: Operator, tol: float) -> str:
     ``tol``, the matrix moved between products and no budget would help."""
     probe = torch.randn(operator.size, 1, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device=operator.device, dtype=operator.dtype)
-    first, second = operator.matmat(probe), operator.matmat(probe)
+    first, second = operator.matmat(probe).double(), operator.matmat(probe).double()
     change = float((first - second).norm() / first.norm().clamp_min(1e-300))
     if change <= max(tol, 100 * operator.eps):
         return ""
