@@ -210,10 +210,13 @@ def functional_call_hessian(model, data):
 
     def loss_of(flat):
         values = {n: c.view(shapes[n]) for n, c in zip(params, flat.split(sizes))}
-        return sum(
-            F.cross_entropy(torch.func.functional_call(model, values, (x,)), y, reduction="sum")
-            for x, y in data
-        ) / total
+        return (
+            sum(
+                F.cross_entropy(torch.func.functional_call(model, values, (x,)), y, reduction="sum")
+                for x, y in data
+            )
+            / total
+        )
 
     flat = torch.cat([p.reshape(-1) for p in params.values()])
     return torch.func.hessian(loss_of)(flat)
