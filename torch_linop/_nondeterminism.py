@@ -32,7 +32,8 @@ def _shuffles(data: Any) -> bool:
     if not isinstance(data, DataLoader):
         return False
     batch_sampler: Any = data.batch_sampler
-    sampler = batch_sampler.sampler if batch_sampler is not None else data.sampler
+    # a custom batch_sampler need not have a .sampler: then nothing is known, nothing is said
+    sampler = getattr(batch_sampler, "sampler", None) if batch_sampler is not None else data.sampler
     return isinstance(sampler, RandomSampler) or isinstance(
         getattr(sampler, "sampler", None), RandomSampler
     )

@@ -95,3 +95,16 @@ def test_lanczos_keeps_the_plain_message_for_reproducible_products():
         lanczos(operator, k=2, seed=0, max_matvecs=4, tol=1e-14)
     message = str(record[0].message)
     assert "raise max_matvecs" in message and "changes between products" not in message
+
+
+def test_a_custom_batch_sampler_without_a_sampler_is_accepted():
+    class FixedBatches:
+        def __iter__(self):
+            return iter([[0, 1, 2], [3, 4]])
+
+        def __len__(self):
+            return 2
+
+    data = loader(False).dataset
+    custom = DataLoader(data, batch_sampler=FixedBatches())
+    assert warnings_of(lambda: HessianOperator(net(train=True), custom, LOSS)) == []
