@@ -189,6 +189,19 @@ def weight_normed_mlp() -> nn.Module:
 simple("op-weight-norm-hessian", lambda: HessianOperator(weight_normed_mlp(), batches(), CE))
 
 
+def tied_padding_lm() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        embed = nn.Embedding(6, 3, padding_idx=0)
+        head = nn.Linear(3, 6, bias=False)
+    head.weight = embed.weight
+    return nn.Sequential(embed, nn.Tanh(), head).to(DTYPE)
+
+
+TOKEN_DATA = [(torch.tensor([0, 2, 3, 1]), torch.tensor([2, 3, 1, 4]))]
+simple("op-tied-padding-row", lambda: GGNOperator(tied_padding_lm(), TOKEN_DATA, CE))
+
+
 @case("op-not-symmetric")
 def _(tmp_path: Path) -> None:
     with warnings.catch_warnings():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 from torch.nn.utils import parametrize
@@ -18,6 +19,7 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from torch_linop._warnings import user_stacklevel
+from torch_linop.params import tied_padding_rows
 
 
 def weight_normed_parameters(model: nn.Module, selected: Iterable[str]) -> list[str]:
@@ -53,5 +55,32 @@ def warn_if_second_derivatives_unreliable(
         "empirical Fisher, which are right), or torch.nn.utils.parametrize.remove_"
         "parametrizations(module, 'weight') to train the plain weight; operator."
         "check_symmetric() tests any operator",
+        stacklevel=user_stacklevel(),
+    )
+
+
+def warn_if_tied_padding_rows(
+    model: nn.Module,
+    selected: dict[str, Any],
+    operator_name: str,
+    method: str | None,
+    jvp_method: str | None,
+) -> None:
+    """Warn when an embedding's padding row is tied to another module (an LM head) and the
+    product uses forward mode or finite differences: reverse mode ignores the embedding's use of
+    that row, they do not, and the matrix comes out different and not symmetric (55% apart on a
+    small tied model). Reverse-mode-only products agree with each other and are symmetric."""
+    if method == "autograd" or jvp_method == "double_backward":
+        return
+    tied = tied_padding_rows(model, selected)
+    if not tied:
+        return
+    warnings.warn(
+        f"{operator_name}: the padding row of the embedding weight {tied[0]!r} is shared with "
+        "another module (a tied LM head); reverse mode ignores the embedding's use of that row "
+        "but forward mode and finite differences do not, so this operator's matrix is not "
+        "symmetric and differs from the autograd one. Use HessianOperator(method='autograd') or "
+        "GGNOperator/EmpiricalFisherOperator(jvp_method='double_backward'), or leave the "
+        "embedding out of param_filter",
         stacklevel=user_stacklevel(),
     )

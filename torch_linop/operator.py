@@ -18,7 +18,10 @@ from torch import nn
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop._nondeterminism import warn_if_nondeterministic
-from torch_linop._unreliable_derivatives import warn_if_second_derivatives_unreliable
+from torch_linop._unreliable_derivatives import (
+    warn_if_second_derivatives_unreliable,
+    warn_if_tied_padding_rows,
+)
 from torch_linop.data import BatchSizeFn, BatchSource, floating_dtypes, move_to_device
 from torch_linop.distributed import data_parallel
 from torch_linop.linear_operator import TorchLinearOperator
@@ -57,9 +60,12 @@ class CurvatureOperator(TorchLinearOperator):
         self.process_group = data_parallel.check_process_group(process_group)
         self.loss_fn = as_loss_function(loss_fn)
         self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
-        warn_if_second_derivatives_unreliable(
-            model, self.params, type(self).__name__, getattr(self, "method", None)
+        method = getattr(self, "method", None)
+        warn_if_second_derivatives_unreliable(model, self.params, type(self).__name__, method)
+        jvp_method = getattr(self, "jvp_method", None) or getattr(
+            getattr(self, "_sandwich", None), "jvp_method", None
         )
+        warn_if_tied_padding_rows(model, self.params, type(self).__name__, method, jvp_method)
         self._shapes = [param.shape for param in self.params.values()]
         frozen = frozen_entries(model, self.params)
         self._frozen = (

@@ -124,6 +124,33 @@ def vector_to_parameters(
     return dict(zip(params.keys(), pieces))
 
 
+def _padding_embeddings(
+    model: nn.Module, params: dict[str, torch.Tensor]
+) -> list[tuple[str, nn.Embedding | nn.EmbeddingBag, bool]]:
+    """``(weight name, module, tied)`` of each selected embedding with a ``padding_idx``;
+    ``tied``: its weight is also another module's parameter (an LM head)."""
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for owned in module._parameters.values():
+            if owned is not None:
+                owners.setdefault(id(owned), set()).add(id(module))
+    found = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if name in params:
+            found.append((name, module, owners.get(id(module.weight), set()) != {id(module)}))
+    return found
+
+
+def tied_padding_rows(model: nn.Module, params: dict[str, torch.Tensor]) -> list[str]:
+    """Selected embedding weights whose padding row is shared with another module: reverse mode
+    drops only the embedding's use of that row, forward mode and finite differences do not, and
+    no projection reconciles them (see :func:`frozen_entries`)."""
+    return [name for name, _, tied in _padding_embeddings(model, params) if tied]
+
+
 def frozen_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Flat indices (into the vector of ``params``) that every product treats as frozen: the
     padding row of each ``nn.Embedding``/``nn.EmbeddingBag`` with a ``padding_idx``; None if
@@ -134,25 +161,19 @@ def frozen_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.T
     these entries of every input and output vector gives all of them autograd's matrix, with
     the row frozen. A padding row whose weight is tied to another module (an LM head) is left
     alone: that module's gradient reaches it."""
-    owners: dict[int, set[int]] = {}
-    for module in model.modules():
-        for owned in module._parameters.values():
-            if owned is not None:
-                owners.setdefault(id(owned), set()).add(id(module))
     offsets: dict[str, int] = {}
     offset = 0
     for name, tensor in params.items():
         offsets[name] = offset
         offset += int(tensor.numel())
     indices: list[torch.Tensor] = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
-            continue
-        name = f"{module_name}.weight" if module_name else "weight"
-        if name not in offsets or owners.get(id(module.weight), set()) != {id(module)}:
+    for name, module, tied in _padding_embeddings(model, params):
+        if tied:
             continue
         rows, width = module.weight.shape
-        row = module.padding_idx % rows  # a negative padding_idx counts from the end
+        padding_idx = module.padding_idx
+        assert padding_idx is not None  # _padding_embeddings keeps only these
+        row = padding_idx % rows  # a negative padding_idx counts from the end
         start = offsets[name] + row * width
         indices.append(torch.arange(start, start + width))
     if not indices:

@@ -121,3 +121,55 @@ def test_a_padding_row_tied_to_another_module_is_not_frozen():
     head.weight = model.embed.weight
     tied = nn.ModuleDict({"body": model, "lm_head": head})
     assert frozen_entries(tied, dict(tied.named_parameters())) is None
+
+
+class TiedPaddingLM(nn.Module):
+    """An embedding with a padding row tied to the output head (as in a tied LM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH, padding_idx=PAD)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens))).movedim(-1, 1)  # (B, V, T)
+
+
+def tied_case():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TiedPaddingLM().to(DTYPE)
+        with torch.no_grad():
+            model.embed.weight[PAD].normal_()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (3, 4), generator=generator)
+    tokens[:, 1] = PAD
+    return model, [(tokens, torch.randint(0, VOCAB, (3, 4), generator=generator))]
+
+
+TIED_OPERATORS = {
+    "hessian_autograd": (HessianOperator, {}, False),
+    "ggn_double_backward": (GGNOperator, {"jvp_method": "double_backward"}, False),
+    "hessian_forward": (HessianOperator, {"method": "forward"}, True),
+    "hessian_finite_difference": (HessianOperator, {"method": "finite_difference"}, True),
+    "ggn_auto": (GGNOperator, {}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(TIED_OPERATORS))
+def test_a_tied_padding_row_warns_where_the_methods_disagree(name):
+    """Reverse-mode products of a tied padding row are symmetric; forward mode and finite
+    differences are not, and those operators warn when built."""
+    import warnings
+
+    model, data = tied_case()
+    operator_class, options, asymmetric = TIED_OPERATORS[name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        operator = operator_class(model, data, supervised_loss(F.cross_entropy), **options)
+    warned = [w for w in caught if "padding row of the embedding weight" in str(w.message)]
+    assert len(warned) == int(asymmetric)
+    matrix = operator @ torch.eye(operator.shape[0], dtype=DTYPE)
+    asymmetry = float((matrix - matrix.T).norm() / matrix.norm())
+    assert (asymmetry > 1e-3) if asymmetric else (asymmetry < 1e-12)
