@@ -169,11 +169,27 @@ def lanczos(
             f"lanczos: {int(result.converged.sum())} of {k} eigenpairs converged to "
             f"tol={tol:g} within {result.num_matvecs} matvecs (largest residual "
             f"{result.residuals.max():.3g}, threshold {tol * result.norm_estimate:.3g}); raise "
-            "max_matvecs (or max_basis), or loosen tol",
+            "max_matvecs (or max_basis), or loosen tol" + _irreproducible_hint(operator, tol),
             RuntimeWarning,
             stacklevel=2,
         )
     return result
+
+
+def _irreproducible_hint(operator: Operator, tol: float) -> str:
+    """After a failed run, two products of one seeded vector: if they differ by more than
+    ``tol``, the matrix moved between products and no budget would help."""
+    probe = torch.randn(operator.size, 1, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=operator.device, dtype=operator.dtype)
+    first, second = operator.matmat(probe).double(), operator.matmat(probe).double()
+    change = float((first - second).norm() / first.norm().clamp_min(1e-300))
+    if change <= max(tol, 100 * operator.eps):
+        return ""
+    return (
+        f". But first: two products of the same vector differ by {change:.2g} (relative), so "
+        "the matrix changes between products: the model or data is non-deterministic (dropout "
+        "or BatchNorm in train mode: model.eval(); a shuffled DataLoader: shuffle=False)"
+    )
 
 
 class _Run:

@@ -17,6 +17,7 @@ from torch_linop.losses import (
     supervised_loss,
     supervised_loss_of_output,
 )
+from torch_linop.losses.encoders import hf_classification_loss, hf_masked_lm_loss
 from torch_linop.losses.language_models import (
     hf_lm_forward,
     hf_lm_loss,
@@ -57,9 +58,11 @@ __all__ = [
     "TraceResult",
     "ce_hvp",
     "diagonal",
+    "hf_classification_loss",
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_masked_lm_loss",
     "hf_seq2seq_loss",
     "lanczos",
     "power_iteration",

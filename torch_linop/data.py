@@ -112,3 +112,19 @@ def _length_or_none(data: Sized) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def floating_dtypes(batch: Any) -> set[torch.dtype]:
+    """The dtypes of the floating-point tensors in a batch (tuples, lists, dicts, nested)."""
+    if isinstance(batch, torch.Tensor):
+        return {batch.dtype} if batch.is_floating_point() else set()
+    if isinstance(batch, (Mapping, UserDict)):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return set()
+    found: set[torch.dtype] = set()
+    for value in values:
+        found |= floating_dtypes(value)
+    return found
