@@ -84,12 +84,12 @@ def apply(
     consume each block at once pass False.
     """
     if block_size is None:  # all at once, unless the columns are too big for that
-        block_size = default_block_size(operator.size, operator.dtype)
+        block_size = default_block_size(operator.length, operator.dtype)
     chunks = columns.split(block_size, dim=1)
     outputs = state.partial if resumable else []
     for chunk in chunks[len(outputs) :]:
         product = operator.matmat(chunk)
-        check_finite(product, state.num_matvecs)
+        check_finite(product, state.num_matvecs, operator.space)
         state.num_matvecs += chunk.shape[1]
         bar.update(chunk.shape[1])
         outputs.append(product)

@@ -7,8 +7,6 @@ from typing import Any, Literal
 
 import torch
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from . import chen2023krylov_aware, epperly2024xtrace, meyer2021hutchpp
 from ._operator import Operator, as_operator
 from ._progress import progress_bar
@@ -177,7 +175,7 @@ def _start(
     checkpoint_seconds: float | None,
 ) -> EstimatorState:
     """A fresh estimator state, or the checkpointed one of a compatible earlier run."""
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver=solver,
