@@ -45,6 +45,32 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
 
 
+def parameter_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per tensor ``"the shape of parameter 'name'"`` and ``"the values of parameter 'name'"``:
+    ``[norm, sum + 2 norm sqrt(numel)]`` in float64 (the sum, which sees sign changes, shifted to
+    stay positive, so both compare to a relative tolerance; one host transfer)."""
+    if not params:
+        return {}
+    with torch.no_grad():
+        rows = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64),
+                        torch.sum(tensor.detach(), dtype=torch.float64),
+                    ]
+                ).cpu()
+                for tensor in params.values()
+            ]
+        ).tolist()
+    record: dict[str, Any] = {}
+    for (name, tensor), (norm, total) in zip(params.items(), rows):
+        record[f"the shape of parameter {name!r}"] = list(tensor.shape)
+        shift = 2.0 * norm * float(tensor.numel()) ** 0.5
+        record[f"the values of parameter {name!r}"] = [norm, total + shift]
+    return record
+
+
 class CurvatureOperator(LinearOperator):
     """A symmetric ``(n, n)`` curvature matrix of ``model`` on ``data``, n = selected parameters.
 
@@ -255,6 +281,25 @@ class CurvatureOperator(LinearOperator):
     def _share_failure(self, error: BaseException, num_columns: int) -> None:
         """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
         data_parallel.share_failure(self, error, num_columns)
+
+    @property
+    def vector_space(self) -> Any:
+        """Where the solvers' vectors live: None (whole local vectors), or with a process group
+        of several ranks a replicated space whose seeds agree over the ranks (the solvers turn
+        ``seed=None`` into one seed drawn on rank 0 and broadcast)."""
+        return data_parallel.vector_space(self.process_group)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this matrix when a solver resumes from a checkpoint (JSON-able):
+        its type, the settings that change its products, and each selected parameter's shape
+        and float64 checksums of its values (see :func:`parameter_fingerprint`)."""
+        record: dict[str, Any] = {"type": type(self).__name__}
+        for setting in ("method", "jvp_method", "mc_samples", "seed"):
+            value = getattr(self, setting, None)
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                record[setting] = value
+        record.update(parameter_fingerprint(self.params))
+        return record
 
     def _check_tensor(self, tensor: torch.Tensor) -> None:
         size = self.shape[1]

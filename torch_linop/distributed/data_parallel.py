@@ -287,3 +287,45 @@ def same_on_all_ranks(tensor: torch.Tensor, group: Any = None) -> bool:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def consistent_seed(seed: int | torch.Generator | None, group: Any = None) -> Any:
+    """``seed`` as every rank of ``group`` must use it (a collective): None becomes
+    :func:`shared_seed`; a ``torch.Generator`` must be in the same state on every rank
+    (ValueError otherwise); an int is kept (the caller passes the same on every rank)."""
+    if seed is None:
+        return shared_seed(group)
+    if isinstance(seed, torch.Generator) and not same_on_all_ranks(seed.get_state(), group):
+        raise ValueError(
+            "the torch.Generator passed as seed is in a different state on some ranks, so "
+            "the ranks would draw different probes; pass an int seed (the same on every "
+            "rank) or seed=None (one seed drawn on rank 0 and broadcast)"
+        )
+    return seed
+
+
+class ReplicatedSpace:
+    """The vector space of a data-parallel operator: every rank holds whole vectors and the
+    products are already reduced, so inner products are local; only seeds must agree (the
+    solvers' ``vector_space`` protocol, ``solvers._space.VectorSpace``)."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    def __repr__(self) -> str:
+        return f"<ReplicatedSpace over {dist.get_world_size(self.group)} ranks>"
+
+    def inner(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.T @ y
+
+    def shared_seed(self, seed: int | torch.Generator | None) -> Any:
+        return consistent_seed(seed, self.group)
+
+
+def vector_space(process_group: Any) -> ReplicatedSpace | None:
+    """The ``vector_space`` of an operator with ``process_group``: None (local vectors) unless
+    its products reduce over an initialised group of several ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    spec = resolve(process_group)
+    return None if spec is None else ReplicatedSpace(spec.group)
