@@ -84,7 +84,7 @@ def apply(
     consume each block at once pass False.
     """
     if block_size is None:  # all at once, unless the columns are too big for that
-        block_size = default_block_size(operator.length, operator.dtype)
+        block_size = default_block_size(operator.size, operator.dtype)
     chunks = columns.split(block_size, dim=1)
     outputs = state.partial if resumable else []
     for chunk in chunks[len(outputs) :]:

@@ -125,6 +125,14 @@ class Space:
         """``(k,)`` sums over all entries of each column of ``(length, k)``."""
         return self.reduce(block.sum(dim=0), "sum")
 
+    def agreed_min(self, value: int | None) -> int | None:
+        """The smallest ``value`` over the processes (None stays None: no cap anywhere), so
+        that sizes derived from each process's free memory are the same on all of them."""
+        if value is None or self._reduce is None:
+            return value
+        negated = torch.tensor([-float(value)], dtype=torch.float64)
+        return -int(self.reduce(negated, "max")[0])
+
     def all_finite(self, block: Tensor) -> bool:
         """Whether ``block`` is finite on every process (one reduction, the same answer on all,
         so all raise together and none is left waiting in its next collective)."""

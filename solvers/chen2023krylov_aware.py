@@ -59,6 +59,7 @@ def _memory_capped(operator: Operator, dimension: int, block: int) -> int:
     product's temporaries, about three blocks more) fits in free memory; the products saved go
     to Hutchinson probes, so the budget is still spent exactly."""
     cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype)
+    cap = operator.space.agreed_min(cap)
     if cap is None or cap >= dimension + 3 * block:
         return dimension
     capped = max(block, (cap // block - 3) * block)

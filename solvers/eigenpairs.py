@@ -104,8 +104,11 @@ def lanczos(
         budget = device_budget(basis_device)
         if budget is not None:
             # no room is set aside for the k eigenvectors: the residual check forms them a
-            # block at a time and the final ones go through the host if they do not fit
-            max_basis_bytes = budget
+            # block at a time and the final ones go through the host if they do not fit;
+            # sharded: the rows that fit on every process
+            row_bytes = max(1, operator.length) * torch.finfo(basis_dtype).bits // 8
+            rows = operator.space.agreed_min(budget // row_bytes)
+            max_basis_bytes = None if rows is None else rows * row_bytes
     capacity = _capacity(
         n, k, block_size, max_basis, max_basis_bytes, basis_dtype, length=operator.length
     )
@@ -322,7 +325,7 @@ class _Run:
         operator, state = self.operator, self.state
         norms = []
         for rows in torch.arange(coordinates.shape[1]).split(
-            default_block_size(operator.length, operator.dtype)
+            default_block_size(operator.size, operator.dtype)
         ):
             vectors = krylov.ritz_vectors(state, coordinates[:, rows.numpy()]).to(operator.device)
             vectors /= operator.space.row_norms(vectors)[:, None]

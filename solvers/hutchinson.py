@@ -38,7 +38,7 @@ def hutchinson_samples(
     """
     remaining = num_probes - state.num_samples
     while remaining > 0:
-        count = min(remaining, block_size or default_block_size(operator.length, operator.dtype))
+        count = min(remaining, block_size or default_block_size(operator.size, operator.dtype))
         probes = operator.probes(count, state.generator, distribution)
         if project is not None:
             probes = project(probes)

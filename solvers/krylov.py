@@ -82,10 +82,10 @@ def start(
 ) -> KrylovState:
     """A state with room for ``capacity`` basis vectors whose pending block is ``start_block``
     (``(n, b)``) orthonormalised."""
-    n, block_size = start_block.shape
+    block_size = start_block.shape[1]
     state = allocate(
         operator,
-        n,
+        operator.size,
         block_size,
         capacity=capacity,
         generator=generator,

@@ -31,6 +31,7 @@ def _sketch_size(operator: Operator, num_matvecs: int, stage: dict[str, Any]) ->
             return int(stage[key].shape[1])
     sketch_size = num_matvecs // 3
     cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype, copies=3)
+    cap = operator.space.agreed_min(cap)
     if cap is not None and cap < sketch_size:
         warnings.warn(
             f"hutch++: the sketch holds {max(cap, 1)} vectors instead of {sketch_size} so that it "

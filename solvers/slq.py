@@ -188,6 +188,7 @@ def spectral_density(
 
 def _basis_too_big(operator: Any, lanczos_steps: int) -> bool:
     cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype)
+    cap = operator.space.agreed_min(cap)
     return cap is not None and cap < min(operator.size, lanczos_steps + 1)
 
 
