@@ -179,6 +179,9 @@ def worker(rank: int, world: int, out: Path) -> None:
     diagonal_part = diagonal(ops["ggn"], 5, seed=2, block_size=2)
     results["ggn_diagonal"] = ops["ggn"].full_vector(diagonal_part.estimate)
     results["ggn_diagonal_stderr"] = ops["ggn"].full_vector(diagonal_part.stderr)
+    xdiag_part = diagonal(ops["ggn"], 6, method="xdiag", seed=12)
+    results["ggn_xdiag"] = ops["ggn"].full_vector(xdiag_part.estimate)
+    results["ggn_xdiag_stderr"] = ops["ggn"].full_vector(xdiag_part.stderr)
 
     # seed=None: one seed for all ranks, sharded and data-parallel
     unseeded = trace(ops["matrix"], 4, seed=None)
@@ -234,6 +237,8 @@ def references() -> dict[str, Any]:
         refs["last_ggn_trace"] = summary(trace(ops["last_ggn"], 4, seed=6))
         single = diagonal(ops["ggn"], 5, seed=2, block_size=2)
         refs["ggn_diagonal"], refs["ggn_diagonal_stderr"] = single.estimate, single.stderr
+        single = diagonal(ops["ggn"], 6, method="xdiag", seed=12)
+        refs["ggn_xdiag"], refs["ggn_xdiag_stderr"] = single.estimate, single.stderr
         last_ggn = ops["last_ggn"] @ torch.eye(15, dtype=torch.float64)
         refs["last_ggn_top"] = float(torch.linalg.eigvalsh(last_ggn)[-1])
     return refs
@@ -304,7 +309,7 @@ def test_sharded_estimators_match_single_process(
         assert results["nan_rows_here"] == (rank == 0), where  # the NaN row is rank 0's
         assert results["nan_error"] is not None, f"{where}: no error on a non-finite product"
         assert "the operator returned non-finite values (nan/inf)" in results["nan_error"]
-        for key in ("ggn_diagonal", "ggn_diagonal_stderr"):
+        for key in ("ggn_diagonal", "ggn_diagonal_stderr", "ggn_xdiag", "ggn_xdiag_stderr"):
             torch.testing.assert_close(
                 results[key], references[key], rtol=TOL, atol=TOL, msg=f"{key} on {where}"
             )

@@ -40,6 +40,7 @@ from torch_linop.distributed.fsdp_forward_ad import reverse_over_forward_fixes, 
 from torch_linop.distributed.sharded_space import ShardedSpace, local_rows, sharded_entries
 from torch_linop.ggn import _require_split, output_hvp_of
 from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.operator import parameter_fingerprint
 from torch_linop.params import ParamFilter
 
 FSDP_HESSIAN_METHODS = ("finite_difference", "autograd")
@@ -190,6 +191,20 @@ class ShardedOperator:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Global inner products of sharded vectors: ``a.T @ b`` summed over ranks."""
         return self.vector_space.inner(a, b)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this operator when a solver resumes from a checkpoint (each rank
+        its own): type, product method, world size and rank, and the shape and checksums of
+        this rank's parameter shards."""
+        record: dict[str, Any] = {"type": type(self).__name__}
+        for setting in ("method", "jvp_method"):
+            value = getattr(self, setting, None)
+            if isinstance(value, str):
+                record[setting] = value
+        record.update(world=self.world, rank=self.rank)
+        shards = {name: _local(param) for name, param in self.params.items()}
+        record.update(parameter_fingerprint(shards))
+        return record
 
     # ------------------------------------------------------------------ data
     @property
