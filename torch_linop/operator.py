@@ -16,10 +16,10 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from torch_linop import data_parallel
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
-from torch_linop.distributed import data_parallel
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, select_parameters, split_vector
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch_linop.distributed.data_parallel import (
+from torch_linop.data_parallel import (
     DataParallel,
     RankFailedError,
     same_on_all_ranks,

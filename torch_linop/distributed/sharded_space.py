@@ -20,8 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from torch_linop.distributed._collectives import comm_device
-from torch_linop.distributed.data_parallel import consistent_seed
+from torch_linop.data_parallel import comm_device, consistent_seed
 
 
 def local_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
