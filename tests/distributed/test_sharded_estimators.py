@@ -121,6 +121,26 @@ class ShardedMatrix:
     matmat = apply
 
 
+class Preempted(Exception):
+    pass
+
+
+class Interrupting:
+    """A sharded operator that raises :class:`Preempted` on every rank after ``after`` product
+    columns (as a preempted job would stop), counting the columns it multiplied."""
+
+    def __init__(self, op: Any, after: int) -> None:
+        self.op, self.after, self.count = op, after, 0
+        self.shape, self.device, self.torch_dtype = op.shape, op.device, op.torch_dtype
+        self.vector_space, self.fingerprint = op.vector_space, op.fingerprint
+
+    def matmat(self, block: torch.Tensor) -> torch.Tensor:
+        self.count += block.shape[1]
+        if self.count > self.after:
+            raise Preempted
+        return self.op.matmat(block)
+
+
 def summary(result: Any) -> dict[str, Any]:
     if hasattr(result, "eigenvalues"):
         return {
@@ -182,6 +202,26 @@ def worker(rank: int, world: int, out: Path) -> None:
     xdiag_part = diagonal(ops["ggn"], 6, method="xdiag", seed=12)
     results["ggn_xdiag"] = ops["ggn"].full_vector(xdiag_part.estimate)
     results["ggn_xdiag_stderr"] = ops["ggn"].full_vector(xdiag_part.stderr)
+
+    # a checkpointed run (one file per rank), preempted and resumed: the uninterrupted numbers,
+    # bit for bit, and the fingerprint costs no product (the operator describes itself)
+    path = out / f"trace_rank{rank}.pt"
+    options: dict[str, Any] = {"seed": 13, "block_size": 2, "checkpoint_every": 2}
+    try:
+        trace(Interrupting(ops["ggn"], 5), 9, checkpoint=path, **options)
+        results["preempted"] = False
+    except Preempted:
+        results["preempted"] = True
+    results["saved_products"] = torch.load(path, weights_only=True)["num_matvecs"]
+    resuming = Interrupting(ops["ggn"], 10**9)
+    resumed = trace(resuming, 9, checkpoint=path, **options)
+    options.pop("checkpoint_every")
+    uninterrupted = trace(ops["ggn"], 9, **options)
+    results["resumed_identical"] = (resumed.estimate, resumed.stderr) == (
+        uninterrupted.estimate,
+        uninterrupted.stderr,
+    )
+    results["resumed_products"] = resuming.count
 
     # seed=None: one seed for all ranks, sharded and data-parallel
     unseeded = trace(ops["matrix"], 4, seed=None)
@@ -297,6 +337,9 @@ def test_sharded_estimators_match_single_process(
                     atol=1e-8 * float(want["density"].max()),
                     err_msg=message,
                 )
+        assert results["preempted"] and results["resumed_identical"], where
+        assert 0 < results["saved_products"] <= 5, where  # interrupted after 5 products
+        assert results["resumed_products"] == 9 - results["saved_products"], where
         assert results["unseeded_same"], f"{where}: seed=None gave rank-dependent probes"
         assert results["last_ggn_top_same"], f"{where}: sharded Lanczos differs between ranks"
         top = references["last_ggn_top"]
