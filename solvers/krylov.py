@@ -14,7 +14,7 @@ keeps only its rows and takes the same steps as a single process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._operator import Operator, non_finite_error
 from ._random import draw_probes
-from ._space import LocalSpace, Space
+from ._space import Space
 
 _ROW_CHUNK = 32  # basis rows converted at a time when the basis is stored in a cheaper dtype
 _COLUMN_CHUNK = 1 << 18  # columns rewritten at a time by a thick restart
@@ -45,8 +45,8 @@ class KrylovState:
     size: int
     block_size: int
     generator: torch.Generator
-    space: Space = field(default_factory=lambda: Space(LocalSpace(), 0))
-    dimension: int = 0  # n, the size of the whole space (basis rows hold ``length`` entries)
+    space: Space  # inner products, norms and QR over the whole vectors (see ._space)
+    dimension: int  # n, the size of the whole space (basis rows hold this process's entries)
     num_matvecs: int = 0
     num_steps: int = 0
     num_restarts: int = 0
@@ -106,8 +106,9 @@ def allocate(
     basis_device: torch.device,
     basis_dtype: torch.dtype,
 ) -> KrylovState:
-    """A state with zeroed buffers for ``capacity`` basis vectors and no start block yet (fill
-    it with :func:`reset` or :func:`load_state_dict`)."""
+    """A state with zeroed buffers for ``capacity`` basis vectors of the ``n``-dimensional space
+    (each row this process's entries of a vector) and no start block yet (fill it with
+    :func:`reset` or :func:`load_state_dict`)."""
     acc_dtype = accumulation_dtype(basis_dtype, operator.dtype)
     basis = torch.zeros(capacity, operator.length, dtype=basis_dtype, device=basis_device)
     coefficients = torch.zeros(capacity, capacity, dtype=acc_dtype, device=basis_device)
