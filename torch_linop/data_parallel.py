@@ -329,6 +329,13 @@ class ReplicatedSpace:
     def __repr__(self) -> str:
         return f"<ReplicatedSpace over {dist.get_world_size(self.group)} ranks>"
 
+    def __eq__(self, other: object) -> bool:
+        """Spaces over the same group are the same (operators over them may be combined)."""
+        return isinstance(other, ReplicatedSpace) and other.group is self.group
+
+    def __hash__(self) -> int:
+        return hash((ReplicatedSpace, id(self.group)))
+
     def inner(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x.T @ y
 

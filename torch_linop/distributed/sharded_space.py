@@ -64,6 +64,17 @@ class ShardedSpace:
         held = sum(stop - start for start, stop in self.entries)
         return f"<ShardedSpace rank {self.rank} of {self.world}, {held} entries held>"
 
+    def __eq__(self, other: object) -> bool:
+        """The same group and the same entries on this rank: vectors laid out alike."""
+        return (
+            isinstance(other, ShardedSpace)
+            and other.group is self.group
+            and other.entries == self.entries
+        )
+
+    def __hash__(self) -> int:
+        return hash((ShardedSpace, id(self.group), tuple(self.entries)))
+
     def local_entries(self) -> list[tuple[int, int]]:
         return list(self.entries)
 
