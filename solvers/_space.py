@@ -71,7 +71,6 @@ class Space:
         self.size = size
         self.inner = space.inner
         self.shared_seed = space.shared_seed
-        self.is_local = isinstance(space, LocalSpace)
         self._reduce = getattr(space, "reduce", None)
         self._qr = getattr(space, "qr", None)
         local_entries = getattr(space, "local_entries", None)
@@ -84,6 +83,12 @@ class Space:
                     f"outside the operator's {size} entries"
                 )
         self.length = sum(stop - start for start, stop in self.entries)
+        if self.length != size and (self._reduce is None or self._qr is None):
+            raise TypeError(
+                f"{type(space).__name__} holds {self.length} of the {size} entries of each "
+                "vector here but lacks reduce(partial, op) and qr(block): a space of partial "
+                "vectors must combine the processes' parts"
+            )
 
     def reduce(self, partial: Tensor, op: Reduction) -> Tensor:
         return partial if self._reduce is None else self._reduce(partial, op)

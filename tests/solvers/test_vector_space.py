@@ -156,6 +156,21 @@ def test_a_space_without_the_required_methods_is_refused() -> None:
     with pytest.raises(ValueError, match=r"outside the operator's 12 entries"):
         trace(bad, 6, seed=0)
 
+    class HalfSpace:  # holds half of every vector but cannot combine the halves
+        def inner(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x.T @ y
+
+        def shared_seed(self, seed: Any) -> Any:
+            return seed
+
+        def local_entries(self) -> list[tuple[int, int]]:
+            return [(0, SIZE // 2)]
+
+    partial = PermutedOperator(spd_matrix())
+    partial.vector_space = HalfSpace()  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"holds 6 of the 12 entries .* lacks reduce"):
+        trace(partial, 6, seed=0)
+
 
 def test_a_seed_hook_that_replaces_none_makes_the_run_reproducible() -> None:
     operator = PermutedOperator(spd_matrix())
