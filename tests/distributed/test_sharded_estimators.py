@@ -55,7 +55,7 @@ CASES: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("hessian_krylov_trace", "hessian", "trace", {"num_matvecs": 8, "seed": 8, "method": "krylov"}),  # noqa: E501
     ("ggn_lanczos", "ggn", "lanczos", {"k": 2, "seed": 9}),
     ("hessian_block_lanczos", "hessian", "lanczos", {"k": 2, "block_size": 2, "seed": 10, "which": "BE"}),  # noqa: E501
-    ("ggn_power", "ggn", "power", {"k": 1, "seed": 11, "max_iter": 20}),
+    ("ggn_power", "ggn", "power", {"k": 1, "seed": 11, "max_iter": 12}),
 )  # fmt: skip
 
 
@@ -311,8 +311,13 @@ def test_sharded_estimators_match_single_process(
             message = f"{label} on {where}"
             assert got["n"] == want["n"], message
             if solver in ("lanczos", "power"):
+                scale = float(np.abs(want["eigenvalues"]).max())
                 np.testing.assert_allclose(
-                    got["eigenvalues"], want["eigenvalues"], rtol=TOL, atol=0, err_msg=message
+                    got["eigenvalues"],
+                    want["eigenvalues"],
+                    rtol=0,
+                    atol=TOL * scale,
+                    err_msg=message,
                 )
                 np.testing.assert_allclose(
                     got["residuals"], want["residuals"], rtol=0, atol=1e-9, err_msg=message
