@@ -9,8 +9,8 @@ second to import), whose ``vector_space`` (``sharded_space.ShardedSpace``) lets 
 
 ``sharded_lanczos``, ``sharded_trace``, ``sharded_diagonal`` and ``sharded_spectral_density``
 are the solvers ``lanczos``, ``trace``, ``diagonal`` and ``spectral_density`` themselves, under
-the names earlier versions documented (resolved by name on first use; nothing here imports the
-solvers).
+the names earlier versions documented (resolved by name on first access; no module of this
+package imports the solvers).
 """
 
 from __future__ import annotations
