@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from . import krylov
 from ._memory import default_block_size, device_budget, fits_on_device, vector_bytes
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
-from ._random import draw_probes, make_generator
+from ._random import make_generator
 from ._validation import as_device, check_bool, check_int, check_tol
 from .checkpoint import Checkpoint, seed_option
 from .results import EigenResult
@@ -106,14 +104,19 @@ def lanczos(
         budget = device_budget(basis_device)
         if budget is not None:
             # no room is set aside for the k eigenvectors: the residual check forms them a
-            # block at a time and the final ones go through the host if they do not fit
-            max_basis_bytes = budget
-    capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
+            # block at a time and the final ones go through the host if they do not fit;
+            # sharded: the rows that fit on every process
+            row_bytes = max(1, operator.length) * torch.finfo(basis_dtype).bits // 8
+            rows = operator.space.agreed_min(budget // row_bytes)
+            max_basis_bytes = None if rows is None else rows * row_bytes
+    capacity = _capacity(
+        n, k, block_size, max_basis, max_basis_bytes, basis_dtype, length=operator.length
+    )
     if max_matvecs is None:
         max_matvecs = max(1000, 20 * capacity)
     check_int("max_matvecs", max_matvecs, k)
 
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver="lanczos",
@@ -136,8 +139,8 @@ def lanczos(
     saved = saver.load()
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
     if saved is None:
-        start_block = draw_probes(
-            block_size, n, generator, distribution="gaussian", dtype=acc_dtype, device=basis_device
+        start_block = operator.probes(
+            block_size, generator, "gaussian", dtype=acc_dtype, device=basis_device
         )
         state = krylov.start(
             operator,
@@ -341,14 +344,14 @@ class _Run:
             default_block_size(operator.size, operator.dtype)
         ):
             vectors = krylov.ritz_vectors(state, coordinates[:, rows.numpy()]).to(operator.device)
-            vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            vectors /= operator.space.row_norms(vectors)[:, None]
             product = operator.matmat(vectors.T.to(operator.dtype))
-            check_finite(product, state.num_matvecs + self.num_residual_matvecs)
+            check_finite(product, state.num_matvecs + self.num_residual_matvecs, operator.space)
             self.num_residual_matvecs += len(rows)
             self.bar.update(len(rows))
             theta = torch.from_numpy(values[rows.numpy()]).to(vectors.device, vectors.dtype)
             residual_rows = product.T.to(vectors.dtype) - theta[:, None] * vectors
-            norms.append(krylov.scaled_norm(residual_rows, dim=1))
+            norms.append(operator.space.row_norms(residual_rows))
             del product, residual_rows, vectors
         return torch.cat(norms).cpu().double().numpy()
 
@@ -369,7 +372,7 @@ class _Run:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             vectors = vectors.to(device)
-        return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
+        return vectors.div_(self.operator.space.row_norms(vectors)[:, None])  # in place
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:
@@ -395,8 +398,11 @@ def _capacity(
     max_basis: int | None,
     max_basis_bytes: int | None,
     basis_dtype: torch.dtype,
+    *,
+    length: int | None = None,
 ) -> int:
-    """Basis rows to allocate; too small a basis for k pairs is an error naming the minimum."""
+    """Basis rows to allocate; too small a basis for k pairs is an error naming the minimum.
+    ``length``: entries of each basis row held here (default ``n``; fewer for sharded vectors)."""
     minimum = k + 2 * block_size
     if max_basis is None:
         max_basis = max(100, 4 * k, k + 4 * block_size)
@@ -406,7 +412,7 @@ def _capacity(
     if capacity == n:
         capacity -= n % block_size  # a basis of n vectors must hold whole blocks
     if max_basis_bytes is not None:
-        row_bytes = n * torch.finfo(basis_dtype).bits // 8
+        row_bytes = max(1, n if length is None else length) * torch.finfo(basis_dtype).bits // 8
         capacity = min(capacity, max_basis_bytes // row_bytes)
     if capacity < minimum and capacity < n:
         raise ValueError(

@@ -12,8 +12,6 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from . import chen2023krylov_aware, epperly2024xtrace, hutchinson, meyer2021hutchpp
 from ._operator import Operator, _aligned, as_operator
 from ._progress import progress_bar
@@ -212,7 +210,7 @@ def _start(
     checkpoint_seconds: float | None,
 ) -> EstimatorState:
     """A fresh estimator state, or the checkpointed one of a compatible earlier run."""
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver=solver,

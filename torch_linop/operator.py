@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_linop import data_parallel
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop._nondeterminism import warn_if_nondeterministic
@@ -23,11 +24,36 @@ from torch_linop._unreliable_derivatives import (
     warn_if_tied_padding_rows,
 )
 from torch_linop.data import BatchSizeFn, BatchSource, floating_dtypes, move_to_device
-from torch_linop.distributed import data_parallel
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.linear_operator import numpy_dtype_of as numpy_dtype_of  # re-exported
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, frozen_entries, select_parameters, split_vector
+
+
+def parameter_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per tensor ``"the shape of parameter 'name'"`` and ``"the values of parameter 'name'"``:
+    ``[norm, sum + 2 norm sqrt(numel)]`` in float64 (the sum, which sees sign changes, shifted to
+    stay positive, so both compare to a relative tolerance; one host transfer)."""
+    if not params:
+        return {}
+    with torch.no_grad():
+        rows = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64),
+                        torch.sum(tensor.detach(), dtype=torch.float64),
+                    ]
+                ).cpu()
+                for tensor in params.values()
+            ]
+        ).tolist()
+    record: dict[str, Any] = {}
+    for (name, tensor), (norm, total) in zip(params.items(), rows):
+        record[f"the shape of parameter {name!r}"] = list(tensor.shape)
+        shift = 2.0 * norm * float(tensor.numel()) ** 0.5
+        record[f"the values of parameter {name!r}"] = [norm, total + shift]
+    return record
 
 
 class CurvatureOperator(TorchLinearOperator):
@@ -348,6 +374,25 @@ class CurvatureOperator(TorchLinearOperator):
     def _share_failure(self, error: BaseException, num_columns: int) -> None:
         """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
         data_parallel.share_failure(self, error, num_columns)
+
+    @property
+    def vector_space(self) -> Any:
+        """Where the solvers' vectors live: None (whole local vectors), or with a process group
+        of several ranks a replicated space whose seeds agree over the ranks (the solvers turn
+        ``seed=None`` into one seed drawn on rank 0 and broadcast)."""
+        return data_parallel.vector_space(self.process_group)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this matrix when a solver resumes from a checkpoint (JSON-able):
+        its type, the settings that change its products, and each selected parameter's shape
+        and float64 checksums of its values (see :func:`parameter_fingerprint`)."""
+        record: dict[str, Any] = {"type": type(self).__name__}
+        for setting in ("method", "jvp_method", "mc_samples", "seed"):
+            value = getattr(self, setting, None)
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                record[setting] = value
+        record.update(parameter_fingerprint(self.params))
+        return record
 
     # ----------------------------------------------------------------- torch face
     # the scipy protocol, the torch path and the input checks live in TorchLinearOperator
