@@ -250,7 +250,7 @@ def _(tmp_path: Path) -> None:
 
     operator = HessianOperator(mlp(), batches(), CLASS_WEIGHTED)
     # as if torch.distributed were initialised: the total class weight is the first collective
-    with mock.patch("torch_linop.distributed.data_parallel.resolve", return_value=object()):
+    with mock.patch("torch_linop.data_parallel.resolve", return_value=object()):
         operator._total_mass()
 
 

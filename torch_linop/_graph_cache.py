@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from torch_linop import data_parallel
 from torch_linop._autodiff import make_leaves
 from torch_linop._context import reparametrized, warn_if_tf32
 from torch_linop._cuda_graph import CapturedProduct
-from torch_linop import data_parallel
 from torch_linop.operator import CurvatureOperator
 
 
