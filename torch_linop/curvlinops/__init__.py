@@ -20,6 +20,7 @@ from torch_linop.curvlinops.inverse import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
 from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
@@ -46,7 +47,10 @@ __all__ = [
     "HutchinsonDiagonalEstimator",
     "HutchinsonSquaredFrobeniusNormEstimator",
     "HutchinsonTraceEstimator",
+    "FisherType",
     "JacobianLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
