@@ -20,7 +20,9 @@ from torch_linop.curvlinops.inverse import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
+from torch_linop.curvlinops.ekfac import EKFACLinearOperator
 from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from torch_linop.curvlinops.kfac_inverse import KFACInverseLinearOperator
 from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
@@ -40,6 +42,7 @@ from torch_linop.curvlinops.trace import hutchinson_trace, hutchpp_trace, xtrace
 __all__ = [
     "CGInverseLinearOperator",
     "EFLinearOperator",
+    "EKFACLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
@@ -49,6 +52,7 @@ __all__ = [
     "HutchinsonTraceEstimator",
     "FisherType",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
     "KFACLinearOperator",
     "KFACType",
     "LSMRInverseLinearOperator",
