@@ -9,6 +9,7 @@ from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
+from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator, approximation_quality
 from torch_linop.losses import (
     LossFunction,
     supervised_forward,
@@ -52,6 +53,10 @@ __all__ = [
     "SpectralDensityResult",
     "TraceResult",
     "ce_hvp",
+    "approximation_quality",
+    "EKFACOperator",
+    "KFACInverseOperator",
+    "KFACOperator",
     "diagonal",
     "hf_lm_forward",
     "hf_lm_loss",
