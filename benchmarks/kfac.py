@@ -38,16 +38,25 @@ from torch_linop.kfac import EKFACOperator, KFACOperator, approximation_quality
 
 def mlp(width: int) -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
         nn.Linear(width, 10),
     )
 
 
 def cnn(channels: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(channels * 2 * 2, 10),
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * 2 * 2, 10),
     )
 
 
@@ -87,7 +96,7 @@ def factor_times(repeats: int) -> list[dict[str, Any]]:
         data = digits(1024, torch.float32, 256)
         loss = nn.CrossEntropyLoss()
 
-        def gradient(model: nn.Module = model, data: list = data) -> None:
+        def gradient(model: nn.Module = model, data: list = data, loss: nn.Module = loss) -> None:
             model.zero_grad()
             for x, y in data:
                 (loss(model(x), y) * x.shape[0] / 1024).backward()
@@ -99,7 +108,11 @@ def factor_times(repeats: int) -> list[dict[str, Any]]:
             record[f"ours_{fisher}_s"] = best_time(ours.compute_factors, repeats)
             if curvlinops is not None:
                 theirs = curvlinops.KFACLinearOperator(
-                    model, loss, list(model.parameters()), data, fisher_type=fisher,
+                    model,
+                    loss,
+                    list(model.parameters()),
+                    data,
+                    fisher_type=fisher,
                     check_deterministic=False,
                 )
                 record[f"curvlinops_{fisher}_s"] = best_time(
@@ -115,8 +128,11 @@ def quality_and_cg() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         ("MLP 64-16-16-10", lambda: mlp(16), nn.CrossEntropyLoss()),
         ("CNN 2x conv4", lambda: cnn(4), nn.CrossEntropyLoss()),
         # control: one linear layer with MSE, where KFAC (joined bias) is the exact GGN
-        ("Linear 64-10, MSE (KFAC exact)", lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
-         nn.MSELoss()),
+        (
+            "Linear 64-10, MSE (KFAC exact)",
+            lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+            nn.MSELoss(),
+        ),
     )
     for name, build, loss in cases:
         torch.manual_seed(0)
@@ -124,8 +140,10 @@ def quality_and_cg() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = digits(512, torch.float64, 128)
         if isinstance(loss, nn.MSELoss):
             generator = torch.Generator().manual_seed(1)
-            data = [(x, torch.randn(x.shape[0], 10, generator=generator, dtype=torch.float64))
-                    for x, _ in data]
+            data = [
+                (x, torch.randn(x.shape[0], 10, generator=generator, dtype=torch.float64))
+                for x, _ in data
+            ]
         ggn = GGNOperator(model, data, supervised_loss(loss))
         operators = {
             "KFAC": KFACOperator(model, data, loss, separate_weight_and_bias=False),
@@ -139,7 +157,9 @@ def quality_and_cg() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         for relative_damping in (1e-1, 1e-3):
             damping = relative_damping * damping_scale
             record: dict[str, Any] = {
-                "model": name, "num_params": ggn.shape[0], "damping": damping,
+                "model": name,
+                "num_params": ggn.shape[0],
+                "damping": damping,
                 "relative_damping": relative_damping,
             }
             preconditioners = {"none": None}
@@ -186,9 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     quality, cg = quality_and_cg()
     print(table(times, list(times[0])))
     print()
-    print(table(quality, ["model", "approximation", "relative_frobenius_error",
-                          "relative_frobenius_error_stderr", "top_k_overlap", "trace_ratio",
-                          "trace_ratio_stderr"]))
+    print(
+        table(
+            quality,
+            [
+                "model",
+                "approximation",
+                "relative_frobenius_error",
+                "relative_frobenius_error_stderr",
+                "top_k_overlap",
+                "trace_ratio",
+                "trace_ratio_stderr",
+            ],
+        )
+    )
     print()
     print(table(cg, list(cg[0])))
     payload = {

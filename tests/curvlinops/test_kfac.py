@@ -99,7 +99,9 @@ def test_products_and_structure_equal_curvlinops(case: tuple) -> None:
     columns = torch.randn(theirs.shape[1], 3, generator=torch.Generator().manual_seed(2), dtype=DT)
     assert_close(mine @ columns, theirs @ columns)
     assert_close(mine @ columns[:, 0], theirs @ columns[:, 0])
-    as_list = [c.reshape(*p.shape, 3) for c, p in zip(columns.split([p.numel() for p in params]), params)]
+    as_list = [
+        c.reshape(*p.shape, 3) for c, p in zip(columns.split([p.numel() for p in params]), params)
+    ]
     for a, b in zip(mine @ as_list, theirs @ as_list):
         assert_close(a, b)
     for name in ("trace", "logdet", "frobenius_norm"):
@@ -159,8 +161,9 @@ def test_refuses_what_curvlinops_refuses() -> None:
 # eigh may return in any basis (curvlinops' and ours then differ by rounding). That case uses
 # KFAC-expand here.
 EKFAC_CASES = [
-    case if case[0] != "forward-only" and case[1:5] != ("cnn", "ce", "sum", "reduce") else
-    case[:4] + ("expand",) + case[5:]
+    case
+    if case[0] != "forward-only" and case[1:5] != ("cnn", "ce", "sum", "reduce")
+    else case[:4] + ("expand",) + case[5:]
     for case in CASES
     if case[0] != "forward-only"
 ]

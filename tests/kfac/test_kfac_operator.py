@@ -48,7 +48,9 @@ def test_deep_linear_one_datum_equals_exact_ggn_blocks(reduction: str) -> None:
     sizes = [p.numel() for p in model.parameters()]
     layer_sizes = [sizes[i] + sizes[i + 1] for i in range(0, len(sizes), 2)]
 
-    joined = KFACOperator(model, data, nn.MSELoss(reduction=reduction), separate_weight_and_bias=False)
+    joined = KFACOperator(
+        model, data, nn.MSELoss(reduction=reduction), separate_weight_and_bias=False
+    )
     for ours, truth in zip(
         diagonal_blocks(joined.to_dense(), layer_sizes), diagonal_blocks(exact, layer_sizes)
     ):

@@ -31,7 +31,10 @@ def test_estimates_agree_with_dense_values(operators: tuple) -> None:
     kfac, ggn, kfac_dense, ggn_dense = operators
     quality = approximation_quality(kfac, ggn, num_probes=64, k=3, seed=2)
     true_error = float(torch.linalg.norm(kfac_dense - ggn_dense) / torch.linalg.norm(ggn_dense))
-    assert abs(quality.relative_frobenius_error - true_error) < 4 * quality.relative_frobenius_error_stderr
+    assert (
+        abs(quality.relative_frobenius_error - true_error)
+        < 4 * quality.relative_frobenius_error_stderr
+    )
     assert quality.relative_frobenius_error_stderr < 0.1 * true_error
     true_ratio = float(kfac_dense.trace() / ggn_dense.trace())
     assert abs(quality.trace_ratio - true_ratio) < 4 * quality.trace_ratio_stderr

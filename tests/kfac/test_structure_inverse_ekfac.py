@@ -35,15 +35,11 @@ def problem(seed: int = 0, conv: bool = False) -> tuple[nn.Module, list]:
 @pytest.mark.parametrize("operator_class", [KFACOperator, EKFACOperator])
 def test_trace_det_logdet_frobenius_equal_dense(operator_class: type, separate: bool) -> None:
     model, data = problem(2)
-    kfac = operator_class(
-        model, data, nn.CrossEntropyLoss(), separate_weight_and_bias=separate
-    )
+    kfac = operator_class(model, data, nn.CrossEntropyLoss(), separate_weight_and_bias=separate)
     dense = kfac.to_dense()
     eigenvalues = torch.linalg.eigvalsh(dense)
     torch.testing.assert_close(kfac.trace(), dense.trace(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(
-        kfac.frobenius_norm(), torch.linalg.norm(dense), rtol=1e-12, atol=0
-    )
+    torch.testing.assert_close(kfac.frobenius_norm(), torch.linalg.norm(dense), rtol=1e-12, atol=0)
     # the CE gradient factor of the last layer is singular (logits shift): logdet -inf-ish;
     # compare on the damped operator's blocks instead through the dense slogdet of K + I
     damped_logdet = torch.log(eigenvalues + 1.0).sum()
@@ -87,7 +83,10 @@ def test_exactly_damped_inverse_times_operator_is_identity(
     damped = kfac @ columns + damping * columns
     residual = inverse @ damped - columns
     assert float(residual.abs().max()) < 1e-10
-    assert float((kfac @ (inverse @ columns) + damping * (inverse @ columns) - columns).abs().max()) < 1e-10
+    assert (
+        float((kfac @ (inverse @ columns) + damping * (inverse @ columns) - columns).abs().max())
+        < 1e-10
+    )
 
 
 def test_factor_damped_inverses_are_the_inverted_damped_factors() -> None:
@@ -100,7 +99,9 @@ def test_factor_damped_inverses_are_the_inverted_damped_factors() -> None:
     for layer in kfac.layers:
         a, g = kfac.factors(layer)
         assert a is not None
-        damped = torch.kron(g + 0.01 * torch.eye(g.shape[0], dtype=DT), a + 0.1 * torch.eye(a.shape[0], dtype=DT))
+        damped = torch.kron(
+            g + 0.01 * torch.eye(g.shape[0], dtype=DT), a + 0.1 * torch.eye(a.shape[0], dtype=DT)
+        )
         blocks.append(torch.linalg.inv(damped))
     # joined [W | b] blocks are ordered [W row-major, b] in the parameter vector: permute
     expected = torch.block_diag(*blocks)
@@ -120,7 +121,9 @@ def test_factor_damped_inverses_are_the_inverted_damped_factors() -> None:
     assert a is not None
     pi = torch.sqrt((a.trace() / a.shape[0]) / (g.trace() / g.shape[0]))
     damp_a, damp_g = heuristic.factor_dampings(a, g)
-    assert damp_a == pytest.approx(float(pi * 0.1**0.5)) and damp_g == pytest.approx(float(0.1**0.5 / pi))
+    assert damp_a == pytest.approx(float(pi * 0.1**0.5)) and damp_g == pytest.approx(
+        float(0.1**0.5 / pi)
+    )
 
 
 def test_cholesky_failure_retried_in_float64_or_explained() -> None:
@@ -130,7 +133,9 @@ def test_cholesky_failure_retried_in_float64_or_explained() -> None:
     kfac = KFACOperator(model, data, nn.MSELoss())  # gradient factor: a multiple of I
     kfac.compute_factors()
     # positive definite in float64 (eigenvalues 1 ... 1e-9), but float32 Cholesky breaks down
-    basis, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=DT))
+    basis, _ = torch.linalg.qr(
+        torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=DT)
+    )
     factor = (basis * torch.logspace(0, -9, 5, dtype=DT)) @ basis.T
     factor = ((factor + factor.T) / 2).float()
     assert torch.linalg.eigvalsh(factor.double()).min() > 0
@@ -152,7 +157,9 @@ def test_state_dict_round_trip_is_exact() -> None:
         kfac = operator_class(model, data, nn.CrossEntropyLoss(), fisher_type="mc", seed=3)
         state = kfac.state_dict()
         restored = operator_class.from_state_dict(state, model, data)
-        columns = torch.randn(kfac.shape[0], 3, generator=torch.Generator().manual_seed(9), dtype=DT)
+        columns = torch.randn(
+            kfac.shape[0], 3, generator=torch.Generator().manual_seed(9), dtype=DT
+        )
         assert torch.equal(restored @ columns, kfac @ columns)
         saved = kfac.inverse(1e-2, use_exact_damping=True)
         saved @ columns
@@ -189,8 +196,12 @@ def test_ekfac_is_the_best_diagonal_in_the_kfac_eigenbasis() -> None:
         corrected = ekfac.corrected_eigenvalues[layer.name]["joined"]
         torch.testing.assert_close(corrected, best, rtol=1e-10, atol=1e-13)
 
-        def error(values: torch.Tensor) -> float:
-            return float(torch.linalg.norm(block - basis @ torch.diag(values.reshape(-1)) @ basis.T))
+        def error(
+            values: torch.Tensor, block: torch.Tensor = block, basis: torch.Tensor = basis
+        ) -> float:
+            return float(
+                torch.linalg.norm(block - basis @ torch.diag(values.reshape(-1)) @ basis.T)
+            )
 
         a, g = kfac.factors(layer)
         assert a is not None
@@ -198,7 +209,9 @@ def test_ekfac_is_the_best_diagonal_in_the_kfac_eigenbasis() -> None:
         kfac_in_basis = torch.diagonal(basis.T @ torch.kron(g, a) @ basis).reshape(rows, cols)
         torch.testing.assert_close(kfac_in_basis, kfac_values, rtol=1e-8, atol=1e-12)
         assert error(corrected) <= error(kfac_values) + 1e-12
-        perturbation = torch.randn(rows, cols, generator=torch.Generator().manual_seed(11), dtype=DT)
+        perturbation = torch.randn(
+            rows, cols, generator=torch.Generator().manual_seed(11), dtype=DT
+        )
         assert error(corrected) < error(corrected + 1e-3 * perturbation)
         start += size
 
@@ -210,6 +223,8 @@ def test_operators_work_with_scipy_solvers() -> None:
     kfac = KFACOperator(model, data, nn.CrossEntropyLoss())
     inverse = kfac.inverse(0.1, use_exact_damping=True)
     rhs = np.random.default_rng(0).standard_normal(kfac.shape[0])
-    solution, info = cg(kfac + aslinearoperator(0.1 * np.eye(kfac.shape[0])), rhs, rtol=1e-12, atol=0)
+    solution, info = cg(
+        kfac + aslinearoperator(0.1 * np.eye(kfac.shape[0])), rhs, rtol=1e-12, atol=0
+    )
     assert info == 0
     np.testing.assert_allclose(inverse @ rhs, solution, rtol=1e-7, atol=1e-9)

@@ -5,6 +5,7 @@ tensors and tensor lists) built with curvlinops' arguments and conventions.
 """
 
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
+from torch_linop.curvlinops.ekfac import EKFACLinearOperator
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
 from torch_linop.curvlinops.estimator_classes import (
     HutchinsonDiagonalEstimator,
@@ -20,13 +21,12 @@ from torch_linop.curvlinops.inverse import (
     LSMRInverseLinearOperator,
     NeumannInverseLinearOperator,
 )
-from torch_linop.curvlinops.ekfac import EKFACLinearOperator
-from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
-from torch_linop.curvlinops.kfac_inverse import KFACInverseLinearOperator
 from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from torch_linop.curvlinops.kfac_inverse import KFACInverseLinearOperator
 from torch_linop.curvlinops.norm import hutchinson_squared_fro
 from torch_linop.curvlinops.spectrum import (
     LanczosApproximateLogSpectrumCached,

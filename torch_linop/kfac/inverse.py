@@ -47,7 +47,9 @@ class KFACInverseOperator(KroneckerBlockOperator):
         if (use_heuristic_damping or use_exact_damping) and isinstance(damping, tuple):
             raise ValueError("Heuristic and exact damping require a single damping value.")
         if isinstance(kfac, EKFACOperator) and not use_exact_damping:
-            raise ValueError("Only exact damping is supported for EKFAC: pass use_exact_damping=True")
+            raise ValueError(
+                "Only exact damping is supported for EKFAC: pass use_exact_damping=True"
+            )
         self.kfac = kfac
         self.damping = damping
         self.use_heuristic_damping = use_heuristic_damping
@@ -89,7 +91,12 @@ class KFACInverseOperator(KroneckerBlockOperator):
             if not self.retry_double_precision or factor.dtype == torch.float64:
                 raise RuntimeError(
                     f"{error}; the damped Kronecker factor is not positive definite: increase "
-                    "the damping" + ("" if self.retry_double_precision else " or pass retry_double_precision=True")
+                    "the damping"
+                    + (
+                        ""
+                        if self.retry_double_precision
+                        else " or pass retry_double_precision=True"
+                    )
                 ) from error
             warnings.warn(
                 f"Cholesky of a damped Kronecker factor failed in {factor.dtype} ({error}); "

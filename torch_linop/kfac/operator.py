@@ -149,9 +149,7 @@ class KFACOperator(KroneckerBlockOperator):
     def compute_factors(self) -> None:
         """Compute the Kronecker factors in one hooked pass over the data (replacing any)."""
         num_data, num_rows = self._counts()
-        accumulator = FactorAccumulator(
-            self.kfac_approx, self.separate_weight_and_bias, num_data
-        )
+        accumulator = FactorAccumulator(self.kfac_approx, self.separate_weight_and_bias, num_data)
         hooked_pass(
             self.model,
             self.layers,
@@ -170,7 +168,11 @@ class KFACOperator(KroneckerBlockOperator):
                 accumulator.gradient_covariances[layer.name] = torch.eye(
                     layer.out_features, dtype=self.torch_dtype, device=self.device
                 )
-        missing = [layer.name for layer in self.layers if layer.name not in accumulator.gradient_covariances]
+        missing = [
+            layer.name
+            for layer in self.layers
+            if layer.name not in accumulator.gradient_covariances
+        ]
         if missing:
             raise ValueError(
                 f"layers {missing} took no part in the model's output on the data; select only "
@@ -218,9 +220,7 @@ class KFACOperator(KroneckerBlockOperator):
 
     def trace(self) -> torch.Tensor:
         """``tr(K) = sum tr(A) tr(G)`` over blocks (``tr(G)`` for a separate bias)."""
-        return self._reduce_blocks(
-            lambda a, g: a.trace() * g.trace(), torch.trace, torch.add, 0.0
-        )
+        return self._reduce_blocks(lambda a, g: a.trace() * g.trace(), torch.trace, torch.add, 0.0)
 
     def logdet(self) -> torch.Tensor:
         """``log det(K) = sum (m log det A + n log det G)`` for ``A`` n x n, ``G`` m x m."""
@@ -329,7 +329,9 @@ class KFACOperator(KroneckerBlockOperator):
             )
         names = {layer.name for layer in self.layers}
         for key in ("input_covariances", "gradient_covariances"):
-            if not set(state[key]) <= names or (key == "gradient_covariances" and set(state[key]) != names):
+            if not set(state[key]) <= names or (
+                key == "gradient_covariances" and set(state[key]) != names
+            ):
                 raise ValueError(
                     f"state_dict {key} holds layers {sorted(state[key])}, the operator covers "
                     f"{sorted(names)}"
@@ -355,9 +357,8 @@ class KFACOperator(KroneckerBlockOperator):
                 loss_state["ignore_index"],
                 loss_state["class_dim"],
             ),
-            params=kwargs.pop("params", None) or dict(
-                (name, dict(model.named_parameters())[name]) for name in state["param_names"]
-            ),
+            params=kwargs.pop("params", None)
+            or dict((name, dict(model.named_parameters())[name]) for name in state["param_names"]),
             fisher_type=state["fisher_type"],
             kfac_approx=state["kfac_approx"],
             mc_samples=state["mc_samples"],
@@ -367,5 +368,3 @@ class KFACOperator(KroneckerBlockOperator):
         )
         operator.load_state_dict(state)
         return operator
-
-
