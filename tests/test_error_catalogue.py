@@ -366,6 +366,10 @@ cli_case("cli-hf-random-init", "--hf-random-init")
 cli_case("cli-model-module", "--model", "no_such_module_xyz:build")
 cli_case("cli-model-spec", "--model", "no_colon_here")
 cli_case("cli-device", "--device", "tpu:9")
+cli_case("cli-param-filter", "--param-filter", "encoder.*")
+cli_case("cli-top-k-limit", "-k", "5000")
+cli_case("cli-output-dir", "--output-dir", "/dev/null/plots")
+cli_case("cli-json-path", "--json", "/dev/null/out.json")
 
 # --------------------------------------------------------------------------- the tests
 

@@ -5,11 +5,13 @@ Hessian, generalized Gauss-Newton, empirical and Monte-Carlo Fisher, each a
 device, plus solvers (Lanczos, trace, diagonal, spectral density) in ``torch_linop.solvers``.
 """
 
+from torch_linop.algebra import DiagonalOperator, IdentityOperator
 from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
 from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator, approximation_quality
+from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.losses import (
     LossFunction,
     supervised_forward,
@@ -48,9 +50,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "DiagonalOperator",
     "DiagonalResult",
     "EigenResult",
     "SpectralDensityResult",
+    "TorchLinearOperator",
     "TraceResult",
     "ce_hvp",
     "approximation_quality",
@@ -72,6 +76,7 @@ __all__ = [
     "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "IdentityOperator",
     "LossFunction",
     "MCFisherOperator",
     "match_names",

@@ -1,8 +1,9 @@
 """``CurvatureOperator``: the scipy ``LinearOperator`` that every curvature matrix is.
 
-The class owns three things and nothing else: the scipy protocol (ndarray in, ndarray out, on the
-model's device in between), the torch path (``H @ tensor`` stays on the device), and the data loop
-(sample-weighted mean of per-batch products). Subclasses provide one pure per-batch product.
+The class owns the data loop (sample-weighted mean of per-batch products) and plugs it into
+:class:`~torch_linop.linear_operator.TorchLinearOperator`, which owns the scipy protocol, the
+torch path (``H @ tensor`` stays on the device) and the algebra. Subclasses provide one pure
+per-batch product.
 """
 
 from __future__ import annotations
@@ -11,41 +12,20 @@ import contextlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed import data_parallel
+from torch_linop.linear_operator import TorchLinearOperator
+from torch_linop.linear_operator import numpy_dtype_of as numpy_dtype_of  # re-exported
 from torch_linop.losses.base import LossFunction, as_loss_function
 from torch_linop.params import ParamFilter, select_parameters, split_vector
 
-_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
-    torch.float64: np.dtype(np.float64),
-    torch.float32: np.dtype(np.float32),
-    torch.float16: np.dtype(np.float16),
-    torch.bfloat16: np.dtype(np.float32),  # numpy has no bfloat16: ndarrays travel as float32
-}
 
-
-def numpy_dtype_of(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype an operator over ``dtype`` parameters advertises to scipy."""
-    if dtype not in _NUMPY_DTYPES:
-        raise TypeError(f"curvature operators need floating-point parameters, got {dtype}")
-    return _NUMPY_DTYPES[dtype]
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN/Inf in ``tensor``, in one reduction: a NaN or Inf anywhere makes the sum
-    non-finite (accumulated in float32 or better, so half-precision sums do not overflow)."""
-    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
-
-
-class CurvatureOperator(LinearOperator):
+class CurvatureOperator(TorchLinearOperator):
     """A symmetric ``(n, n)`` curvature matrix of ``model`` on ``data``, n = selected parameters.
 
     ``matvec``/``matmat`` on ndarrays return ndarrays (so ``eigsh``, ``lobpcg``, ``cg`` work);
@@ -86,7 +66,7 @@ class CurvatureOperator(LinearOperator):
         self.device: torch.device = first.device
         self.torch_dtype: torch.dtype = first.dtype
         size = sum(int(param.numel()) for param in self.params.values())
-        super().__init__(dtype=numpy_dtype_of(self.torch_dtype), shape=(size, size))
+        super().__init__((size, size), self.torch_dtype, self.device)
         if check_deterministic:
             self.check_deterministic()
 
@@ -256,118 +236,28 @@ class CurvatureOperator(LinearOperator):
         """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
         data_parallel.share_failure(self, error, num_columns)
 
-    def _check_tensor(self, tensor: torch.Tensor) -> None:
-        size = self.shape[1]
-        if tensor.dim() not in (1, 2) or tensor.shape[0] != size:
-            raise ValueError(
-                f"expected a vector of shape ({size},) or a matrix ({size}, k) — {size} is the "
-                f"number of selected parameters — got shape {tuple(tensor.shape)}"
-            )
-        if tensor.dtype != self.torch_dtype:
-            raise TypeError(
-                f"tensor dtype {tensor.dtype} does not match the parameters' {self.torch_dtype}; "
-                f"convert it with t.to(H.torch_dtype)"
-            )
-        if tensor.device != self.device:
-            raise ValueError(
-                f"tensor is on {tensor.device}, the model on {self.device}; move it with "
-                "t.to(H.device) (ndarrays are moved automatically)"
-            )
-        if not _all_finite(tensor):
-            raise ValueError("the vector contains NaN or Inf; curvature products need finite input")
+    # ----------------------------------------------------------------- torch face
+    # the scipy protocol, the torch path and the input checks live in TorchLinearOperator
+    is_symmetric = True
+    _dtype_owner = "the parameters'"
+    _device_owner = "the model"
 
-    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Torch path: ``(n,)`` or ``(n, k)`` tensor in, the same shape out, on the model's device."""
-        self._check_tensor(tensor)
-        if tensor.dim() == 2 and tensor.shape[1] == 0:
-            return torch.zeros_like(tensor)
+    def _size_note(self) -> str:
+        return f" — {self.shape[1]} is the number of selected parameters —"
+
+    def _matmat_torch(self, X: torch.Tensor) -> torch.Tensor:
+        """The data loop's product (``_apply``) on checked ``(n, k)`` columns."""
         # products differentiate the model: they work inside torch.no_grad() and
         # torch.inference_mode() too (the caller's vector is copied out of inference mode)
         with torch.inference_mode(False), torch.enable_grad():
-            if tensor.is_inference():
-                tensor = tensor.clone()
-            result = self._apply(tensor.unsqueeze(1) if tensor.dim() == 1 else tensor)
-        if not _all_finite(result):
-            raise ValueError(
-                f"{type(self).__name__} product is not finite (NaN or Inf) for a finite input: "
-                "the model's output or loss is non-finite on some batch (check the data for "
-                "NaN/Inf and the model for overflow; for half precision, try float32)"
-            )
-        return result.squeeze(1) if tensor.dim() == 1 else result
+            if X.is_inference():
+                X = X.clone()
+            return self._apply(X)
 
-    # ----------------------------------------------------------------- scipy protocol
-    def _apply_numpy(self, array: np.ndarray) -> np.ndarray:
-        array = np.asarray(array)
-        out_dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else self.dtype
-        if np.iscomplexobj(array):
-            raise TypeError("complex vectors are not supported; pass the real and imaginary parts")
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))
-        tensor = tensor.to(device=self.device, dtype=self.torch_dtype)
-        result = self.apply(tensor)
-        return result.detach().to("cpu", torch.float64).numpy().astype(out_dtype, copy=False)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._apply_numpy(np.asarray(x).reshape(-1))
-
-    def _matmat(self, X: np.ndarray) -> np.ndarray:
-        return self._apply_numpy(X)
-
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)
-
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
-        return self._matmat(X)
-
-    def _adjoint(self) -> CurvatureOperator:
-        return self
-
-    def _transpose(self) -> CurvatureOperator:
-        return self
-
-    def matvec(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            if x.dim() == 2 and x.shape[1] == 1:
-                return self.apply(x)
-            if x.dim() != 1:
-                raise ValueError(f"matvec expects a vector, got shape {tuple(x.shape)}")
-            return self.apply(x)
-        return super().matvec(x)
-
-    def rmatvec(self, x: Any) -> Any:
-        return self.matvec(x)
-
-    def matmat(self, X: Any) -> Any:
-        if isinstance(X, torch.Tensor):
-            if X.dim() != 2:
-                raise ValueError(f"matmat expects a 2-d (n, k) matrix, got shape {tuple(X.shape)}")
-            return self.apply(X)
-        return super().matmat(X)
-
-    def rmatmat(self, X: Any) -> Any:
-        return self.matmat(X)
-
-    def dot(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return self.apply(x)
-        return super().dot(x)
-
-    def __matmul__(self, other: Any) -> Any:
-        if isinstance(other, torch.Tensor):
-            return self.apply(other)
-        return super().__matmul__(other)
-
-    def to_scipy(self, dtype: Any = None) -> LinearOperator:
-        """The operator as a scipy ``LinearOperator``: itself, or a view in another ``dtype``."""
-        if dtype is None or np.dtype(dtype) == self.dtype:
-            return self
-        target = np.dtype(dtype)
-        return LinearOperator(
-            self.shape,
-            matvec=lambda x: self._matvec(x).astype(target, copy=False),
-            matmat=lambda X: self._matmat(X).astype(target, copy=False),
-            rmatvec=lambda x: self._matvec(x).astype(target, copy=False),
-            rmatmat=lambda X: self._matmat(X).astype(target, copy=False),
-            dtype=target,
+    def _non_finite_hint(self) -> str:
+        return (
+            "the model's output or loss is non-finite on some batch (check the data for "
+            "NaN/Inf and the model for overflow; for half precision, try float32)"
         )
 
     def __repr__(self) -> str:

@@ -31,6 +31,7 @@ class _JacobianBase(CurvlinopsInterface, CurvatureOperator):
 
     SELF_ADJOINT = False
     FIXED_DATA_ORDER = True
+    is_symmetric = False  # CurvatureOperator's default is True
 
     def __init__(
         self,

@@ -3,7 +3,7 @@ Hessian eigenvalues and the GGN trace of each transformer block, side by side.
 
 Works with ``HookedTransformer`` (TransformerLens 2/3) and with the natively built
 ``TransformerBridge`` of TransformerLens 4, which names its blocks ``layers.*`` instead of
-``blocks.*``. Run: ``python examples/transformer_lens.py`` (needs ``torch-linop[transformer-lens]``).
+``blocks.*``. Run: ``python examples/transformer_lens_blocks.py`` (needs ``torch-linop[transformer-lens]``).
 """
 
 import numpy as np
