@@ -80,7 +80,8 @@ def test_exactly_damped_inverse_times_operator_is_identity(
     damping = 1e-3
     inverse = kfac.inverse(damping, use_exact_damping=True)
     columns = torch.randn(kfac.shape[0], 4, generator=torch.Generator().manual_seed(5), dtype=DT)
-    damped = kfac @ columns + damping * columns
+    damped = kfac.shift(damping) @ columns  # the shared operator algebra: K + damping I
+    torch.testing.assert_close(damped, kfac @ columns + damping * columns)
     residual = inverse @ damped - columns
     assert float(residual.abs().max()) < 1e-10
     assert (

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from torch_linop.kfac._face import TorchOperatorFace
 from torch_linop.kfac.layers import KFACLayer
+from torch_linop.linear_operator import TorchLinearOperator
 
 
-class KroneckerBlockOperator(TorchOperatorFace):
-    """Block-diagonal operator over :class:`KFACLayer` blocks (see the module doc)."""
+class KroneckerBlockOperator(TorchLinearOperator):
+    """Block-diagonal symmetric operator over :class:`KFACLayer` blocks (see the module doc);
+    the torch, numpy and algebra paths come from :class:`TorchLinearOperator`."""
+
+    is_symmetric = True
 
     layers: list[KFACLayer]
     param_names: list[str]
@@ -38,7 +41,7 @@ class KroneckerBlockOperator(TorchOperatorFace):
         self.separate_weight_and_bias = separate_weight_and_bias
         self._sizes = [int(torch.Size(shape).numel()) for shape in shapes]
         dim = sum(self._sizes)
-        TorchOperatorFace.__init__(self, (dim, dim), torch_dtype, device)
+        TorchLinearOperator.__init__(self, (dim, dim), torch_dtype, device)
 
     def joins_bias(self, layer: KFACLayer) -> bool:
         """Weight and bias of ``layer`` form one ``[W | b]`` block."""
