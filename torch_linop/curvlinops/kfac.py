@@ -228,6 +228,7 @@ class KFACLinearOperator(PyTorchOperatorFace):
             num_data=num_data,
             batch_size_fn=_batch_size_of(batch_size_fn),
             forward=_model_call,
+            process_group=False,  # curvlinops' KFAC is single-process
         )
         core.num_per_example_loss_terms = num_per_example_loss_terms
         self._core = core

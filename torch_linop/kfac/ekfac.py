@@ -19,6 +19,7 @@ from torch_linop.kfac.factors import with_bias_column
 from torch_linop.kfac.layers import KFACLayer
 from torch_linop.kfac.operator import KFACOperator
 from torch_linop.kfac.passes import hooked_pass
+from torch_linop.kfac.reduction import sum_tensors
 from torch_linop.kfac.types import FisherType
 
 
@@ -89,6 +90,14 @@ class EKFACOperator(KFACOperator):
             num_rows,
             None,
             on_gradients,
+        )
+        sum_tensors(
+            self.process_group,
+            [
+                corrected[name][kind]
+                for name in sorted(corrected)
+                for kind in sorted(corrected[name])
+            ],
         )
         self.corrected_eigenvalues = corrected
 

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from torch_linop.data import BatchSource, leading_dim_batch_size
+from torch_linop.distributed import data_parallel
 from torch_linop.kfac.blocks import KroneckerBlockOperator
 from torch_linop.kfac.factors import FactorAccumulator
 from torch_linop.kfac.layers import KFACLayer, find_layers
 from torch_linop.kfac.passes import DataSpec, count_data, default_forward, hooked_pass
+from torch_linop.kfac.reduction import sum_counts, sum_tensors
 from torch_linop.kfac.signals import KFACLoss, kfac_loss_of
 from torch_linop.kfac.types import FisherType, KFACType, check_choice
 
@@ -58,6 +60,8 @@ class KFACOperator(KroneckerBlockOperator):
     ``"empirical"``, ``"forward-only"``; ``kfac_approx``: ``"expand"`` or ``"reduce"``.
     Parameters of layers other than ``nn.Linear``/``nn.Conv2d`` raise unless
     ``skip_unsupported=True``, which leaves them out of the operator (see ``param_names``).
+    Under a process group (default: the initialised default group; ``False``: none) each rank
+    passes over its own shard and the factors are summed over ranks once.
     """
 
     def __init__(
@@ -77,7 +81,9 @@ class KFACOperator(KroneckerBlockOperator):
         num_data: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        process_group: Any = None,
     ) -> None:
+        self.process_group = data_parallel.check_process_group(process_group)
         self.fisher_type = check_choice(fisher_type, FisherType, "fisher_type")
         self.kfac_approx = check_choice(kfac_approx, KFACType, "kfac_approx")
         if not isinstance(mc_samples, int) or mc_samples < 1:
@@ -143,7 +149,13 @@ class KFACOperator(KroneckerBlockOperator):
         return bool(self.gradient_covariances)
 
     def _counts(self) -> tuple[int, int]:
+        """(samples, loss rows) over the data (and the ranks); ``num_data`` overrides samples."""
         num_samples, num_rows = count_data(self.data, self.loss)
+        num_samples, num_rows = sum_counts(self.process_group, self.device, [num_samples, num_rows])
+        if num_rows == 0:
+            raise ValueError(
+                "the data hold no loss term (every cross-entropy target equals ignore_index)"
+            )
         return (self._num_data or num_samples), num_rows
 
     def compute_factors(self) -> None:
@@ -163,6 +175,8 @@ class KFACOperator(KroneckerBlockOperator):
             accumulator.on_inputs,
             accumulator.on_gradients,
         )
+        factors = accumulator.input_covariances, accumulator.gradient_covariances
+        sum_tensors(self.process_group, [f[k] for f in factors for k in sorted(f)])
         if self.fisher_type == FisherType.FORWARD_ONLY:
             for layer in self.layers:
                 accumulator.gradient_covariances[layer.name] = torch.eye(
