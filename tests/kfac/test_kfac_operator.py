@@ -249,3 +249,37 @@ def test_bad_arguments_say_what_to_do() -> None:
         KFACOperator(model, data, nn.MSELoss(), mc_samples=3)
     with pytest.raises(ValueError, match="MSE, cross-entropy or BCE"):
         KFACOperator(model, data, nn.L1Loss())
+
+
+def test_hf_conv1d_equals_linear_with_the_transposed_weight() -> None:
+    """GPT-2's Conv1D stores W^T: KFAC of a Conv1D model is that of the nn.Linear model with the
+    transposed weight, with weight entries permuted accordingly (also joined and for EKFAC)."""
+    conv1d_module = pytest.importorskip("transformers.pytorch_utils")
+    from torch_linop.kfac import EKFACOperator
+
+    torch.manual_seed(26)
+    linear = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    conv = nn.Sequential(conv1d_module.Conv1D(4, 3), nn.Tanh(), conv1d_module.Conv1D(2, 4)).to(DT)
+    with torch.no_grad():
+        for source, target in ((linear[0], conv[0]), (linear[2], conv[2])):
+            target.weight.copy_(source.weight.T)
+            target.bias.copy_(source.bias)
+    x = torch.randn(2, 5, 3, generator=gen(27), dtype=DT)
+    y = torch.randint(0, 2, (2, 5), generator=gen(28))
+    data = [(x, y)]
+    # parameter-vector permutation: conv entry (i, o) of W^T <- linear entry (o, i)
+    order, start = [], 0
+    for layer in (linear[0], linear[2]):
+        out_features, in_features = layer.weight.shape
+        grid = torch.arange(out_features * in_features).reshape(out_features, in_features)
+        order += (grid.T.reshape(-1) + start).tolist()
+        start += out_features * in_features
+        order += list(range(start, start + out_features))
+        start += out_features
+    cases = ((KFACOperator, True, "type-2"), (KFACOperator, False, "type-2"))
+    cases += ((EKFACOperator, False, "mc"),)  # EKFAC type-2 needs one loss row per example
+    for operator_class, separate, fisher in cases:
+        options = {"class_dim": -1, "separate_weight_and_bias": separate, "fisher_type": fisher}
+        ours = operator_class(conv, data, nn.CrossEntropyLoss(), **options).to_dense()
+        reference = operator_class(linear, data, nn.CrossEntropyLoss(), **options).to_dense()
+        torch.testing.assert_close(ours, reference[order][:, order], rtol=1e-12, atol=1e-14)

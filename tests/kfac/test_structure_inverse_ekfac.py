@@ -229,3 +229,13 @@ def test_operators_work_with_scipy_solvers() -> None:
     )
     assert info == 0
     np.testing.assert_allclose(inverse @ rhs, solution, rtol=1e-7, atol=1e-9)
+
+
+def test_ekfac_type2_refuses_several_loss_rows_per_example() -> None:
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)).to(DT)
+    x = torch.randn(2, 6, 3, dtype=DT)
+    y = torch.randint(0, 5, (2, 6))
+    with pytest.raises(ValueError, match="one loss term per example.*fisher_type='mc'"):
+        EKFACOperator(model, [(x, y)], nn.CrossEntropyLoss(), class_dim=-1).compute_factors()
+    EKFACOperator(model, [(x, y)], nn.CrossEntropyLoss(), class_dim=-1, fisher_type="mc").trace()

@@ -2,9 +2,10 @@
 per-layer blocks, each multiplied by that layer's structured matrix.
 
 A weight block is the weight flattened to ``(out_features, in_features)`` (row-major, as the
-parameter vector holds it), so a Kronecker product ``G kron A`` acts as ``G @ W @ A``. With a
-joined bias the block is ``[W | b]`` of shape ``(out_features, in_features + 1)``. Subclasses
-say how one layer's weight (or joined) block and bias block are multiplied.
+parameter vector holds it; Hugging Face's Conv1D stores ``W^T`` and is transposed in and out),
+so a Kronecker product ``G kron A`` acts as ``G @ W @ A``. With a joined bias the block is
+``[W | b]`` of shape ``(out_features, in_features + 1)``. Subclasses say how one layer's weight
+(or joined) block and bias block are multiplied.
 """
 
 from __future__ import annotations
@@ -72,22 +73,38 @@ class KroneckerBlockOperator(TorchLinearOperator):
         outputs = list(result.split(self._sizes))
         for layer in self.layers:
             w, b = layer.weight_index, layer.bias_index
+            weight = None if w is None else self._weight_block(layer, blocks[w], columns)
             if self.joins_bias(layer):
-                assert w is not None and b is not None
-                weight = blocks[w].reshape(layer.out_features, -1, columns)
+                assert w is not None and b is not None and weight is not None
                 joined = torch.cat([weight, blocks[b].unsqueeze(1)], dim=1)
                 product = self._weight_product(layer, joined)
-                outputs[w].copy_(product[:, :-1].reshape(-1, columns))
+                outputs[w].copy_(self._weight_columns(layer, product[:, :-1], columns))
                 outputs[b].copy_(product[:, -1])
                 continue
-            if w is not None:
-                weight = blocks[w].reshape(layer.out_features, -1, columns)
-                outputs[w].copy_(self._weight_product(layer, weight).reshape(-1, columns))
+            if w is not None and weight is not None:
+                product = self._weight_product(layer, weight)
+                outputs[w].copy_(self._weight_columns(layer, product, columns))
             if b is not None:
                 outputs[b].copy_(self._bias_product(layer, blocks[b]))
         return result
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _weight_block(layer: KFACLayer, columns_of_weight: torch.Tensor, columns: int):
+        """A weight's ``(size, k)`` columns as ``(out, in, k)`` blocks."""
+        if layer.weight_transposed:
+            return columns_of_weight.reshape(
+                layer.in_features, layer.out_features, columns
+            ).transpose(0, 1)
+        return columns_of_weight.reshape(layer.out_features, -1, columns)
+
+    @staticmethod
+    def _weight_columns(layer: KFACLayer, block: torch.Tensor, columns: int) -> torch.Tensor:
+        """``(out, in, k)`` back to the parameter's ``(size, k)`` layout."""
+        if layer.weight_transposed:
+            block = block.transpose(0, 1)
+        return block.reshape(-1, columns)
+
     def block_shapes(self, layer: KFACLayer) -> list[tuple[str, int, int]]:
         """``(kind, rows, cols)`` of each block of ``layer``: kind ``"joined"``, ``"weight"``
         or ``"bias"`` (cols 1)."""

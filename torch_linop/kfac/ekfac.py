@@ -60,7 +60,15 @@ class EKFACOperator(KFACOperator):
 
     def compute_eigenvalue_correction(self) -> None:
         """The corrected eigenvalues in the current eigenbasis (one hooked pass)."""
-        _, num_rows = self._counts()
+        num_samples, num_rows = self._counts()
+        if self.fisher_type == FisherType.TYPE2 and num_rows > (self._num_data or num_samples):
+            raise ValueError(
+                "EKFAC with fisher_type='type-2' needs one loss term per example (a (batch, C) "
+                f"output); these data have {num_rows} loss rows for {num_samples} examples. "
+                "Backpropagating an output-Hessian column of all positions at once mixes the "
+                "positions' terms in each example's gradient and inflates the eigenvalues; use "
+                "fisher_type='mc', whose independent draws per position cancel those terms"
+            )
         corrected: dict[str, dict[str, torch.Tensor]] = {}
 
         def on_gradients(layer: KFACLayer, inputs: torch.Tensor, gradients: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
 """Which layers KFAC covers, and their inputs and output gradients as ``(batch, shared, dim)``.
 
 A layer is covered when its weight acts linearly on (patches of) its input: ``nn.Linear`` (any
-number of leading dimensions after the batch, each a weight-shared position) and ``nn.Conv2d``
+number of leading dimensions after the batch, each a weight-shared position), Hugging Face's
+``Conv1D`` (GPT-2's linear layer, weight stored transposed as ``(in, out)``) and ``nn.Conv2d``
 (each output location a weight-shared position; the input as unfolded patches, averaged over
 channel groups as curvlinops does). Any other layer holding a selected parameter is refused by
 name, or left out of the operator when the caller asks for that.
@@ -18,6 +19,18 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+SUPPORTED_NAMES = "nn.Linear, nn.Conv2d, transformers' Conv1D"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``y = x @ W + b``, ``W`` of shape ``(in, out)``), recognised
+    without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYERS) or is_hf_conv1d(module)
 
 
 @dataclass(frozen=True)
@@ -31,14 +44,22 @@ class KFACLayer:
     bias_index: int | None
 
     @property
+    def weight_transposed(self) -> bool:
+        """The parameter holds ``W^T`` (``(in, out)``, Hugging Face's Conv1D)."""
+        return is_hf_conv1d(self.module)
+
+    @property
     def out_features(self) -> int:
         """Rows of the weight (output features / channels): the gradient factor's size."""
-        return int(self.module.weight.shape[0])  # type: ignore[union-attr,index]
+        weight = self.module.weight  # type: ignore[union-attr]
+        return int(weight.shape[1 if self.weight_transposed else 0])  # type: ignore[index]
 
     @property
     def in_features(self) -> int:
         """Columns of the weight flattened to a matrix (input features, or channels x kernel)."""
         weight = self.module.weight  # type: ignore[union-attr]
+        if self.weight_transposed:
+            return int(weight.shape[0])  # type: ignore[index]
         return int(weight[0].numel())  # type: ignore[index]
 
 
@@ -57,7 +78,7 @@ def find_layers(
     for module_name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             owner_of.setdefault(id(param), f"{type(module).__name__} '{module_name}'")
-        if not isinstance(module, SUPPORTED_LAYERS):
+        if not is_supported(module):
             continue
         weight_index = index_of.get(id(module.weight))
         bias = module.bias
@@ -70,10 +91,9 @@ def find_layers(
         if index in covered or skip_unsupported:
             continue
         owner = owner_of.get(id(param), "no layer of the model")
-        supported = ", ".join(f"nn.{cls.__name__}" for cls in SUPPORTED_LAYERS)
         raise ValueError(
             f"parameter '{names[index]}' belongs to {owner}, which KFAC does not support "
-            f"(supported: {supported}); leave it out of the selected parameters, or pass "
+            f"(supported: {SUPPORTED_NAMES}); leave it out of the selected parameters, or pass "
             "skip_unsupported=True to approximate only the supported layers"
         )
     return layers, sorted(covered)
