@@ -171,6 +171,68 @@ def quality_and_cg() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return quality_records, cg_records
 
 
+class NextTokenLogits(nn.Module):
+    """A GPT-2 LM head model as ``ids -> next-token logits (batch, vocab, seq - 1)``."""
+
+    def __init__(self, language_model: nn.Module) -> None:
+        super().__init__()
+        self.language_model = language_model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model(input_ids=ids).logits[:, :-1].transpose(1, 2)
+
+
+def gpt2_quality() -> list[dict[str, Any]]:
+    """KFAC / EKFAC of a randomly initialised 2-layer GPT-2 (n_embd 32, vocab 64, 16 tokens)
+    against its exact GGN, over the Conv1D weights and biases of its blocks (float64)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = NextTokenLogits(GPT2LMHeadModel(config)).double().eval()
+    ids = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(1))
+    data = [(ids[i : i + 8], ids[i : i + 8, 1:]) for i in range(0, 32, 8)]
+    params = {
+        name: param
+        for name, param in model.named_parameters()
+        if ".h." in name and any(f".{kind}." in name for kind in ("c_attn", "c_proj", "c_fc"))
+    }
+    loss = nn.CrossEntropyLoss()
+    ggn = GGNOperator(
+        model, data, supervised_loss(loss), param_filter=lambda name, _: name in params
+    )
+    records = []
+    for label, operator_class, fisher in (
+        ("KFAC type-2", KFACOperator, "type-2"),
+        ("KFAC MC", KFACOperator, "mc"),
+        ("EKFAC MC", EKFACOperator, "mc"),
+    ):
+        operator = operator_class(
+            model, data, loss, params=params, fisher_type=fisher, separate_weight_and_bias=False
+        )
+        quality = approximation_quality(operator, ggn, num_probes=32, k=5, seed=0)
+        records.append(
+            {
+                "model": "GPT-2 2x32, 16 tokens",
+                "num_params": ggn.shape[0],
+                "approximation": label,
+                **quality.__dict__,
+            }
+        )
+    return records
+
+
 def cg_products(ggn: Any, damping: float, rhs: np.ndarray, preconditioner: Any) -> int | None:
     """Products with the exact GGN until ``||r|| <= 1e-6 ||b||`` (None if 2000 did not do)."""
     count = [0]
@@ -204,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     times = factor_times(args.repeats)
     quality, cg = quality_and_cg()
+    quality += gpt2_quality()
     print(table(times, list(times[0])))
     print()
     print(
