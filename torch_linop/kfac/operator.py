@@ -360,8 +360,17 @@ class KFACOperator(KroneckerBlockOperator):
     def from_state_dict(
         cls, state: Mapping[str, Any], model: nn.Module, data: Iterable[Any], **kwargs: Any
     ) -> KFACOperator:
-        """An operator with ``state``'s configuration and factors, without a pass over data."""
+        """An operator with ``state``'s configuration and factors, without a pass over data
+        (``kwargs``: the constructor's other arguments, e.g. ``batch_size_fn``)."""
         loss_state = state["loss"]
+        named = dict(model.named_parameters())
+        missing = [name for name in state["param_names"] if name not in named]
+        if missing:
+            raise ValueError(
+                f"the state_dict covers parameters {missing} that the model does not have; load "
+                "it into the model it was computed for"
+            )
+        params = kwargs.pop("params", None) or {name: named[name] for name in state["param_names"]}
         operator = cls(
             model,
             data,
@@ -371,8 +380,7 @@ class KFACOperator(KroneckerBlockOperator):
                 loss_state["ignore_index"],
                 loss_state["class_dim"],
             ),
-            params=kwargs.pop("params", None)
-            or dict((name, dict(model.named_parameters())[name]) for name in state["param_names"]),
+            params=params,
             fisher_type=state["fisher_type"],
             kfac_approx=state["kfac_approx"],
             mc_samples=state["mc_samples"],
