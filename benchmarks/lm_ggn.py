@@ -85,7 +85,7 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
         loss = hf_lm_loss()
         grad_s, grad_peak, _ = measure(gradient_runner(model, data, loss), device, repeats)
         graph_free = GGNOperator(model, data, loss)
-        graph_free._sandwich.record_output_in_dual_forward = False
+        graph_free._sandwich.jvp.forward_mode.record_output_in_dual_forward = False
         ops = {
             "GGN exact (fwd JVP + fused CE + VJP)": GGNOperator(model, data, loss),
             "GGN exact, graph-free JVP + plain forward": graph_free,

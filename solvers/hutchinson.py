@@ -11,12 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._memory import default_block_size
 from ._operator import Operator
 from ._random import Distribution, draw_probes
 from ._sampling import EstimatorState, accumulate, apply, mean_and_stderr
+
+MIN_MATVECS = 1  # one probe gives an (unbiased) estimate; its standard error is NaN
+
+
+def mean_and_stderr_or_nan(state: EstimatorState) -> tuple[Tensor, Tensor]:
+    """The sample mean and its standard error; with a single sample the error is unknown: NaN
+    (an estimate from one probe is still a valid, unbiased estimate)."""
+    if state.num_samples == 1 and state.mean is not None:
+        return state.mean, torch.full_like(state.mean, float("nan"))
+    return mean_and_stderr(state)
 
 
 def hutchinson_samples(
@@ -83,5 +94,5 @@ def deflated_trace(
         bar=bar,
         project=deflate,
     )
-    mean, stderr = mean_and_stderr(state)
+    mean, stderr = mean_and_stderr_or_nan(state)
     return float(mean), float(stderr)

@@ -1,9 +1,12 @@
-"""Drop-in for curvlinops: ``import torch_linop.curvlinops as curvlinops``.
+"""Drop-in for curvlinops 3: ``import torch_linop.curvlinops as curvlinops``.
 
-The operators are our curvature operators (scipy ``LinearOperator``s that also multiply torch
-tensors and tensor lists) built with curvlinops' arguments and conventions.
+Every operator here obeys curvlinops 3's ``PyTorchLinearOperator`` contract (torch ``dtype`` and
+``device``, ``@`` on tensors and tensor lists, algebra, ``adjoint()``, ``to_scipy()``; see
+:mod:`torch_linop.curvlinops._torch_base`); the curvature operators hold one of our operators
+(``.operator``, a scipy ``LinearOperator`` with numpy ``dtype``), whose products they use.
 """
 
+from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
 from torch_linop.curvlinops.ekfac import EKFACLinearOperator
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
@@ -40,6 +43,7 @@ from torch_linop.curvlinops.submatrix import SubmatrixLinearOperator
 from torch_linop.curvlinops.trace import hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [
+    "PyTorchLinearOperator",
     "CGInverseLinearOperator",
     "EFLinearOperator",
     "EKFACLinearOperator",
