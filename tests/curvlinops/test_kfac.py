@@ -124,6 +124,11 @@ def test_det_equals_curvlinops_and_contract() -> None:
     vector = torch.randn(mine.shape[1], dtype=DT, generator=torch.Generator().manual_seed(3))
     assert_close((mine + mine) @ vector, 2 * (theirs @ vector))
     assert_close((mine - 0.5 * mine) @ vector, 0.5 * (theirs @ vector))
+    # composes with the other drop-in operators (the shared PyTorchLinearOperator algebra)
+    assert isinstance(mine, ours.PyTorchLinearOperator)
+    model, loss, data = problem("mlp", "mse", "sum")
+    ggn = ours.GGNLinearOperator(model, loss, list(model.parameters()), data)
+    assert_close((ggn - mine) @ vector, ggn @ vector - theirs @ vector)
 
 
 def test_state_dict_round_trip_is_exact_and_matches_curvlinops_keys() -> None:

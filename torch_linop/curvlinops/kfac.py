@@ -13,11 +13,10 @@ import warnings
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
+from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
 from torch_linop.kfac.blocks import KroneckerBlockOperator
 from torch_linop.kfac.operator import KFACOperator
 from torch_linop.kfac.passes import count_data
@@ -31,20 +30,16 @@ _LOSSES: dict[str, type[nn.Module]] = {
 RTOL, ATOL = 5e-5, 1e-6  # curvlinops' tolerances for the determinism check
 
 
-class PyTorchOperatorFace:
-    """curvlinops 3's ``PyTorchLinearOperator`` contract over one of our operators ``_core``:
-    ``@`` on ``(n,)``/``(n, k)`` tensors and on tensor lists (parameter shapes, optional
-    trailing column axis), torch ``dtype`` and ``device``, ``adjoint()``, ``to_scipy(dtype)``
-    and the algebra ``+``, ``-``, scalar ``*``."""
+class PyTorchOperatorFace(PyTorchLinearOperator):
+    """curvlinops 3's contract (:class:`PyTorchLinearOperator`: ``@`` on tensors and tensor
+    lists, torch ``dtype`` and ``device``, ``adjoint()``, ``to_scipy(dtype)``, algebra) over
+    one of our symmetric Kronecker operators, ``_core``."""
 
     SELF_ADJOINT: bool = True
     _core: Any
 
     def _init_face(self, shapes: list[torch.Size]) -> None:
-        self._in_shape = [torch.Size(s) for s in shapes]
-        self._out_shape = list(self._in_shape)
-        size = sum(s.numel() for s in self._in_shape)
-        self.shape = (size, size)
+        PyTorchLinearOperator.__init__(self, shapes, shapes)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,88 +49,15 @@ class PyTorchOperatorFace:
     def device(self) -> torch.device:
         return self._core.device
 
-    def _flat_matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._core._matmat_torch(X)
-
-    def __matmul__(self, X: Any) -> Any:
-        if isinstance(X, list):
-            if len(X) != len(self._in_shape):
-                raise ValueError(f"List must contain {len(self._in_shape)} tensors. Got {len(X)}.")
-            is_vec = all(x.shape == s for x, s in zip(X, self._in_shape))
-            if not is_vec and not all(
-                x.dim() == len(s) + 1 and x.shape[:-1] == s for x, s in zip(X, self._in_shape)
-            ):
-                raise ValueError(
-                    f"Input list must contain tensors with shapes {self._in_shape} and optional "
-                    f"trailing dimension for the matrix columns. Got {[x.shape for x in X]}."
-                )
-            columns = 1 if is_vec else X[0].shape[-1]
-            flat = torch.cat([x.reshape(-1, columns) for x in X])
-            result = self._flat_matmat(flat)
-            sizes = [s.numel() for s in self._out_shape]
-            parts = result.split(sizes)
-            if is_vec:
-                return [p.reshape(s) for p, s in zip(parts, self._out_shape)]
-            return [p.reshape(*s, columns) for p, s in zip(parts, self._out_shape)]
-        if isinstance(X, torch.Tensor):
-            if X.dim() > 2 or X.shape[0] != self.shape[1]:
-                raise ValueError(
-                    f"Input tensor must have shape ({self.shape[1]},) or ({self.shape[1]}, K), "
-                    f"with K arbitrary. Got {X.shape}."
-                )
-            if X.dim() == 1:
-                return self._flat_matmat(X.unsqueeze(1)).squeeze(1)
-            return self._flat_matmat(X)
-        raise TypeError(
-            f"multiply with a tensor or a list of tensors, got {type(X).__name__}; for ndarrays "
-            "use A.to_scipy()"
-        )
-
-    def adjoint(self) -> PyTorchOperatorFace:
-        """The operator itself (it is symmetric)."""
-        return self
-
-    def to_scipy(self, dtype: Any = None) -> LinearOperator:
-        """A scipy ``LinearOperator`` computing in torch (float64 unless ``dtype`` is given)."""
-
-        def product(array: np.ndarray) -> np.ndarray:
-            tensor = torch.as_tensor(array, dtype=self.dtype, device=self.device)
-            result = self @ tensor
-            if result.dtype == torch.bfloat16:
-                result = result.float()
-            return result.detach().cpu().numpy().astype(array.dtype)
-
-        return LinearOperator(
-            self.shape,
-            matvec=product,
-            rmatvec=product,
-            matmat=product,
-            rmatmat=product,
-            dtype=np.dtype(dtype),
-        )
-
-    def __add__(self, other: PyTorchOperatorFace) -> PyTorchOperatorFace:
-        return _Combination(self, lambda X: self._flat_matmat(X) + other._flat_matmat(X))
-
-    def __sub__(self, other: PyTorchOperatorFace) -> PyTorchOperatorFace:
-        return _Combination(self, lambda X: self._flat_matmat(X) - other._flat_matmat(X))
-
-    def __mul__(self, scalar: float) -> PyTorchOperatorFace:
-        return _Combination(self, lambda X: self._flat_matmat(X) * scalar)
-
-    __rmul__ = __mul__
-
-
-class _Combination(PyTorchOperatorFace):
-    """A sum, difference or scaling of symmetric operators with one parameter space."""
-
-    def __init__(self, like: PyTorchOperatorFace, product: Callable[[torch.Tensor], torch.Tensor]):
-        self._core = like._core
-        self._product = product
-        self._init_face(like._in_shape)
-
-    def _flat_matmat(self, X: torch.Tensor) -> torch.Tensor:
-        return self._product(X)
+    def _matmat(self, X: list[torch.Tensor]) -> list[torch.Tensor]:
+        columns = X[0].shape[-1]
+        flat = torch.cat([x.reshape(-1, columns) for x in X])
+        result = self._core._matmat_torch(flat)
+        sizes = [int(shape.numel()) for shape in self._out_shape]
+        return [
+            part.reshape(*shape, columns)
+            for part, shape in zip(result.split(sizes), self._out_shape)
+        ]
 
 
 class _CurvlinopsCounts(KFACOperator):
