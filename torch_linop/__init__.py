@@ -10,6 +10,7 @@ from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
+from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator, approximation_quality
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.losses import (
     LossFunction,
@@ -57,6 +58,10 @@ __all__ = [
     "TorchLinearOperator",
     "TraceResult",
     "ce_hvp",
+    "approximation_quality",
+    "EKFACOperator",
+    "KFACInverseOperator",
+    "KFACOperator",
     "diagonal",
     "hf_classification_loss",
     "hf_lm_forward",

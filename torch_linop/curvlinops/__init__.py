@@ -8,6 +8,7 @@ Every operator here obeys curvlinops 3's ``PyTorchLinearOperator`` contract (tor
 
 from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
+from torch_linop.curvlinops.ekfac import EKFACLinearOperator
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
 from torch_linop.curvlinops.estimator_classes import (
     HutchinsonDiagonalEstimator,
@@ -27,6 +28,8 @@ from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from torch_linop.curvlinops.kfac_inverse import KFACInverseLinearOperator
 from torch_linop.curvlinops.norm import hutchinson_squared_fro
 from torch_linop.curvlinops.spectrum import (
     LanczosApproximateLogSpectrumCached,
@@ -43,6 +46,7 @@ __all__ = [
     "PyTorchLinearOperator",
     "CGInverseLinearOperator",
     "EFLinearOperator",
+    "EKFACLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
@@ -50,7 +54,11 @@ __all__ = [
     "HutchinsonDiagonalEstimator",
     "HutchinsonSquaredFrobeniusNormEstimator",
     "HutchinsonTraceEstimator",
+    "FisherType",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",
