@@ -47,7 +47,7 @@ def sweep(num_rows: int, vocab: int, dtype: torch.dtype, bandwidth: float, grids
 
     from torch_linop.kernels import _ce_hvp_cluster as kernel
     from torch_linop.kernels import ce_hvp
-    from torch_linop.kernels.ce_hvp import CLUSTER_ENV
+    from torch_linop.kernels._ce_hvp_registry import CLUSTER_ENV
 
     generator = torch.Generator(device="cuda").manual_seed(vocab)
     logits = (3 * torch.randn(1, num_rows, vocab, device="cuda", generator=generator)).to(dtype)
