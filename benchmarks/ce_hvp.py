@@ -243,7 +243,9 @@ def markdown(rows: list[dict], bandwidth: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder for ce_hvp.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(".bench_out"), help="folder for ce_hvp.json (untracked)"
+    )
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU shapes (interpreter)")
     args = parser.parse_args()
