@@ -396,7 +396,7 @@ def markdown(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/distributed")
+    parser.add_argument("--out", default=".bench_out/distributed")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="toy GPT-2 config (script check)")
     parser.add_argument("--sequences", type=int, default=32)

@@ -13,7 +13,7 @@ Three measurements, printed as markdown tables and written as JSON:
    (damping relative to tr(KFAC) / n); a one-layer MSE control, where KFAC is exact, must take
    one product.
 
-    python benchmarks/kfac.py [--repeats 3] [--out benchmarks/results/kfac.json]
+    python benchmarks/kfac.py [--repeats 3] [--out .bench_out/kfac.json]
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kfac.json"))
+    parser.add_argument("--out", type=Path, default=Path(".bench_out/kfac.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     times = factor_times(args.repeats)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_linop import data_parallel
 from torch_linop.data import BatchSource, leading_dim_batch_size
-from torch_linop.distributed import data_parallel
 from torch_linop.kfac.blocks import KroneckerBlockOperator
 from torch_linop.kfac.factors import FactorAccumulator
 from torch_linop.kfac.layers import KFACLayer, find_layers

@@ -3,7 +3,7 @@
 Counts (samples, loss rows) are summed before the factor pass (the rows' loss weights need the
 global count); the factors, or EKFAC's corrected eigenvalues, are summed once after it, packed
 into one buffer. ``process_group`` follows the exact operators' rule (see
-:func:`torch_linop.distributed.data_parallel.check_process_group`): None uses the default group
+:func:`torch_linop.data_parallel.check_process_group`): None uses the default group
 when one is initialised, False never reduces.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from torch_linop.distributed import data_parallel
+from torch_linop import data_parallel
 from torch_linop.distributed._collectives import comm_device
 
 

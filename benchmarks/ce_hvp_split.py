@@ -1,7 +1,12 @@
-"""The split-row Triton kernel for the cross-entropy Hessian-vector product, and its launcher.
+"""An unshipped design: the split-row Triton kernel for the cross-entropy HVP, and its launcher.
 
-Per valid row r with p = softmax(x_r): out_r = scale * (p * u_r - p * <p, u_r>). ``ce_hvp`` runs
-it for float64 inputs; fp32/bf16/fp16 run the two-pass kernel of ``_ce_hvp_two_pass``.
+Per valid row r with p = softmax(x_r): out_r = scale * (p * u_r - p * <p, u_r>). It was the first
+kernel ``ce_hvp`` shipped (later only for float64). It no longer ships: in every measured shape it
+was slower than the two-pass kernel (H200: 60 / 39 / 47 / 65 % of the bandwidth floor against
+80 / 65 / 60 / 66 %, docs/benchmarks/ce_hvp.md), which also computes float64, and it relies on
+sibling programs being resident at once. ``benchmarks/ce_hvp_designs.py`` builds the
+``split_coop`` and ``current_sweep`` designs on it; ``tests/kernels/test_ce_hvp_variants.py``
+(marker ``designs``) checks it against float64 oracles, its claim path included.
 
 Layout of the work: a row of V logits is cut into ``num_chunks`` chunks of ``BLOCK`` entries and
 each program owns one (row, chunk). A program loads its chunk of x and u once into registers and
@@ -34,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._ce_hvp_common import (
+from torch_linop.kernels._ce_hvp_common import (
     fastest_config,
     is_inner_contiguous,
     is_interpreter,
@@ -46,8 +51,7 @@ from ._ce_hvp_common import (
 
 __all__ = [
     "KernelConfig",
-    "ce_hvp_triton",
-    "is_interpreter",
+    "ce_hvp_split",
     "poll_published",
     "publish_stats",
     "tuned_configs",
@@ -407,7 +411,7 @@ def _tune(
     )
 
 
-def ce_hvp_triton(
+def ce_hvp_split(
     logits: torch.Tensor,
     u: torch.Tensor,
     labels: torch.Tensor | None,
