@@ -10,7 +10,8 @@ from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
-from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator, approximation_quality
+from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator
+from torch_linop.kfac.quality import approximation_quality
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.losses import (
     LossFunction,
