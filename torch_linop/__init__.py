@@ -29,6 +29,7 @@ from torch_linop.losses.language_models import (
 from torch_linop.losses.transformer_lens import tlens_forward, tlens_loss, tlens_loss_of_output
 from torch_linop.mc_fisher import MCFisherOperator
 from torch_linop.operator import CurvatureOperator
+from torch_linop.options import ProductOptions
 from torch_linop.params import (
     match_names,
     match_regex,
@@ -83,6 +84,7 @@ __all__ = [
     "IdentityOperator",
     "LossFunction",
     "MCFisherOperator",
+    "ProductOptions",
     "match_names",
     "match_regex",
     "parameters_to_vector",
