@@ -356,7 +356,8 @@ class CurvatureOperator(TorchLinearOperator):
         return (
             f"out of memory in a {type(self).__name__} product of {columns.shape[1]} column(s) "
             f"over {self.shape[0]:,} parameters on {self.device}. What helps: smaller batches "
-            "(a smaller DataLoader batch_size) or fewer per product (num_batches=...); fewer "
+            "(a smaller DataLoader batch_size) or fewer per product "
+            "(options=ProductOptions(num_batches=...)); fewer "
             "columns per product (the matmat block size: block_size=... in the solvers); a "
             "lighter product path (HessianOperator(method='finite_difference'), or the GGN "
             "instead of the Hessian, GGNOperator(jvp_method='finite_difference')); eigenvalue-"
