@@ -261,6 +261,14 @@ def test_solvers_and_kernels_import_nothing_else_of_the_package():
         assert not outside, f"{package} imports other parts of torch_linop:\n" + "\n".join(outside)
 
 
+def test_the_base_operator_does_not_import_the_sharded_layer():
+    """Data-parallel reduction is a product-level concern (torch_linop.data_parallel); the FSDP
+    operators are built on top of the base operator, never imported by it."""
+    for base in ("torch_linop.operator", "torch_linop.linear_operator", "torch_linop._graph_cache"):
+        reached = {e.imported for e in IMPORTS if e.importer == base}
+        assert not {m for m in reached if m.startswith("torch_linop.distributed.fsdp")}, reached
+
+
 def test_no_module_imports_benchmarks_or_tests():
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text())
