@@ -26,6 +26,7 @@ from torch_linop import (
     GGNOperator,
     HessianOperator,
     MCFisherOperator,
+    ProductOptions,
     ce_hvp,
     hf_classification_loss,
     hf_masked_lm_loss,
@@ -149,29 +150,49 @@ simple(
 simple("op-unknown-method", lambda: hessian(method="exact"))
 simple("op-cache-graph-method", lambda: hessian(method="forward", cache_graph=True))
 simple("op-cache-graph-type", lambda: hessian(cache_graph=1))
-simple("op-cuda-graph-needs-cache", lambda: GGNOperator(mlp(), batches(), CE, cuda_graph=True))
+simple(
+    "op-cuda-graph-needs-cache",
+    lambda: GGNOperator(mlp(), batches(), CE, options=ProductOptions(cuda_graph=True)),
+)
 simple(
     "op-cuda-graph-device",
-    lambda: GGNOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+    lambda: GGNOperator(
+        mlp(), batches(), CE, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    ),
 )
 simple(
     "op-cuda-graph-difference",
     lambda: GGNOperator(
-        mlp(), batches(), CE, jvp_method="forward_difference", cache_graph=True, cuda_graph=True
+        mlp(),
+        batches(),
+        CE,
+        jvp_method="forward_difference",
+        cache_graph=True,
+        options=ProductOptions(cuda_graph=True),
     ),
 )
 simple(
     "op-cuda-graph-mc-fisher",
-    lambda: MCFisherOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+    lambda: MCFisherOperator(
+        mlp(), batches(), CE, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    ),
 )
 simple("op-unknown-jvp-method", lambda: GGNOperator(mlp(), batches(), CE, jvp_method="reverse"))
 simple("op-mc-samples", lambda: MCFisherOperator(mlp(), batches(), CE, mc_samples=0))
-simple("op-num-batches", lambda: hessian(num_batches=0))
-simple("op-num-data", lambda: hessian(num_data=0))
+simple("op-num-batches", lambda: hessian(options=ProductOptions(num_batches=0)))
+simple("op-num-data", lambda: hessian(options=ProductOptions(num_data=0)))
+simple("op-options-type", lambda: hessian(options={"num_data": 8}))
+simple(
+    "op-options-and-old-keyword",
+    lambda: hessian(num_data=8, options=ProductOptions(num_batches=1)),
+)
 simple(
     "op-dropout-train-mode",
     lambda: HessianOperator(
-        nn.Sequential(mlp(), nn.Dropout(0.5)).train(), batches(), CE, check_deterministic=True
+        nn.Sequential(mlp(), nn.Dropout(0.5)).train(),
+        batches(),
+        CE,
+        options=ProductOptions(check_deterministic=True),
     ),
 )
 simple(
@@ -343,7 +364,10 @@ simple(
 )
 simple(
     "op-batch-size-fn",
-    lambda: hessian(batch_size_fn=lambda batch: -1) @ torch.ones(SIZE, dtype=DTYPE),
+    lambda: (
+        hessian(options=ProductOptions(batch_size_fn=lambda batch: -1))
+        @ torch.ones(SIZE, dtype=DTYPE)
+    ),
 )
 simple(
     "op-no-samples",

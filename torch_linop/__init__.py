@@ -10,7 +10,8 @@ from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
-from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator, approximation_quality
+from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator
+from torch_linop.kfac.quality import approximation_quality
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.losses import (
     LossFunction,
@@ -28,6 +29,7 @@ from torch_linop.losses.language_models import (
 from torch_linop.losses.transformer_lens import tlens_forward, tlens_loss, tlens_loss_of_output
 from torch_linop.mc_fisher import MCFisherOperator
 from torch_linop.operator import CurvatureOperator
+from torch_linop.options import ProductOptions
 from torch_linop.params import (
     match_names,
     match_regex,
@@ -82,6 +84,7 @@ __all__ = [
     "IdentityOperator",
     "LossFunction",
     "MCFisherOperator",
+    "ProductOptions",
     "match_names",
     "match_regex",
     "parameters_to_vector",

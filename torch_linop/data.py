@@ -56,7 +56,7 @@ def leading_dim_batch_size(batch: Any) -> int:
     if tensor is None or tensor.dim() == 0:
         raise ValueError(
             f"cannot infer the number of samples of a batch of type {type(batch).__name__}; "
-            "pass batch_size_fn=lambda batch: ... to the operator"
+            "pass options=ProductOptions(batch_size_fn=lambda batch: ...) to the operator"
         )
     return int(tensor.shape[0])
 

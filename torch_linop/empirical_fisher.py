@@ -13,6 +13,7 @@ from torch import nn
 from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.ggn import _require_split
 from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
 from torch_linop.params import ParamFilter
 from torch_linop.products.capability import Capabilities
 from torch_linop.products.jvp import make_jvp
@@ -30,8 +31,10 @@ class EmpiricalFisherOperator(GraphCachingOperator):
 
     ``cache_graph=True`` keeps each batch's forward graph (of the per-sample losses) between
     products, as ``GGNOperator(cache_graph=True)`` does: a product is then a JVP that records no
-    graph and one backward; ``cuda_graph=True`` replays that product from a CUDA graph, as for
-    the GGN.
+    graph and one backward; ``options=ProductOptions(cuda_graph=True)`` replays that product
+    from a CUDA graph, as for the GGN. The other rarely needed options (how many batches, a
+    process group, ...) are also set by ``options=``
+    (:class:`~torch_linop.options.ProductOptions`).
 
     ``jvp_method``: how the JVP of the per-sample losses is taken, with the GGN's choices
     (``"auto"``: forward mode, falling back once to the exact double-backward JVP for models
@@ -41,6 +44,7 @@ class EmpiricalFisherOperator(GraphCachingOperator):
 
     _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
 
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -51,9 +55,9 @@ class EmpiricalFisherOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
-        cuda_graph: bool = False,
-        **kwargs: Any,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
         self.jvp_method = jvp_method
         self.capabilities = Capabilities()
         jvp = make_jvp(
@@ -61,13 +65,13 @@ class EmpiricalFisherOperator(GraphCachingOperator):
             self.capabilities,
             owner=type(self).__name__,
             valid=EF_JVP_METHODS,
-            cuda_graph=cuda_graph,
+            cuda_graph=options.cuda_graph,
         )
         self._sandwich = Sandwich(jvp, self.capabilities.batched_backward)
-        self._init_graph_cache(cache_graph, cuda_graph)
+        self._init_graph_cache(cache_graph, options.cuda_graph)
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
-        super().__init__(model, data, loss, param_filter=param_filter, **kwargs)
+        super().__init__(model, data, loss, param_filter=param_filter, options=options)
 
     def _losses_of(self, batch: Any) -> Callable[[], torch.Tensor]:
         def per_sample_losses() -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from torch_linop._graph_cache import GraphCachingOperator, KeptForward
 from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
 from torch_linop.params import ParamFilter
 from torch_linop.products.capability import Capabilities
 from torch_linop.products.jvp import JVP_METHODS, make_jvp
@@ -51,15 +52,18 @@ class GGNOperator(GraphCachingOperator):
     (parameter, buffer, mode and data changes are seen; :meth:`clear_cache` for writes through
     ``param.data``; a product that raises drops it).
 
-    ``cuda_graph=True`` (with ``cache_graph=True`` and the exact JVP, on a CUDA device) captures
-    the one-column product in a CUDA graph and replays it: the dual forward's thousands of
-    operations are no longer dispatched by the host (GPT-2 small on an H200: 1.87x a gradient
-    instead of 2.04x at 8x512 tokens, 2.13x instead of 2.69x at 8x256). Recaptured when the
-    kept graphs are rebuilt; products of several columns run uncaptured.
+    ``options=ProductOptions(cuda_graph=True)`` (with ``cache_graph=True`` and the exact JVP, on
+    a CUDA device) captures the one-column product in a CUDA graph and replays it: the dual
+    forward's thousands of operations are no longer dispatched by the host (GPT-2 small on an
+    H200: 1.87x a gradient instead of 2.04x at 8x512 tokens, 2.13x instead of 2.69x at 8x256).
+    Recaptured when the kept graphs are rebuilt; products of several columns run uncaptured.
+    The other rarely needed options (how many batches, a process group, ...) are set by
+    ``options=`` too (:class:`~torch_linop.options.ProductOptions`).
     """
 
     _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
 
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -70,9 +74,9 @@ class GGNOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         jvp_method: str = "auto",
         cache_graph: bool = False,
-        cuda_graph: bool = False,
-        **kwargs: Any,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
         self.jvp_method = jvp_method
         self.capabilities = Capabilities()
         jvp = make_jvp(
@@ -80,13 +84,13 @@ class GGNOperator(GraphCachingOperator):
             self.capabilities,
             owner=type(self).__name__,
             valid=GGN_JVP_METHODS,
-            cuda_graph=cuda_graph,
+            cuda_graph=options.cuda_graph,
         )
-        self._init_graph_cache(cache_graph, cuda_graph)
+        self._init_graph_cache(cache_graph, options.cuda_graph)
         self._sandwich = Sandwich(jvp, self.capabilities.batched_backward)
         loss = as_loss_function(loss_fn, loss_of_output_fn)
         _require_split(loss, type(self).__name__)
-        super().__init__(model, data, loss, param_filter=param_filter, **kwargs)
+        super().__init__(model, data, loss, param_filter=param_filter, options=options)
 
     def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The map applied between J and J^T: the loss Hessian w.r.t. the output."""

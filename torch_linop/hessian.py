@@ -16,6 +16,7 @@ from torch_linop._context import reparametrized
 from torch_linop._finite_difference import local_step, norm_of, shifted
 from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
 from torch_linop.params import ParamFilter
 from torch_linop.products.capability import Capabilities
 
@@ -221,11 +222,14 @@ class HessianOperator(GraphCachingOperator):
     view), or the contents of a ``DataLoader``'s dataset, call :meth:`clear_cache`. A product
     that raises drops the cache.
 
-    ``cuda_graph=True`` (with ``cache_graph=True``, on a CUDA device) captures the one-column
+    ``options=ProductOptions(...)`` sets the rarely needed options (how many batches, a process
+    group, ...: :class:`~torch_linop.options.ProductOptions`); with ``cuda_graph=True`` among
+    them (and ``cache_graph=True``, on a CUDA device) the operator captures the one-column
     product in a CUDA graph and replays it, so the host no longer dispatches it operation by
     operation (recaptured when the kept graphs are rebuilt; see ``torch_linop/_cuda_graph.py``).
     """
 
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -235,9 +239,9 @@ class HessianOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         method: str = "autograd",
         cache_graph: bool = False,
-        cuda_graph: bool = False,
-        **kwargs: Any,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
         if method not in HESSIAN_METHODS:
             raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
         if cache_graph is True and method != "autograd":
@@ -247,7 +251,7 @@ class HessianOperator(GraphCachingOperator):
                 "or cache_graph=False"
             )
         self.method = method
-        self._init_graph_cache(cache_graph, cuda_graph)
+        self._init_graph_cache(cache_graph, options.cuda_graph)
         self.capabilities = Capabilities()
         # the k columns in one pass: vmap over forward-over-reverse (method="forward") or one
         # is_grads_batched backward (double backward), each probed once
@@ -256,7 +260,7 @@ class HessianOperator(GraphCachingOperator):
             if method == "forward"
             else self.capabilities.batched_backward
         )
-        super().__init__(model, data, loss_fn, param_filter=param_filter, **kwargs)
+        super().__init__(model, data, loss_fn, param_filter=param_filter, options=options)
 
     # ----------------------------------------------------------------- cached-graph mode
     def _build_graph(self, weight: float, batch: Any) -> _BatchGraph:

@@ -23,10 +23,11 @@ from torch_linop._unreliable_derivatives import (
     warn_if_second_derivatives_unreliable,
     warn_if_tied_padding_rows,
 )
-from torch_linop.data import BatchSizeFn, BatchSource, floating_dtypes, move_to_device
+from torch_linop.data import BatchSource, floating_dtypes, move_to_device
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.linear_operator import numpy_dtype_of as numpy_dtype_of  # re-exported
 from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
 from torch_linop.params import ParamFilter, frozen_entries, select_parameters, split_vector
 
 
@@ -62,11 +63,14 @@ class CurvatureOperator(TorchLinearOperator):
     ``matvec``/``matmat`` on ndarrays return ndarrays (so ``eigsh``, ``lobpcg``, ``cg`` work);
     on torch tensors they return tensors on the model's device. The dataset matrix is the
     sample-weighted mean of per-batch matrices (``reduction="mean"`` losses) or their sum.
+    How the data loop runs beyond that (``num_batches``, ``num_data``, a process group, ...) is
+    set by ``options=`` (:class:`~torch_linop.options.ProductOptions`).
     """
 
     _frozen: torch.Tensor | None = None  # flat indices every product zeroes (frozen_entries)
     _last_batch: Any = None  # the batch a product is on (for _dtype_mismatch_message)
 
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -74,13 +78,12 @@ class CurvatureOperator(TorchLinearOperator):
         loss_fn: LossFunction | Callable[..., torch.Tensor],
         *,
         param_filter: ParamFilter | None = None,
-        num_batches: int | None = None,
-        batch_size_fn: BatchSizeFn | None = None,
-        num_data: int | None = None,
-        check_deterministic: bool = False,
-        progress: bool = False,
-        process_group: Any = None,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
+        self.options = options
+        num_batches, num_data = options.num_batches, options.num_data
+        check_deterministic, process_group = options.check_deterministic, options.process_group
         model = data_parallel.unwrap_model(model)  # DDP: differentiate the wrapped module
         self.model = model
         self.process_group = data_parallel.check_process_group(process_group)
@@ -101,14 +104,14 @@ class CurvatureOperator(TorchLinearOperator):
         self.batches = BatchSource(data, num_batches)
         if not check_deterministic:  # that check raises on what this would warn about
             warn_if_nondeterministic(model, data, num_batches, type(self).__name__)
-        self.batch_size_fn = batch_size_fn
+        self.batch_size_fn = options.batch_size_fn
         if num_data is not None and (
             not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1
         ):
             raise ValueError(f"num_data must be a positive int or None, got {num_data!r}")
         self._num_data = num_data
         self._mass: float | None = None
-        self.progress = progress
+        self.progress = options.progress
         first = next(iter(self.params.values()))
         self.device: torch.device = first.device
         self.torch_dtype: torch.dtype = first.dtype
@@ -353,7 +356,8 @@ class CurvatureOperator(TorchLinearOperator):
         return (
             f"out of memory in a {type(self).__name__} product of {columns.shape[1]} column(s) "
             f"over {self.shape[0]:,} parameters on {self.device}. What helps: smaller batches "
-            "(a smaller DataLoader batch_size) or fewer per product (num_batches=...); fewer "
+            "(a smaller DataLoader batch_size) or fewer per product "
+            "(options=ProductOptions(num_batches=...)); fewer "
             "columns per product (the matmat block size: block_size=... in the solvers); a "
             "lighter product path (HessianOperator(method='finite_difference'), or the GGN "
             "instead of the Hessian, GGNOperator(jvp_method='finite_difference')); eigenvalue-"

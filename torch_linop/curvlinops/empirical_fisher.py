@@ -13,6 +13,7 @@ from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn, require_supported
 from torch_linop.curvlinops.ggn import reject_blocks
 from torch_linop.empirical_fisher import EmpiricalFisherOperator
+from torch_linop.options import ProductOptions
 
 
 class CurvlinopsEF(CurvlinopsInterface, EmpiricalFisherOperator):
@@ -34,7 +35,7 @@ class CurvlinopsEF(CurvlinopsInterface, EmpiricalFisherOperator):
         require_supported(loss_func, "EFLinearOperator")
         model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
         EmpiricalFisherOperator.__init__(
-            self, model, data, loss, num_data=num_data, progress=progressbar
+            self, model, data, loss, options=ProductOptions(num_data=num_data, progress=progressbar)
         )
         if check_deterministic:
             self.check_deterministic()

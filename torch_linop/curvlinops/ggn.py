@@ -13,6 +13,7 @@ from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn, require_supported
 from torch_linop.ggn import GGNOperator
 from torch_linop.mc_fisher import MCFisherOperator
+from torch_linop.options import ProductOptions
 
 DEFAULT_SEED = 2147483647
 
@@ -57,8 +58,7 @@ class CurvlinopsGGN(CurvlinopsInterface, MCFisherOperator):
             loss,
             mc_samples=max(mc_samples, 1),
             seed=seed,
-            num_data=num_data,
-            progress=progressbar,
+            options=ProductOptions(num_data=num_data, progress=progressbar),
         )
         self.mc_samples = mc_samples
         if check_deterministic:

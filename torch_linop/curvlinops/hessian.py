@@ -12,6 +12,7 @@ from torch_linop.curvlinops._base import CurvlinopsInterface
 from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn
 from torch_linop.hessian import HessianOperator
+from torch_linop.options import ProductOptions
 
 
 def check_block_sizes(block_sizes: Sequence[int] | None, num_params: int) -> list[int]:
@@ -48,7 +49,13 @@ class CurvlinopsHessian(CurvlinopsInterface, HessianOperator):
     ) -> None:
         model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
         self._block_sizes = check_block_sizes(block_sizes, len(self._given_params))
-        HessianOperator.__init__(self, model, data, loss, num_data=num_data, progress=progressbar)
+        HessianOperator.__init__(
+            self,
+            model,
+            data,
+            loss,
+            options=ProductOptions(num_data=num_data, progress=progressbar),
+        )
         if check_deterministic:
             self.check_deterministic()
 

@@ -23,6 +23,7 @@ from torch_linop.curvlinops._base import CurvlinopsInterface
 from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn
 from torch_linop.operator import CurvatureOperator
+from torch_linop.options import ProductOptions
 from torch_linop.params import join_tensors, split_vector
 
 
@@ -46,7 +47,13 @@ class _JacobianBase(CurvlinopsInterface, CurvatureOperator):
     ) -> None:
         self._constructor_args = (model_func, params, data, progressbar, batch_size_fn)
         model, loss = self._prepare(model_func, None, params, data, batch_size_fn)
-        CurvatureOperator.__init__(self, model, data, loss, num_data=num_data, progress=progressbar)
+        CurvatureOperator.__init__(
+            self,
+            model,
+            data,
+            loss,
+            options=ProductOptions(num_data=num_data, progress=progressbar),
+        )
         param_shapes = self._in_shapes
         output_space = [torch.Size((self.num_data, *self._output_shape()[1:]))]
         self._in_shapes, self._out_shapes = self._spaces(param_shapes, output_space)
