@@ -125,8 +125,9 @@ def reference_rows(logits, u, labels, shift: bool, rows: torch.Tensor) -> torch.
 
 
 def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth: float) -> dict:
-    from torch_linop.kernels import _ce_hvp_cluster, _ce_hvp_triton, _ce_hvp_two_pass, ce_hvp
-    from torch_linop.kernels.ce_hvp import CLUSTER_ENV  # after --dry-run sets TRITON_INTERPRET
+    from benchmarks.ce_hvp_tuning import tuned_configs, tuning_timings
+    from torch_linop.kernels import _ce_hvp_cluster, _ce_hvp_two_pass, ce_hvp
+    from torch_linop.kernels._ce_hvp_registry import CLUSTER_ENV  # after --dry-run's env
 
     dtype = DTYPES[dtype_name]
     generator = torch.Generator(device=DEVICE).manual_seed(num_rows * 7 + vocab)
@@ -159,25 +160,18 @@ def run_shape(num_rows: int, vocab: int, dtype_name: str, shift: bool, bandwidth
     row["all_written"] = bool(torch.isfinite(out).all())
     row["check_rel_err"] = float((out[check_rows].double() - expected).norm() / expected.norm())
     del out
-    # The autotuner's pick: the two-pass kernel's (fp32/bf16/fp16), or the split kernel's (fp64).
-    for key, config in _ce_hvp_triton.tuned_configs().items():
-        if key[1] == vocab and key[2] == dtype and key[5] == (labels is not None):
-            row["triton_kernel"] = "split"
-            row["triton_config"] = [config.block, config.num_warps]
-            timings = _ce_hvp_triton.tuning_timings().get(key, {})
-            row["tuning_ms"] = {f"{c.block}x{c.num_warps}": t for c, t in timings.items()}
-    for key, two_pass_config in _ce_hvp_two_pass.tuned_configs().items():
+    # The autotuner's pick: the two-pass kernel's, or the cluster kernel's where it took the call.
+    for key, two_pass_config in tuned_configs(_ce_hvp_two_pass).items():
         if key[1] == vocab and key[2] == dtype:  # the key has no labels: tuned once per V, dtype
             row["triton_kernel"] = "two_pass"
             row["triton_config"] = two_pass_config.label()
-            two_pass_timings = _ce_hvp_two_pass.tuning_timings().get(key, {})
+            two_pass_timings = tuning_timings(_ce_hvp_two_pass).get(key, {})
             row["tuning_ms"] = {c.label(): t for c, t in two_pass_timings.items()}
-
-    for key, cluster in _ce_hvp_cluster._tuned.items():
+    for key, cluster in tuned_configs(_ce_hvp_cluster).items():
         if key[1] == vocab and key[2] == dtype:  # the Hopper cluster kernel took the call
             row["triton_kernel"] = "cluster"
             row["triton_config"] = f"C{cluster[0]}x{cluster[1]}"
-            cluster_timings = _ce_hvp_cluster._tuning_timings.get(key, {})
+            cluster_timings = tuning_timings(_ce_hvp_cluster).get(key, {})
             row["tuning_ms"] = {f"C{c}x{n}": t for (c, n), t in cluster_timings.items()}
 
     def two_pass() -> object:  # the Triton two-pass kernel, with the cluster kernel switched off
@@ -249,7 +243,9 @@ def markdown(rows: list[dict], bandwidth: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder for ce_hvp.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(".bench_out"), help="folder for ce_hvp.json (untracked)"
+    )
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU shapes (interpreter)")
     args = parser.parse_args()

@@ -47,7 +47,7 @@ def sweep(num_rows: int, vocab: int, dtype: torch.dtype, bandwidth: float, grids
 
     from torch_linop.kernels import _ce_hvp_cluster as kernel
     from torch_linop.kernels import ce_hvp
-    from torch_linop.kernels.ce_hvp import CLUSTER_ENV
+    from torch_linop.kernels._ce_hvp_registry import CLUSTER_ENV
 
     generator = torch.Generator(device="cuda").manual_seed(vocab)
     logits = (3 * torch.randn(1, num_rows, vocab, device="cuda", generator=generator)).to(dtype)
@@ -108,7 +108,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path(".bench_out"), help="JSON folder")
     parser.add_argument("--grids", action="store_true", help="also fewer clusters than resident")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:

@@ -2,7 +2,7 @@
 
 Not shipped: ``benchmarks/ce_hvp_variants.py`` times these against the shipped kernels, and
 ``tests/kernels/test_ce_hvp_variants.py`` checks them against float64 oracles. Each launcher has
-the signature of ``torch_linop.kernels._ce_hvp_triton.ce_hvp_triton`` (logits, u, out: (B, T, V);
+the signature of ``benchmarks.ce_hvp_split.ce_hvp_split`` (logits, u, out: (B, T, V);
 labels: (B, T) or None; ``out`` may alias ``u``) and computes, per row r with a target and
 p = softmax(x_r), ``out_r = scale * (p * u_r - p * <p, u_r>)``; other rows are exact zeros.
 
@@ -45,6 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.ce_hvp_split import (
+    KernelConfig,
+    ce_hvp_split,
+    poll_published,
+    publish_stats,
+)
+from benchmarks.ce_hvp_tuning import occupancy_report
 from torch_linop.kernels import _ce_hvp_two_pass as two_pass
 from torch_linop.kernels._ce_hvp_common import (
     LaunchArguments,
@@ -57,16 +64,9 @@ from torch_linop.kernels._ce_hvp_common import (
     pick_config,
     to_acc,
 )
-from torch_linop.kernels._ce_hvp_triton import (
-    KernelConfig,
-    ce_hvp_triton,
-    poll_published,
-    publish_stats,
-)
 from torch_linop.kernels._ce_hvp_two_pass import (
     initial_stats,
     merge_tile,
-    occupancy_report,
     persistent_programs,
     segment_stats,
     store_tile,
@@ -947,7 +947,7 @@ def _two_pass_lanes_launch(problem: _Problem, config: VariantConfig) -> None:
 
 def _current_launch(problem: _Problem, config: VariantConfig) -> None:
     """The split-row kernel with a given (chunk, warps) config."""
-    ce_hvp_triton(
+    ce_hvp_split(
         problem.logits,
         problem.u,
         problem.labels,
@@ -1218,7 +1218,7 @@ def _launcher(variant: str, doc: str):
 
     launcher.__name__ = launcher.__qualname__ = f"ce_hvp_{variant}"
     launcher.__doc__ = (
-        f"{doc}\n\nSame contract as ``ce_hvp_triton``: writes into ``out`` (may be ``u``) and "
+        f"{doc}\n\nSame contract as ``ce_hvp_split``: writes into ``out`` (may be ``u``) and "
         "returns it; ``config=None`` autotunes once per (device, V, dtypes) unless in the "
         "interpreter or TORCH_LINOP_CE_HVP_AUTOTUNE=0."
     )

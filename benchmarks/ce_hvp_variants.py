@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import ce_hvp_designs as variants
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and table")
+    parser.add_argument(
+        "--out", type=Path, default=Path(".bench_out"), help="folder for the JSON and table"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes (interpreter)")
     parser.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
     parser.add_argument(

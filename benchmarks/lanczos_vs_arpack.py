@@ -6,7 +6,7 @@ a small float64 MLP (torch.func.hessian). For each: products, wall time (best of
 the largest relative eigenvalue error against numpy.linalg.eigvalsh. Products are counted by the
 operator itself. Prints a markdown table and writes JSON.
 
-    python benchmarks/lanczos_vs_arpack.py [--out benchmarks/results/lanczos_vs_arpack.json]
+    python benchmarks/lanczos_vs_arpack.py [--out .bench_out/lanczos_vs_arpack.json]
 """
 
 from __future__ import annotations
@@ -279,9 +279,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "lanczos_vs_arpack.json"
-    )
+    parser.add_argument("--out", type=Path, default=Path(".bench_out") / "lanczos_vs_arpack.json")
     parser.add_argument("--size", type=int, default=2000, help="size of the synthetic matrices")
     parser.add_argument("--repeats", type=int, default=3, help="timing: best of this many runs")
     parser.add_argument("--seed", type=int, default=0)

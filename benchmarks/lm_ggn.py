@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torch_linop import GGNOperator, HessianOperator, hf_lm_loss
+from torch_linop import GGNOperator, HessianOperator, ProductOptions, hf_lm_loss
 
 
 def synchronize(device: torch.device) -> None:
@@ -85,7 +85,7 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
         loss = hf_lm_loss()
         grad_s, grad_peak, _ = measure(gradient_runner(model, data, loss), device, repeats)
         graph_free = GGNOperator(model, data, loss)
-        graph_free._sandwich.record_output_in_dual_forward = False
+        graph_free._sandwich.jvp.forward_mode.record_output_in_dual_forward = False
         ops = {
             "GGN exact (fwd JVP + fused CE + VJP)": GGNOperator(model, data, loss),
             "GGN exact, graph-free JVP + plain forward": graph_free,
@@ -109,10 +109,10 @@ def ratio_table(device, sizes, shapes, repeats) -> list[dict[str, Any]]:
         }
         if device.type == "cuda":  # one-column products replayed from a CUDA graph
             ops["GGN exact, cached graph, CUDA graph"] = GGNOperator(
-                model, data, loss, cache_graph=True, cuda_graph=True
+                model, data, loss, cache_graph=True, options=ProductOptions(cuda_graph=True)
             )
             ops["Hessian (cached graph, CUDA graph)"] = HessianOperator(
-                model, data, loss, cache_graph=True, cuda_graph=True
+                model, data, loss, cache_graph=True, options=ProductOptions(cuda_graph=True)
             )
         vector = torch.randn(ops["Hessian (double backward)"].shape[0], device=device)
         reference = {}

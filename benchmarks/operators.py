@@ -2,7 +2,7 @@
 
     python benchmarks/operators.py [--repeats 5] [--columns 8] [--threads 1] [--smoke]
                                    [--models mlp,transformer,gpt2]
-                                   [--out benchmarks/results/operators.json]
+                                   [--out .bench_out/operators.json]
 
 For an MLP (~100k parameters) and two small causal transformers (~1M parameters: a pre-norm
 ``nn.TransformerEncoder`` and a GPT-2 from a ``transformers.GPT2Config``) on the CPU in float32,
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", type=lambda text: text.split(","), default=list(MODELS), help=",".join(MODELS)
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/operators.json"))
+    parser.add_argument("--out", type=Path, default=Path(".bench_out/operators.json"))
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

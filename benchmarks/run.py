@@ -53,7 +53,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: per suite")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for .md and .json")
+    parser.add_argument(
+        "--out",
+        default=".bench_out",
+        help="folder for .md and .json (default: .bench_out, untracked)",
+    )
     parser.add_argument("--models", help="comma-separated subset of mlp,cnn,gpt,mlp-small")
     parser.add_argument(
         "--peers",

@@ -31,7 +31,6 @@ import torch
 from ._ce_hvp_common import fastest_config, pick_config
 
 __all__ = [
-    "applies",
     "candidate_clusters",
     "candidate_configs",
     "ce_hvp_cluster",
@@ -39,6 +38,7 @@ __all__ = [
     "resident_clusters",
     "segment_vectors",
     "tune",
+    "why_not",
 ]
 
 THREADS = 512
@@ -352,22 +352,35 @@ def resident_clusters(
     return max(1, int(0.85 * naive))
 
 
-def applies(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether this kernel takes the call (else the Triton kernels do): sm_90+, one dtype of
-    fp32/bf16/fp16, contiguous 16-byte aligned rows of at least ``MIN_VOCAB`` entries that a
-    cluster of at most 8 CTAs can hold, and NVRTC reachable through torch."""
-    if not logits.is_cuda or torch.cuda.get_device_capability(logits.device)[0] < 9:
-        return False
-    if logits.dtype not in _DTYPES or u.dtype != logits.dtype or out.dtype != logits.dtype:
-        return False
+def why_not(logits: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None) -> str | None:
+    """None when this kernel can take the call, else why not: it needs sm_90+, one dtype of
+    fp32/bf16/fp16 for x, u and out, contiguous 16-byte aligned rows of at least ``MIN_VOCAB``
+    entries that a cluster of at most 8 CTAs can hold, and NVRTC reachable through torch.
+    ``out=None`` stands for a fresh (contiguous, aligned) output in the logits' dtype."""
+    if not logits.is_cuda:
+        return f"needs CUDA tensors (got {logits.device})"
+    major, minor = torch.cuda.get_device_capability(logits.device)
+    if major < 9:
+        return f"needs an sm_90 (Hopper) or newer GPU (this one is sm_{major}{minor})"
+    out_dtype = logits.dtype if out is None else out.dtype
+    if logits.dtype not in _DTYPES or u.dtype != logits.dtype or out_dtype != logits.dtype:
+        return (
+            f"needs logits, u and out of one dtype of fp32/bf16/fp16 (got {logits.dtype}, "
+            f"{u.dtype}, {out_dtype})"
+        )
     if getattr(torch.cuda, "_compile_kernel", None) is None:
-        return False
+        return "needs torch.cuda._compile_kernel (NVRTC through torch), which this torch lacks"
     vocab, element_size = logits.shape[-1], logits.element_size()
-    if vocab < MIN_VOCAB or (vocab * element_size) % 16:
-        return False
+    if vocab < MIN_VOCAB:
+        return f"needs V >= {MIN_VOCAB} (got {vocab}): shorter rows stay on the two-pass kernel"
+    if (vocab * element_size) % 16:
+        return f"needs rows of a multiple of 16 bytes (V={vocab} x {element_size} bytes)"
     if not candidate_clusters(vocab, element_size):
-        return False
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (logits, u, out))
+        return f"a row of V={vocab} does not fit the shared memory of a cluster of 8 CTAs"
+    tensors = (logits, u) if out is None else (logits, u, out)
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors):
+        return "needs contiguous, 16-byte aligned logits, u and out"
+    return None
 
 
 _lock = threading.Lock()
@@ -509,7 +522,7 @@ def ce_hvp_cluster(
     threads: int = THREADS,
 ) -> torch.Tensor:
     """Write the product into ``out`` (may be ``u``); logits, u, out (B, T, V) as
-    :func:`applies` requires, labels (B, T) or None. ``cluster=None`` times the candidate
+    :func:`why_not` allows, labels (B, T) or None. ``cluster=None`` times the candidate
     (cluster size, threads) configs once per (device, V, dtype) on the leading rows (about
     512 MB of logits), unless TORCH_LINOP_CE_HVP_AUTOTUNE=0 (then the first candidate)."""
     if out.numel() == 0:

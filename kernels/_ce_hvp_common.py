@@ -1,9 +1,10 @@
-"""Pieces shared by the shipped cross-entropy HVP Triton kernels (split-row and two-pass).
+"""Pieces shared by the cross-entropy HVP kernels: Triton device helpers and the autotuners' core.
 
 Device side: where a flattened row lives and whether it has a target, and the loads of one chunk
 of a row of logits and tangents. Host side: the arguments every launch passes (tensors, strides,
 scale, labels, layout constexprs), views of the leading rows, and the timing loop of the
-autotuners. ``benchmarks/ce_hvp_designs.py`` builds its unshipped designs from the same pieces.
+autotuners (the two-pass and the cluster kernels). ``benchmarks/ce_hvp_designs.py`` builds its
+unshipped designs from the same pieces.
 """
 
 from __future__ import annotations

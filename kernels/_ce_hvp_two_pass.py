@@ -1,4 +1,4 @@
-"""The shipped Triton kernel for the cross-entropy HVP in fp32, bf16 and fp16: two passes per row.
+"""The Triton kernel for the cross-entropy HVP in every float dtype: two passes per row.
 
 Per row r with a target and p = softmax(x_r): ``out_r = scale * (p * u_r - p * <p, u_r>)``; the
 other rows are exact zeros. Persistent programs (as many as the GPU holds at once, sized from the
@@ -13,8 +13,8 @@ Triton does not software-pipeline the loads of these loops (no cp.async in the P
 ``num_stages`` says), so a program has one chunk in flight unless ``prefetch`` is on: then it
 issues the next chunk's loads before reducing the current one (two chunks in flight, more
 registers). The chunk size, warps, programs per SM and prefetch are autotuned among a few configs
-per problem signature. float64 inputs go to the split-row kernel (``_ce_hvp_triton``) instead,
-but this kernel computes them too (accumulating in float64).
+per problem signature. float64 inputs accumulate in float64. On sm_90 GPUs the cluster kernel
+(``_ce_hvp_cluster``) takes the contiguous fp32/bf16/fp16 calls with long rows instead.
 
 The causal shift and ignore_index are applied inside the kernel and all tensors are addressed
 through their strides. ``benchmarks/ce_hvp_designs.py`` compares this design with unshipped ones.
@@ -47,12 +47,9 @@ __all__ = [
     "ce_hvp_two_pass",
     "default_config",
     "launch",
-    "occupancy_report",
     "persistent_programs",
     "resident_programs",
     "tune",
-    "tuned_configs",
-    "tuning_timings",
 ]
 
 
@@ -66,7 +63,7 @@ def store_tile(
 ):
     """Write one chunk of an output row (values cast to the output dtype), ``evict_first``.
 
-    Not shared with the split-row kernel, whose store carries no eviction hint.
+    (The split-row design in ``benchmarks/ce_hvp_split.py`` stores without a hint.)
     """
     offsets = chunk * BLOCK + tl.arange(0, BLOCK)
     if OUT_CONTIG:
@@ -391,23 +388,10 @@ class TwoPassConfig:
         return "/".join(parts)
 
 
+# Resident programs per SM found per compiled kernel, and why a query failed (benchmarks read them).
 _occupancy: dict[tuple, int] = {}
 _occupancy_errors: dict[tuple, str] = {}
 _occupancy_lock = threading.Lock()
-
-
-def occupancy_report() -> list[dict]:
-    """Resident programs per SM found for each compiled persistent kernel (for benchmarks)."""
-    return [
-        {
-            "kernel": key[0],
-            "num_warps": key[2],
-            "constexprs": dict(key[3]),
-            "programs_per_sm": resident,
-            "error": _occupancy_errors.get(key),
-        }
-        for key, resident in _occupancy.items()
-    ]
 
 
 def _device_limits(device: torch.device) -> tuple[int, int, int, int]:
@@ -559,18 +543,10 @@ def default_config(vocab: int) -> TwoPassConfig:
     return _PREFERRED if _PREFERRED in options else options[0]
 
 
+# Picked config and every candidate's median ms per tuning key (benchmarks/ce_hvp_tuning.py reads
+# them for its reports).
 _tuned: dict[tuple, TwoPassConfig] = {}
 _tuning_timings: dict[tuple, dict[TwoPassConfig, float]] = {}
-
-
-def tuned_configs() -> dict[tuple, TwoPassConfig]:
-    """Best config per (device index, V, logits/u/out dtypes), as picked so far."""
-    return dict(_tuned)
-
-
-def tuning_timings() -> dict[tuple, dict[TwoPassConfig, float]]:
-    """Median ms of every candidate timed so far, per tuning key."""
-    return {key: dict(timings) for key, timings in _tuning_timings.items()}
 
 
 def tune(

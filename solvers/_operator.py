@@ -3,7 +3,9 @@
 Two paths: the numpy path (scipy ``LinearOperator``, numpy array, scipy sparse matrix) runs in
 float64 torch on the CPU and hands numpy back; the torch path (an object with ``device``,
 ``torch_dtype`` and ``shape`` that multiplies torch tensors, or a dense square ``torch.Tensor``)
-runs on the operator's device and hands torch tensors back.
+runs on the operator's device and hands torch tensors back. Either may carry a
+``vector_space`` (see :mod:`._space`): where its vectors live and how to take their inner
+products (sharded operators); without one, vectors are whole and local.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import scipy.sparse
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
+
+from ._random import Distribution, draw_probes
+from ._space import LocalSpace, Space, space_of
 
 Matmat = Callable[[Tensor], Tensor]
 _SYMMETRY_BLOCK_ELEMENTS = 1 << 22  # entries compared at a time by check_symmetric
@@ -40,6 +45,33 @@ class Operator:
     device: torch.device
     returns_numpy: bool
     eps: float  # machine epsilon of the dtype the wrapped operator computes in
+    space: Space  # inner products, norms, QR and seeds (see ._space)
+
+    @property
+    def length(self) -> int:
+        """Rows of the vectors this process holds (``size`` unless the space is sharded)."""
+        return self.space.length
+
+    def probes(
+        self,
+        count: int,
+        generator: torch.Generator,
+        distribution: Distribution,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> Tensor:
+        """This process's rows ``(length, count)`` of the next ``count`` probes of ``generator``:
+        the same full probes on any sharding (one key per probe, entries hashed by index)."""
+        return draw_probes(
+            count,
+            self.size,
+            generator,
+            distribution=distribution,
+            dtype=self.dtype if dtype is None else dtype,
+            device=self.device if device is None else device,
+            entries=self.space.entries,
+        )
 
     def output(self, tensor: Tensor) -> Any:
         """Return an n-sized result in the caller's world: numpy float64 or a torch tensor."""
@@ -150,7 +182,13 @@ def _from_dense_tensor(matrix: Tensor) -> Operator:
     def matmat(block: Tensor) -> Tensor:
         return (matrix @ block.to(matrix.dtype)).to(compute_dtype)
 
-    return Operator(matmat, size, compute_dtype, matrix.device, False, _eps(matrix.dtype))
+    return Operator(
+        matmat, size, compute_dtype, matrix.device, False, _eps(matrix.dtype), _local(size)
+    )
+
+
+def _local(size: int) -> Space:
+    return Space(LocalSpace(), size)
 
 
 def _from_torch_protocol(op: Any) -> Operator:
@@ -161,6 +199,7 @@ def _from_torch_protocol(op: Any) -> Operator:
         raise TypeError(f"{type(op).__name__}.torch_dtype must be a torch.dtype, got {op_dtype!r}")
     _check_real(op_dtype, f"the operator {type(op).__name__}")
     compute_dtype = _compute_dtype(op_dtype)
+    space = space_of(op, size)
     apply = op.matmat if callable(getattr(op, "matmat", None)) else op.__matmul__
 
     def matmat(block: Tensor) -> Tensor:
@@ -174,7 +213,7 @@ def _from_torch_protocol(op: Any) -> Operator:
             )
         return result.to(compute_dtype)
 
-    return Operator(matmat, size, compute_dtype, device, False, _eps(op_dtype))
+    return Operator(matmat, size, compute_dtype, device, False, _eps(op_dtype), space)
 
 
 def _from_numpy(op: Any) -> Operator:
@@ -186,7 +225,13 @@ def _from_numpy(op: Any) -> Operator:
         matrix = _aligned(torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64)))
         check_symmetric(matrix, "the numpy array operator")
         return Operator(
-            matrix.__matmul__, size, torch.float64, matrix.device, True, _eps(torch.float64)
+            matrix.__matmul__,
+            size,
+            torch.float64,
+            matrix.device,
+            True,
+            _eps(torch.float64),
+            _local(size),
         )
     if scipy.sparse.issparse(op) and op.shape[0] == op.shape[1] and op.nnz > 0:
         scale = float(abs(op).max())
@@ -205,7 +250,9 @@ def _from_numpy(op: Any) -> Operator:
         result = np.asarray(linear_op.matmat(block.numpy()), dtype=np.float64)
         return torch.from_numpy(result.reshape(block.shape))
 
-    return Operator(matmat, size, torch.float64, torch.device("cpu"), True, _eps(torch.float64))
+    return Operator(
+        matmat, size, torch.float64, torch.device("cpu"), True, _eps(torch.float64), _local(size)
+    )
 
 
 def non_finite_error(matvec: int) -> FloatingPointError:
@@ -217,8 +264,11 @@ def non_finite_error(matvec: int) -> FloatingPointError:
     )
 
 
-def check_finite(block: Tensor, first_matvec: int) -> None:
-    """Raise FloatingPointError if an operator output block holds nan/inf (one host sync)."""
-    if not bool(torch.isfinite(block).all()):
-        bad_column = int((~torch.isfinite(block)).any(dim=0).nonzero()[0])
+def check_finite(block: Tensor, first_matvec: int, space: Space | None = None) -> None:
+    """Raise FloatingPointError if an operator output block holds nan/inf (one host sync; on
+    a distributed ``space`` a reduced flag, so that every process raises)."""
+    finite = bool(torch.isfinite(block).all()) if space is None else space.all_finite(block)
+    if not finite:
+        bad_columns = (~torch.isfinite(block)).any(dim=0).nonzero()
+        bad_column = int(bad_columns[0]) if len(bad_columns) else 0  # else: on another process
         raise non_finite_error(first_matvec + bad_column + 1)

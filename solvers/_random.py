@@ -14,6 +14,7 @@ milliseconds on a GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -110,20 +111,29 @@ def draw_probes(
     distribution: Distribution,
     dtype: torch.dtype,
     device: torch.device,
+    entries: Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
-    """``(size, num_probes)`` probe columns: Rademacher signs or standard Gaussians.
+    """``(length, num_probes)`` probe columns: Rademacher signs or standard Gaussians.
 
     Probe ``i`` uses the ``i``-th key drawn from ``generator``, so it is the same however the
-    probes are batched, and the entries are made on ``device`` in fixed-size steps.
+    probes are batched, and the entries are made on ``device`` in fixed-size steps. ``entries``
+    (default: all ``size`` of them) are the ranges ``[start, stop)`` of the full probes to make,
+    stacked in order: a process holding some rows of every vector (a sharded operator) makes its
+    rows of exactly the probes a single process makes, and no other entries.
     """
-    probes = torch.empty(num_probes, size, dtype=dtype, device=device)
+    ranges = [(0, size)] if entries is None else list(entries)
+    length = sum(stop - start for start, stop in ranges)
+    probes = torch.empty(num_probes, length, dtype=dtype, device=device)
     for probe in probes:
         key = draw_key(generator)
-        for start in range(0, size, _CHUNK_ELEMENTS):
-            stop = min(size, start + _CHUNK_ELEMENTS)
-            probe[start:stop].copy_(
-                probe_entries(
-                    key, start, stop, distribution=distribution, dtype=dtype, device=device
+        position = 0
+        for first, last in ranges:
+            for start in range(first, last, _CHUNK_ELEMENTS):
+                stop = min(last, start + _CHUNK_ELEMENTS)
+                probe[position : position + stop - start].copy_(
+                    probe_entries(
+                        key, start, stop, distribution=distribution, dtype=dtype, device=device
+                    )
                 )
-            )
+                position += stop - start
     return probes.T

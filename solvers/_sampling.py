@@ -89,7 +89,7 @@ def apply(
     outputs = state.partial if resumable else []
     for chunk in chunks[len(outputs) :]:
         product = operator.matmat(chunk)
-        check_finite(product, state.num_matvecs)
+        check_finite(product, state.num_matvecs, operator.space)
         state.num_matvecs += chunk.shape[1]
         bar.update(chunk.shape[1])
         outputs.append(product)

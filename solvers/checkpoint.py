@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from ._operator import Operator
-from ._random import draw_probes
 
 FORMAT = "torch-linop solver checkpoint"
 VERSION = 1
@@ -352,117 +351,111 @@ def _to_cpu(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- fingerprints
 def fingerprint(op: Any, operator: Operator) -> State:
-    """What identifies the operator: its type, size and dtype, and either its parameters (names,
-    shapes and float64 sum/norm checksums of their values, for objects with ``.params``) or, for
-    any other operator, a signature of its product with a fixed probe (one extra product)."""
+    """What identifies the operator: its type, size and dtype, and either what the operator
+    says identifies it (its ``fingerprint()``: a dict of JSON-able values, e.g. parameter
+    checksums and product settings) or, for any other operator, a signature of its product
+    with a fixed probe (one extra product)."""
     record: State = {
         "type": type(op).__name__,
         "size": operator.size,
         "dtype": str(getattr(op, "torch_dtype", getattr(op, "dtype", operator.dtype))),
     }
-    parameters = _named_parameters(op)
-    if parameters is not None:
-        record["parameters"] = [(name, tuple(tensor.shape)) for name, tensor in parameters]
-        record["checksums"] = _checksums([tensor for _, tensor in parameters])
-        for attribute in ("method", "jvp_method", "mc_samples", "seed"):
-            value = getattr(op, attribute, None)
-            if isinstance(value, str | int | float):
-                record[attribute] = value
+    own = getattr(op, "fingerprint", None)
+    if callable(own):
+        described = own()
+        if not isinstance(described, Mapping):
+            raise TypeError(
+                f"{type(op).__name__}.fingerprint() returned {type(described).__name__}; it "
+                "must return a dict of JSON-able values (str, int, float, lists, dicts)"
+            )
+        record["operator"] = {str(key): _json_value(value) for key, value in described.items()}
         return record
     record["probe"] = _probe_signature(operator)
     record["probe_rtol"] = math.sqrt(operator.eps)
     return record
 
 
-def _named_parameters(op: Any) -> list[tuple[str, torch.Tensor]] | None:
-    params = getattr(op, "params", None)
-    if isinstance(params, Mapping) and params:
-        items = list(params.items())
-    elif isinstance(params, list | tuple) and params:
-        items = [(str(index), tensor) for index, tensor in enumerate(params)]
-    else:
-        return None
-    if not all(isinstance(tensor, torch.Tensor) for _, tensor in items):
-        return None
-    return [(str(name), tensor) for name, tensor in items]
-
-
-def _checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``(len, 3)`` float64: sum, 2-norm and numel of each tensor (one host transfer)."""
-    with torch.no_grad():
-        rows = [
-            torch.stack(
-                [
-                    torch.sum(tensor.detach(), dtype=torch.float64),
-                    torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64),
-                ]
-            ).cpu()
-            for tensor in tensors
-        ]
-    sizes = torch.tensor([[float(tensor.numel())] for tensor in tensors], dtype=torch.float64)
-    return torch.cat([torch.stack(rows), sizes], dim=1)
+def _json_value(value: Any) -> Any:
+    """``value`` as plain JSON-able data (tuples become lists, numpy scalars numbers)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_json_value(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _json_value(item) for key, item in value.items()}
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(
+        f"an operator fingerprint holds {type(value).__name__} ({value!r}); use str, int, "
+        "float, bool, None, lists and dicts"
+    )
 
 
 def _probe_signature(operator: Operator) -> torch.Tensor:
     """float64 ``[sum(y), ||y||, v.y, y[0], y[n//2], y[-1]]`` for ``y = H v`` with a fixed
-    Gaussian probe ``v`` from a private generator (the solver's generator is not touched)."""
+    Gaussian probe ``v`` from a private generator (the solver's generator is not touched); for
+    sharded vectors, over this process's entries."""
     generator = torch.Generator().manual_seed(_PROBE_SEED)
-    probe = draw_probes(
-        1,
-        operator.size,
-        generator,
-        distribution="gaussian",
-        dtype=operator.dtype,
-        device=operator.device,
-    )
+    probe = operator.probes(1, generator, "gaussian")
     product = operator.matmat(probe)[:, 0].to(torch.float64)
     probe64 = probe[:, 0].to(torch.float64)
-    n = operator.size
+    length = product.shape[0]
+    if length == 0:
+        return torch.zeros(6, dtype=torch.float64)
     return torch.stack(
         [
             product.sum(),
             torch.linalg.vector_norm(product),
             probe64 @ product,
             product[0],
-            product[n // 2],
-            product[n - 1],
+            product[length // 2],
+            product[length - 1],
         ]
     ).cpu()
 
 
+def _close(saved: Any, current: Any) -> bool:
+    """Equal, numbers to a relative ``_PARAMETER_RTOL`` (rounding of float64 checksums)."""
+    if isinstance(saved, bool) or isinstance(current, bool):
+        return saved == current
+    if isinstance(saved, int | float) and isinstance(current, int | float):
+        return abs(saved - current) <= _PARAMETER_RTOL * max(abs(saved), abs(current))
+    if isinstance(saved, list) and isinstance(current, list):
+        return len(saved) == len(current) and all(map(_close, saved, current))
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return saved.keys() == current.keys() and all(
+            _close(saved[key], current[key]) for key in saved
+        )
+    return bool(saved == current)
+
+
+def _is_numeric(value: Any) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(_is_numeric(item) for item in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def fingerprint_mismatch(saved: State, current: State) -> str | None:
     """A description of how two fingerprints differ, None if they describe the same operator."""
-    for key in ("type", "size", "dtype", "method", "jvp_method", "mc_samples", "seed"):
+    for key in ("type", "size", "dtype"):
         if saved.get(key) != current.get(key):
             return f"{key} {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
-    if ("parameters" in saved) != ("parameters" in current):
-        return "one operator has named parameters, the other not"
-    if "parameters" in saved:
-        saved_names = [(name, tuple(shape)) for name, shape in saved["parameters"]]
-        if saved_names != current["parameters"]:
-            changed = [
-                f"{a[0]}{a[1]} vs {b[0]}{b[1]}"
-                for a, b in zip(saved_names, current["parameters"])
-                if a != b
-            ]
-            detail = (
-                changed[0]
-                if changed
-                else f"{len(saved_names)} vs {len(current['parameters'])} tensors"
-            )
-            return f"parameter names or shapes differ: {detail}"
-        old, new = saved["checksums"], current["checksums"]
-        # |sum| <= norm * sqrt(numel): both compared on the scale of the tensor's norm
-        scale = torch.stack([new[:, 1] * new[:, 2].sqrt(), new[:, 1]], dim=1)
-        differs = (old[:, :2] - new[:, :2]).abs() > _PARAMETER_RTOL * scale + 1e-300
-        if bool(differs.any()):
-            index = int(differs.any(dim=1).nonzero()[0])
-            name = current["parameters"][index][0]
-            return f"the values of parameter {name!r} differ: another model state"
+    if ("operator" in saved) != ("operator" in current):
+        return "one operator describes itself with fingerprint(), the other not"
+    if "operator" in saved:
+        old, new = saved["operator"], current["operator"]
+        for key in [*new, *(key for key in old if key not in new)]:
+            if key not in old or key not in new:
+                where = "the checkpoint" if key in old else "this operator"
+                return f"{key} is only in {where}'s fingerprint"
+            if not _close(old[key], new[key]):
+                if _is_numeric(old[key]) and _is_numeric(new[key]):
+                    return f"{key} differ: another model state"
+                return f"{key} {old[key]!r} in the checkpoint, {new[key]!r} now"
         return None
-    old, new = saved["probe"], current["probe"]
+    old_probe, new_probe = saved["probe"], current["probe"]
     rtol = max(float(saved["probe_rtol"]), float(current["probe_rtol"]))
-    probe_scale = float(new[1]) * math.sqrt(current["size"]) + 1e-300
-    if float((old - new).abs().max()) > rtol * probe_scale:
+    probe_scale = float(new_probe[1]) * math.sqrt(current["size"]) + 1e-300
+    if float((old_probe - new_probe).abs().max()) > rtol * probe_scale:
         return "its product with a fixed probe differs"
     return None

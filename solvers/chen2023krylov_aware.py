@@ -35,7 +35,7 @@ from torch import Tensor
 from . import krylov
 from ._memory import device_budget, vectors_within
 from ._operator import Operator
-from ._random import Distribution, draw_probes
+from ._random import Distribution
 from ._sampling import EstimatorState
 from .hutchinson import deflated_trace
 
@@ -58,7 +58,8 @@ def _memory_capped(operator: Operator, dimension: int, block: int) -> int:
     """``dimension``, reduced on a GPU so that the basis (with its pending block and the
     product's temporaries, about three blocks more) fits in free memory; the products saved go
     to Hutchinson probes, so the budget is still spent exactly."""
-    cap = vectors_within(device_budget(operator.device), operator.size, operator.dtype)
+    cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype)
+    cap = operator.space.agreed_min(cap)
     if cap is None or cap >= dimension + 3 * block:
         return dimension
     capped = max(block, (cap // block - 3) * block)
@@ -145,14 +146,7 @@ def _krylov_space(
         saved = dict(stage["krylov"], generator=state.generator.get_state())
         krylov.load_state_dict(lanczos_state, saved)
     else:
-        start_block = draw_probes(
-            block,
-            operator.size,
-            state.generator,
-            distribution=distribution,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
+        start_block = operator.probes(block, state.generator, distribution)
         lanczos_state = krylov.start(
             operator,
             start_block,

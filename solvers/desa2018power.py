@@ -18,15 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from ._operator import as_operator, non_finite_error
 from ._progress import progress_bar
-from ._random import draw_probes, make_generator
+from ._random import make_generator
+from ._space import Space
 from ._validation import check_int, check_tol
 from .checkpoint import Checkpoint, seed_option
 from .eigenpairs import default_tol
-from .krylov import scaled_norm
 from .results import EigenResult
 
 
@@ -66,7 +64,8 @@ def power_iteration(
     if not (isinstance(momentum, int | float) and math.isfinite(momentum) and momentum >= 0):
         raise ValueError(f"momentum must be a finite number >= 0, got {momentum!r}")
 
-    generator = make_generator(rank_consistent_seed(seed, op))
+    space = operator.space
+    generator = make_generator(space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver="power_iteration",
@@ -85,7 +84,7 @@ def power_iteration(
     dtype, device = operator.dtype, operator.device
     # the whole state of the run; iterate is None between pairs
     run: dict[str, Any] = {
-        "found": torch.zeros(0, n, dtype=dtype, device=device),
+        "found": torch.zeros(0, operator.length, dtype=dtype, device=device),
         "eigenvalues": [],
         "residuals": [],
         "norm_estimate": 0.0,
@@ -112,11 +111,9 @@ def power_iteration(
         while len(run["eigenvalues"]) < k:
             found = run["found"]
             if run["iterate"] is None:
-                start = draw_probes(
-                    1, n, generator, distribution="gaussian", dtype=dtype, device=device
-                )[:, 0]
-                iterate = _deflate(start, found)
-                run["iterate"] = iterate / torch.linalg.vector_norm(iterate)
+                start = operator.probes(1, generator, "gaussian")[:, 0]
+                iterate = _deflate(space, start, found)
+                run["iterate"] = iterate / space.vector_norm(iterate)
                 run["previous"] = torch.zeros_like(iterate)
                 run["iteration"] = 0
             while True:
@@ -126,15 +123,15 @@ def power_iteration(
                 run["num_matvecs"] += 1
                 run["iteration"] += 1
                 bar.update(1)
-                rayleigh = float(iterate @ product)
-                residual = float(scaled_norm(product - rayleigh * iterate))
+                rayleigh = float(space.inner(iterate[:, None], product[:, None])[0, 0])
+                residual = float(space.vector_norm(product - rayleigh * iterate))
                 if not (math.isfinite(rayleigh) and math.isfinite(residual)):
                     raise non_finite_error(run["num_matvecs"])
                 run["norm_estimate"] = max(run["norm_estimate"], abs(rayleigh))
                 if residual <= tol * run["norm_estimate"] or run["iteration"] >= max_iter:
                     break
-                update = _deflate(product, found) - momentum * run["previous"]
-                scale = scaled_norm(update)
+                update = _deflate(space, product, found) - momentum * run["previous"]
+                scale = space.vector_norm(update)
                 run["previous"], run["iterate"] = iterate / scale, update / scale
             run["eigenvalues"].append(rayleigh)
             run["residuals"].append(residual)
@@ -160,8 +157,8 @@ def power_iteration(
     )
 
 
-def _deflate(vector: Tensor, found: Tensor) -> Tensor:
-    """``vector`` with its components along the found eigenvectors removed."""
+def _deflate(space: Space, vector: Tensor, found: Tensor) -> Tensor:
+    """``vector`` with its components along the found eigenvectors (rows) removed."""
     if found.shape[0] == 0:
         return vector
-    return vector - found.T @ (found @ vector)
+    return vector - found.T @ space.inner(found.T, vector[:, None])[:, 0]

@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from . import krylov
 from ._memory import default_block_size, device_budget, fits_on_device, vector_bytes
 from ._operator import Operator, as_operator, check_finite
 from ._progress import progress_bar
-from ._random import draw_probes, make_generator
+from ._random import make_generator
 from ._validation import as_device, check_bool, check_int, check_tol
 from .checkpoint import Checkpoint, seed_option
 from .results import EigenResult
@@ -107,16 +105,21 @@ def lanczos(
         budget = device_budget(basis_device)
         if budget is not None:
             # no room is set aside for the k eigenvectors: the residual check forms them a
-            # block at a time and the final ones go through the host if they do not fit
-            max_basis_bytes = budget
-    capacity = _capacity(n, k, block_size, max_basis, max_basis_bytes, basis_dtype)
+            # block at a time and the final ones go through the host if they do not fit;
+            # sharded: the rows that fit on every process
+            row_bytes = max(1, operator.length) * torch.finfo(basis_dtype).bits // 8
+            rows = operator.space.agreed_min(budget // row_bytes)
+            max_basis_bytes = None if rows is None else rows * row_bytes
+    capacity = _capacity(
+        n, k, block_size, max_basis, max_basis_bytes, basis_dtype, length=operator.length
+    )
     if max_matvecs is None:
         max_matvecs = max(1000, 20 * capacity)
     check_int("max_matvecs", max_matvecs, k)
 
     if start_block is not None:
         _check_start_block(start_block, n, block_size, checkpoint)
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver="lanczos",
@@ -140,10 +143,9 @@ def lanczos(
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
     if saved is None:
         if start_block is None:
-            start_block = draw_probes(
-                block_size, n, generator, distribution="gaussian", dtype=acc_dtype,
-                device=basis_device,
-            )  # fmt: skip
+            start_block = operator.probes(
+                block_size, generator, "gaussian", dtype=acc_dtype, device=basis_device
+            )
         else:
             start_block = start_block.to(device=basis_device, dtype=acc_dtype)
         state = krylov.start(
@@ -176,11 +178,27 @@ def lanczos(
             f"lanczos: {int(result.converged.sum())} of {k} eigenpairs converged to "
             f"tol={tol:g} within {result.num_matvecs} matvecs (largest residual "
             f"{result.residuals.max():.3g}, threshold {tol * result.norm_estimate:.3g}); raise "
-            "max_matvecs (or max_basis), or loosen tol",
+            "max_matvecs (or max_basis), or loosen tol" + _irreproducible_hint(operator, tol),
             RuntimeWarning,
             stacklevel=2,
         )
     return result
+
+
+def _irreproducible_hint(operator: Operator, tol: float) -> str:
+    """After a failed run, two products of one seeded vector: if they differ by more than
+    ``tol``, the matrix moved between products and no budget would help."""
+    probe = torch.randn(operator.size, 1, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=operator.device, dtype=operator.dtype)
+    first, second = operator.matmat(probe).double(), operator.matmat(probe).double()
+    change = float((first - second).norm() / first.norm().clamp_min(1e-300))
+    if change <= max(tol, 100 * operator.eps):
+        return ""
+    return (
+        f". But first: two products of the same vector differ by {change:.2g} (relative), so "
+        "the matrix changes between products: the model or data is non-deterministic (dropout "
+        "or BatchNorm in train mode: model.eval(); a shuffled DataLoader: shuffle=False)"
+    )
 
 
 class _Run:
@@ -332,14 +350,14 @@ class _Run:
             default_block_size(operator.size, operator.dtype)
         ):
             vectors = krylov.ritz_vectors(state, coordinates[:, rows.numpy()]).to(operator.device)
-            vectors /= torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+            vectors /= operator.space.row_norms(vectors)[:, None]
             product = operator.matmat(vectors.T.to(operator.dtype))
-            check_finite(product, state.num_matvecs + self.num_residual_matvecs)
+            check_finite(product, state.num_matvecs + self.num_residual_matvecs, operator.space)
             self.num_residual_matvecs += len(rows)
             self.bar.update(len(rows))
             theta = torch.from_numpy(values[rows.numpy()]).to(vectors.device, vectors.dtype)
             residual_rows = product.T.to(vectors.dtype) - theta[:, None] * vectors
-            norms.append(krylov.scaled_norm(residual_rows, dim=1))
+            norms.append(operator.space.row_norms(residual_rows))
             del product, residual_rows, vectors
         return torch.cat(norms).cpu().double().numpy()
 
@@ -360,7 +378,7 @@ class _Run:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             vectors = vectors.to(device)
-        return vectors.div_(torch.linalg.vector_norm(vectors, dim=1, keepdim=True))  # in place
+        return vectors.div_(self.operator.space.row_norms(vectors)[:, None])  # in place
 
 
 def _check_start_block(start_block: Any, n: int, block_size: int, checkpoint: Any) -> None:
@@ -404,8 +422,11 @@ def _capacity(
     max_basis: int | None,
     max_basis_bytes: int | None,
     basis_dtype: torch.dtype,
+    *,
+    length: int | None = None,
 ) -> int:
-    """Basis rows to allocate; too small a basis for k pairs is an error naming the minimum."""
+    """Basis rows to allocate; too small a basis for k pairs is an error naming the minimum.
+    ``length``: entries of each basis row held here (default ``n``; fewer for sharded vectors)."""
     minimum = k + 2 * block_size
     if max_basis is None:
         max_basis = max(100, 4 * k, k + 4 * block_size)
@@ -415,7 +436,7 @@ def _capacity(
     if capacity == n:
         capacity -= n % block_size  # a basis of n vectors must hold whole blocks
     if max_basis_bytes is not None:
-        row_bytes = n * torch.finfo(basis_dtype).bits // 8
+        row_bytes = max(1, n if length is None else length) * torch.finfo(basis_dtype).bits // 8
         capacity = min(capacity, max_basis_bytes // row_bytes)
     if capacity < minimum and capacity < n:
         raise ValueError(

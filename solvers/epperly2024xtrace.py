@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._memory import tall_qr
 from ._operator import Operator
-from ._random import Distribution, draw_probes
+from ._random import Distribution
 from ._sampling import EstimatorState, apply
 
 MIN_MATVECS = 4  # two probes: one left out, one kept
@@ -45,14 +44,15 @@ def xtrace(
         return float(torch.diagonal(sketch.projected).sum()), 0.0
     downdates = sketch.downdates
     projected_trace = torch.diagonal(sketch.projected).sum()
+    space = operator.space
     left_out_trace = ((downdates.T @ sketch.projected) * downdates.T).sum(dim=1)
     deflated_products = sketch.products - sketch.basis_products @ _downdate(
-        sketch.basis.T @ sketch.probes, downdates
+        space.inner(sketch.basis, sketch.probes), downdates
     )
     complement = deflated_products - sketch.basis @ _downdate(
-        sketch.basis.T @ deflated_products, downdates
+        space.inner(sketch.basis, deflated_products), downdates
     )
-    estimates = projected_trace - left_out_trace + (sketch.probes * complement).sum(dim=0)
+    estimates = projected_trace - left_out_trace + space.column_sums(sketch.probes * complement)
     return _mean_and_stderr(estimates)
 
 
@@ -71,7 +71,7 @@ def xdiag(
     downdates = sketch.downdates
     left_out = (sketch.basis @ downdates) * (sketch.basis_products @ downdates)
     complement = sketch.products - sketch.basis @ _downdate(
-        sketch.basis.T @ sketch.products, downdates
+        operator.space.inner(sketch.basis, sketch.products), downdates
     )
     estimates = sketched_diagonal[:, None] - left_out + sketch.probes * complement
     return _mean_and_stderr(estimates.T)
@@ -100,21 +100,14 @@ def _take_sketch(
 ) -> _Sketch:
     stage = state.stage  # finished steps of a resumed run are skipped
     if "probes" not in stage:
-        stage["probes"] = draw_probes(
-            num_probes,
-            operator.size,
-            state.generator,
-            distribution=distribution,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
+        stage["probes"] = operator.probes(num_probes, state.generator, distribution)
     if "products" not in stage:
         stage["products"] = apply(operator, stage["probes"], state, block_size, bar)
-        stage["basis"], stage["triangular"] = tall_qr(stage["products"])
+        stage["basis"], stage["triangular"] = operator.space.tall_qr(stage["products"])
     probes, products = stage["probes"], stage["products"]
     basis, triangular = stage["basis"], stage["triangular"]
     basis_products = apply(operator, basis, state, block_size, bar)
-    projected = basis.T @ basis_products
+    projected = operator.space.inner(basis, basis_products)
     projected = (projected + projected.T) / 2
     diagonal = torch.diagonal(triangular).abs()
     downdates = None

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Literal
 
+import numpy as np
+import scipy.sparse
+import scipy.sparse.linalg
 import torch
+from torch import Tensor
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
-from . import chen2023krylov_aware, epperly2024xtrace, meyer2021hutchpp
-from ._operator import Operator, as_operator
+from . import chen2023krylov_aware, epperly2024xtrace, hutchinson, meyer2021hutchpp
+from ._operator import Operator, _aligned, as_operator
 from ._progress import progress_bar
 from ._random import Distribution, check_distribution, make_generator
-from ._sampling import EstimatorState, mean_and_stderr
+from ._sampling import EstimatorState
 from .checkpoint import Checkpoint, seed_option
 from .chen2023krylov_aware import krylov_aware_trace
 from .epperly2024xtrace import xdiag, xtrace
-from .hutchinson import hutchinson_samples
+from .hutchinson import hutchinson_samples, mean_and_stderr_or_nan
 from .meyer2021hutchpp import hutchpp
 from .results import DiagonalResult, TraceResult
 
 TraceMethod = Literal["hutch++", "hutchinson", "xtrace", "krylov"]
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace", "krylov")
 DiagonalMethod = Literal["hutchinson", "xdiag"]
-# The fewest products with which each method gives an estimate and a standard error.
+# The fewest products with which each method gives an estimate (and, but for Hutchinson's single
+# probe, whose standard error is NaN, a standard error).
 _MIN_MATVECS = {
     "hutch++": meyer2021hutchpp.MIN_MATVECS,
-    "hutchinson": 2,
+    "hutchinson": hutchinson.MIN_MATVECS,
     "xtrace": epperly2024xtrace.MIN_MATVECS,
     "xdiag": epperly2024xtrace.MIN_MATVECS,
     "krylov": chen2023krylov_aware.MIN_MATVECS,
@@ -56,7 +60,9 @@ def trace(
 ) -> TraceResult:
     """Estimate ``tr(op)`` with about ``num_matvecs`` products, with a standard error.
 
-    Methods: "hutchinson" (plain Hutchinson), "hutch++" (default; Meyer et al. 2021: a third of
+    Methods: "hutchinson" (plain Hutchinson: valid for any square operator, so dense matrices
+    are not checked for symmetry; from one product on, whose standard error is NaN), "hutch++"
+    (default; Meyer et al. 2021: a third of
     the products find a dominant subspace, a third take its trace exactly, a third run
     Hutchinson on the rest), "xtrace" (Epperly et al. 2024: every probe is used in the sketch
     and, left out of it, as a Hutchinson probe) and "krylov" (Krylov-aware, Chen and Hallman
@@ -74,7 +80,7 @@ def trace(
     :func:`lanczos` (bit-identical results after a resume); the state is saved between blocks
     of products, so ``block_size`` also bounds the work an interruption can lose.
     """
-    operator = as_operator(op)
+    operator = _as_estimated_operator(op, method)
     _check_request(method, TRACE_METHODS, num_matvecs, operator.size)
     check_distribution(distribution)
     _check_block_size(block_size)
@@ -105,7 +111,7 @@ def trace(
                 block_size=block_size,
                 bar=bar,
             )
-            mean, standard_error = mean_and_stderr(state)
+            mean, standard_error = mean_and_stderr_or_nan(state)
             estimate, stderr = float(mean), float(standard_error)
     return TraceResult(estimate, stderr, state.num_matvecs, method)
 
@@ -134,12 +140,12 @@ def diagonal(
     """Estimate ``diag(op)`` from Rademacher probes, with an entrywise standard error.
 
     "hutchinson" averages ``z * (H z)`` over ``num_matvecs`` probes (streamed in blocks of
-    ``block_size``); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
+    ``block_size``; any square operator, one probe giving a NaN standard error); "xdiag" (Epperly et al. 2024) spends ``2 * (num_matvecs // 2)`` products and
     is exact in the span of its sketch, far better when the spectrum decays. The result is numpy
     for numpy-path operators and a torch tensor on the operator's device otherwise.
     ``checkpoint`` / ``checkpoint_every`` / ``checkpoint_seconds``: as for :func:`trace`.
     """
-    operator = as_operator(op)
+    operator = _as_estimated_operator(op, method)
     _check_request(method, ("hutchinson", "xdiag"), num_matvecs, operator.size)
     _check_block_size(block_size)
     state = _start(
@@ -160,8 +166,35 @@ def diagonal(
                 block_size=block_size,
                 bar=bar,
             )
-            mean, stderr = mean_and_stderr(state)
+            mean, stderr = mean_and_stderr_or_nan(state)
     return DiagonalResult(operator.output(mean), operator.output(stderr), state.num_matvecs, method)
+
+
+class _GeneralMatrix:
+    """A dense real matrix in the solvers' torch protocol, which (unlike a bare tensor) is not
+    checked for symmetry; aligned as :func:`as_operator` aligns dense matrices."""
+
+    def __init__(self, matrix: Tensor) -> None:
+        self.matrix = _aligned(matrix)
+        self.shape, self.device, self.torch_dtype = matrix.shape, matrix.device, matrix.dtype
+
+    def matmat(self, block: Tensor) -> Tensor:
+        return self.matrix @ block
+
+
+def _as_estimated_operator(op: Any, method: str) -> Operator:
+    """``as_operator(op)``; for plain Hutchinson, which is unbiased for any square operator
+    (``E[z^T A z] = tr(A)`` needs no symmetry), dense matrices skip the symmetry check and
+    multiply as before (torch, float64 on the CPU for ndarrays, which come back as numpy)."""
+    if method == "hutchinson":
+        if isinstance(op, Tensor) and op.dtype.is_floating_point:
+            return as_operator(_GeneralMatrix(op))
+        if isinstance(op, np.ndarray) and np.issubdtype(op.dtype, np.floating) and op.ndim == 2:
+            matrix = torch.from_numpy(np.ascontiguousarray(op, dtype=np.float64))
+            return dataclasses.replace(as_operator(_GeneralMatrix(matrix)), returns_numpy=True)
+        if scipy.sparse.issparse(op) and np.issubdtype(op.dtype, np.floating):
+            return as_operator(scipy.sparse.linalg.aslinearoperator(op))
+    return as_operator(op)
 
 
 def _start(
@@ -177,7 +210,7 @@ def _start(
     checkpoint_seconds: float | None,
 ) -> EstimatorState:
     """A fresh estimator state, or the checkpointed one of a compatible earlier run."""
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
         solver=solver,
@@ -204,10 +237,7 @@ def _check_request(method: str, methods: tuple[str, ...], num_matvecs: Any, size
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     minimum = _MIN_MATVECS[method]
     if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool) or num_matvecs < minimum:
-        raise ValueError(
-            f"method {method!r} needs num_matvecs >= {minimum} (for an estimate and a standard "
-            f"error), got {num_matvecs!r}"
-        )
+        raise ValueError(f"method {method!r} needs num_matvecs >= {minimum}, got {num_matvecs!r}")
     fraction = _SKETCH_FRACTION.get(method)
     if fraction is not None and num_matvecs // fraction > size:
         raise ValueError(

@@ -11,12 +11,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._memory import default_block_size
 from ._operator import Operator
-from ._random import Distribution, draw_probes
+from ._random import Distribution
 from ._sampling import EstimatorState, accumulate, apply, mean_and_stderr
+
+MIN_MATVECS = 1  # one probe gives an (unbiased) estimate; its standard error is NaN
+
+
+def mean_and_stderr_or_nan(state: EstimatorState) -> tuple[Tensor, Tensor]:
+    """The sample mean and its standard error; with a single sample the error is unknown: NaN
+    (an estimate from one probe is still a valid, unbiased estimate)."""
+    if state.num_samples == 1 and state.mean is not None:
+        return state.mean, torch.full_like(state.mean, float("nan"))
+    return mean_and_stderr(state)
 
 
 def hutchinson_samples(
@@ -39,19 +50,15 @@ def hutchinson_samples(
     remaining = num_probes - state.num_samples
     while remaining > 0:
         count = min(remaining, block_size or default_block_size(operator.size, operator.dtype))
-        probes = draw_probes(
-            count,
-            operator.size,
-            state.generator,
-            distribution=distribution,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
+        probes = operator.probes(count, state.generator, distribution)
         if project is not None:
             probes = project(probes)
         products = apply(operator, probes, state, block_size, bar, resumable=False)
         samples = probes * products
-        accumulate(state, samples.T if diagonal else samples.sum(dim=0).double())
+        if diagonal:  # entrywise: each process keeps its own entries
+            accumulate(state, samples.T)
+        else:
+            accumulate(state, operator.space.column_sums(samples.double()))
         remaining -= count
         state.save_point()
 
@@ -71,7 +78,7 @@ def deflated_trace(
     caller knows exactly (Hutch++'s sketch, a Krylov space)."""
 
     def deflate(probes: Tensor) -> Tensor:
-        return probes - basis @ (basis.T @ probes)
+        return probes - basis @ operator.space.inner(basis, probes)
 
     hutchinson_samples(
         operator,
@@ -83,5 +90,5 @@ def deflated_trace(
         bar=bar,
         project=deflate,
     )
-    mean, stderr = mean_and_stderr(state)
+    mean, stderr = mean_and_stderr_or_nan(state)
     return float(mean), float(stderr)

@@ -6,11 +6,14 @@ and counters. Steps keep the Arnoldi relation ``H Q[:m] = Q[:size] T[:size, :m]`
 vectors, the last ``block_size`` rows of ``Q[:size]`` still pending) and never read values back
 to the host: breakdowns (an invariant subspace) and non-finite operator output are found by
 :func:`validate`, which the caller runs when it checks convergence anyway.
+
+The basis rows are this process's entries of the vectors; every product over the entries goes
+through the operator's vector space (inner products, norms, QR), so a sharded operator's run
+keeps only its rows and takes the same steps as a single process.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from ._operator import Operator, non_finite_error
 from ._random import draw_probes
+from ._space import Space
 
 _ROW_CHUNK = 32  # basis rows converted at a time when the basis is stored in a cheaper dtype
 _COLUMN_CHUNK = 1 << 18  # columns rewritten at a time by a thick restart
@@ -41,6 +45,8 @@ class KrylovState:
     size: int
     block_size: int
     generator: torch.Generator
+    space: Space  # inner products, norms and QR over the whole vectors (see ._space)
+    dimension: int  # n, the size of the whole space (basis rows hold this process's entries)
     num_matvecs: int = 0
     num_steps: int = 0
     num_restarts: int = 0
@@ -76,10 +82,10 @@ def start(
 ) -> KrylovState:
     """A state with room for ``capacity`` basis vectors whose pending block is ``start_block``
     (``(n, b)``) orthonormalised."""
-    n, block_size = start_block.shape
+    block_size = start_block.shape[1]
     state = allocate(
         operator,
-        n,
+        operator.size,
         block_size,
         capacity=capacity,
         generator=generator,
@@ -100,12 +106,21 @@ def allocate(
     basis_device: torch.device,
     basis_dtype: torch.dtype,
 ) -> KrylovState:
-    """A state with zeroed buffers for ``capacity`` basis vectors and no start block yet (fill
-    it with :func:`reset` or :func:`load_state_dict`)."""
+    """A state with zeroed buffers for ``capacity`` basis vectors of the ``n``-dimensional space
+    (each row this process's entries of a vector) and no start block yet (fill it with
+    :func:`reset` or :func:`load_state_dict`)."""
     acc_dtype = accumulation_dtype(basis_dtype, operator.dtype)
-    basis = torch.zeros(capacity, n, dtype=basis_dtype, device=basis_device)
+    basis = torch.zeros(capacity, operator.length, dtype=basis_dtype, device=basis_device)
     coefficients = torch.zeros(capacity, capacity, dtype=acc_dtype, device=basis_device)
-    return KrylovState(basis, coefficients, block_size, block_size, generator)
+    return KrylovState(
+        basis,
+        coefficients,
+        block_size,
+        block_size,
+        generator,
+        space=operator.space,
+        dimension=n,
+    )
 
 
 _COUNTERS = (
@@ -161,7 +176,7 @@ def reset(state: KrylovState, start_block: Tensor) -> None:
     state.basis.zero_()
     state.coefficients.zero_()
     start_rows = start_block.to(state.basis.device, state.coefficients.dtype).T
-    state.basis[:block_size] = _orthonormal_rows(start_rows).to(state.basis.dtype)
+    state.basis[:block_size] = _orthonormal_rows(state.space, start_rows).to(state.basis.dtype)
     state.size = state.block_size = block_size
     state.validated_columns = 0
     state.complete = False
@@ -171,8 +186,7 @@ def can_step(state: KrylovState) -> bool:
     """Whether :func:`step` has room (or can close a basis that already spans the space)."""
     if state.complete:
         return False
-    n = state.basis.shape[1]
-    return state.size + state.block_size <= state.capacity or state.size == n
+    return state.size + state.block_size <= state.capacity or state.size == state.dimension
 
 
 def step(state: KrylovState, operator: Operator) -> None:
@@ -197,28 +211,29 @@ def step(state: KrylovState, operator: Operator) -> None:
     state.num_matvecs += block_size
     state.num_steps += 1
 
-    coefficients = _project(basis[:size], rows)
+    space = state.space
+    coefficients = _project(space, basis[:size], rows)
     _subtract(rows, basis[:size], coefficients)
-    if block_size > 1 and size < basis.shape[1]:
+    if block_size > 1 and size < state.dimension:
         _block_second_pass(state, rows, coefficients, first)
         return
-    correction = _project(basis[:size], rows)
+    correction = _project(space, basis[:size], rows)
     _subtract(rows, basis[:size], correction)
     coefficients += correction
     state.coefficients[:size, first:size] = coefficients
-    if size == basis.shape[1]:
+    if size == state.dimension:
         state.complete = True
         return
     if block_size == 1:
         # scaled by a power of two (exact): squares of the entries of an operator with a norm
         # near the ends of the float range (below 1e-154 in float64) would underflow to 0
-        scale = power_of_two_scale(rows)
+        scale = space.power_of_two_scale(rows)
         rows /= scale
-        norm = torch.linalg.vector_norm(rows)
+        norm = space.reduce((rows * rows).sum(dim=1), "sum").sqrt()
         rows /= norm.clamp_min(torch.finfo(acc_dtype).tiny)
-        coupling = (norm * scale).reshape(1, 1)
+        coupling = (norm * scale[:, 0]).reshape(1, 1)
     else:
-        orthonormal, coupling = torch.linalg.qr(rows.T)
+        orthonormal, coupling = space.qr(rows.T)
         rows = orthonormal.T
     basis[size : size + block_size] = rows.to(basis.dtype)
     state.coefficients[size : size + block_size, first:size] = coupling
@@ -230,12 +245,12 @@ def _block_second_pass(state: KrylovState, rows: Tensor, coefficients: Tensor, f
 
     ``H X = Q C1 + W1 R1`` and ``W1 = Q C2 + W2 R2`` give ``H X = Q (C1 + C2 R1) + W2 (R2 R1)``.
     """
-    size, block_size, basis = state.size, state.block_size, state.basis
-    first_rows, first_coupling = torch.linalg.qr(rows.T)
+    size, block_size, basis, space = state.size, state.block_size, state.basis, state.space
+    first_rows, first_coupling = space.qr(rows.T)
     second_rows = first_rows.T.contiguous()
-    correction = _project(basis[:size], second_rows)
+    correction = _project(space, basis[:size], second_rows)
     _subtract(second_rows, basis[:size], correction)
-    orthonormal, second_coupling = torch.linalg.qr(second_rows.T)
+    orthonormal, second_coupling = space.qr(second_rows.T)
     state.coefficients[:size, first:size] = coefficients + correction @ first_coupling
     basis[size : size + block_size] = orthonormal.T.to(basis.dtype)
     state.coefficients[size : size + block_size, first:size] = second_coupling @ first_coupling
@@ -369,16 +384,17 @@ def _restart_after_breakdown(
     num_fill = block_size - int(keep.sum())
     fill = draw_probes(
         num_fill,
-        state.basis.shape[1],
+        state.dimension,
         state.generator,
         distribution="gaussian",
         dtype=acc_dtype,
         device=state.basis.device,
+        entries=state.space.entries,
     ).T.contiguous()
     previous = torch.cat([state.basis[: pending.start].to(acc_dtype), kept_rows])
     for _ in range(2):
-        _subtract(fill, previous, _project(previous, fill))
-    new_rows = torch.cat([kept_rows, _orthonormal_rows(fill)])
+        _subtract(fill, previous, _project(state.space, previous, fill))
+    new_rows = torch.cat([kept_rows, _orthonormal_rows(state.space, fill)])
     new_coupling = np.zeros_like(coupling)
     new_coupling[: int(keep.sum())] = singular_values[keep, None] * right_t[keep]
 
@@ -391,40 +407,24 @@ def _restart_after_breakdown(
     state.complete = False
 
 
-def power_of_two_scale(tensor: Tensor, dim: int | None = None) -> Tensor:
-    """A power of two within a factor 2 below ``max|tensor|`` (over ``dim``, kept as a size-1
-    dimension): dividing by it is exact, and the squares of the quotient can neither underflow
-    nor overflow. No host sync."""
-    largest = torch.linalg.vector_norm(tensor, ord=math.inf, dim=dim, keepdim=dim is not None)
-    _, exponent = torch.frexp(largest)
-    return torch.ldexp(torch.ones_like(largest), exponent - 1)
-
-
-def scaled_norm(tensor: Tensor, dim: int | None = None) -> Tensor:
-    """``torch.linalg.vector_norm(tensor, dim=dim)``, bit for bit where that neither underflows
-    nor overflows, and correct where it would (operators with norms near 1e-160 or 1e160)."""
-    scale = power_of_two_scale(tensor, dim)
-    norm = torch.linalg.vector_norm(tensor / scale, dim=dim, keepdim=dim is not None) * scale
-    return norm if dim is None else norm.squeeze(dim)
-
-
-def _orthonormal_rows(rows: Tensor) -> Tensor:
+def _orthonormal_rows(space: Space, rows: Tensor) -> Tensor:
     """Rows spanning the same space, orthonormal (QR of the transpose)."""
     if rows.shape[0] == 0:
         return rows
-    orthonormal, _ = torch.linalg.qr(rows.T)
+    orthonormal, _ = space.qr(rows.T)
     return orthonormal.T
 
 
-def _project(basis_rows: Tensor, rows: Tensor) -> Tensor:
-    """``basis_rows @ rows.T`` in the dtype of ``rows`` (converting the basis in chunks)."""
+def _project(space: Space, basis_rows: Tensor, rows: Tensor) -> Tensor:
+    """``basis_rows @ rows.T`` over the whole vectors, in the dtype of ``rows`` (converting the
+    basis in chunks, then one reduction over the processes)."""
     if basis_rows.dtype == rows.dtype:
-        return basis_rows @ rows.T
+        return space.inner(basis_rows.T, rows.T)
     result = torch.empty(basis_rows.shape[0], rows.shape[0], dtype=rows.dtype, device=rows.device)
     for start_row in range(0, basis_rows.shape[0], _ROW_CHUNK):
         chunk = slice(start_row, start_row + _ROW_CHUNK)
         result[chunk] = basis_rows[chunk].to(rows.dtype) @ rows.T
-    return result
+    return space.reduce(result, "sum")
 
 
 def _combine(coefficients: Tensor, basis_rows: Tensor) -> Tensor:

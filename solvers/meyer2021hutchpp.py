@@ -13,9 +13,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ._memory import device_budget, tall_qr, vectors_within
+from ._memory import device_budget, vectors_within
 from ._operator import Operator
-from ._random import Distribution, draw_probes
+from ._random import Distribution
 from ._sampling import EstimatorState, apply
 from .hutchinson import deflated_trace
 
@@ -30,7 +30,8 @@ def _sketch_size(operator: Operator, num_matvecs: int, stage: dict[str, Any]) ->
         if key in stage:
             return int(stage[key].shape[1])
     sketch_size = num_matvecs // 3
-    cap = vectors_within(device_budget(operator.device), operator.size, operator.dtype, copies=3)
+    cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype, copies=3)
+    cap = operator.space.agreed_min(cap)
     if cap is not None and cap < sketch_size:
         warnings.warn(
             f"hutch++: the sketch holds {max(cap, 1)} vectors instead of {sketch_size} so that it "
@@ -57,21 +58,15 @@ def hutchpp(
     sketch_size = _sketch_size(operator, num_matvecs, stage)
     num_probes = num_matvecs - 2 * sketch_size
     if "basis" not in stage and "sketch" not in stage:
-        stage["sketch"] = draw_probes(
-            sketch_size,
-            operator.size,
-            state.generator,
-            distribution=distribution,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
+        stage["sketch"] = operator.probes(sketch_size, state.generator, distribution)
     if "basis" not in stage:
-        stage["basis"], _ = tall_qr(apply(operator, stage["sketch"], state, block_size, bar))
+        images = apply(operator, stage["sketch"], state, block_size, bar)
+        stage["basis"], _ = operator.space.tall_qr(images)
         del stage["sketch"]
     basis = stage["basis"]
     if "sketched_trace" not in stage:
         products = apply(operator, basis, state, block_size, bar)
-        stage["sketched_trace"] = float((basis * products).sum())
+        stage["sketched_trace"] = float(operator.space.column_sums(basis * products).sum())
     sketched_trace = stage["sketched_trace"]
 
     residual_mean, residual_stderr = deflated_trace(

@@ -21,13 +21,11 @@ import scipy.integrate
 import scipy.linalg
 import torch
 
-from torch_linop.distributed.seeds import rank_consistent_seed
-
 from . import krylov
 from ._memory import device_budget, vectors_within
-from ._operator import as_operator
+from ._operator import Operator, as_operator
 from ._progress import progress_bar
-from ._random import draw_probes, make_generator
+from ._random import make_generator
 from ._validation import as_device, check_int
 from .checkpoint import Checkpoint, seed_option
 from .results import SpectralDensityResult
@@ -81,7 +79,7 @@ def spectral_density(
     n = operator.size
     check_density_options(n, num_runs, lanczos_steps, grid_size, sigma)
 
-    generator = make_generator(rank_consistent_seed(seed, op))
+    generator = make_generator(operator.space.shared_seed(seed))
     options = {
         "num_runs": num_runs,
         "lanczos_steps": lanczos_steps,
@@ -156,8 +154,8 @@ def spectral_density(
         bar.update(0 if state is None else state.num_matvecs)  # products of a resumed run
         for run in range(first_run, num_runs):
             if not run_started:
-                start = draw_probes(
-                    1, n, generator, distribution="rademacher", dtype=acc_dtype, device=basis_device
+                start = operator.probes(
+                    1, generator, "rademacher", dtype=acc_dtype, device=basis_device
                 )
                 if state is None:
                     state = krylov.start(
@@ -189,12 +187,13 @@ def spectral_density(
 
 
 def _basis_too_big(operator: Any, lanczos_steps: int) -> bool:
-    cap = vectors_within(device_budget(operator.device), operator.size, operator.dtype)
+    cap = vectors_within(device_budget(operator.device), operator.length, operator.dtype)
+    cap = operator.space.agreed_min(cap)
     return cap is not None and cap < min(operator.size, lanczos_steps + 1)
 
 
 def _local_spectral_density(
-    operator: Any,
+    operator: Operator,
     num_runs: int,
     lanczos_steps: int,
     grid_size: int,
@@ -207,7 +206,7 @@ def _local_spectral_density(
     does not fit: Lanczos quadrature is accurate without global orthogonality (Greenbaum 1989;
     Knizhnerman 1996), at the price of repeated copies of converged extreme nodes. Checkpoints
     hold the two current vectors, the coefficients so far and the generator's state."""
-    n = operator.size
+    space = operator.space
     acc = torch.float64 if operator.dtype == torch.float64 else torch.float32
     nodes = np.zeros((num_runs, lanczos_steps))
     weights = np.zeros((num_runs, lanczos_steps))
@@ -242,22 +241,22 @@ def _local_spectral_density(
                 beta = float(resumed["beta"])
                 resumed = None
             else:
-                start = draw_probes(
-                    1, n, generator, distribution="rademacher", dtype=acc, device=operator.device
-                )[:, 0]
-                vector = start / torch.linalg.vector_norm(start)
+                start = operator.probes(1, generator, "rademacher", dtype=acc)[:, 0]
+                vector = start / space.vector_norm(start)
                 previous = torch.zeros_like(vector)
                 alphas, betas, beta = [], [], 0.0
             while True:
                 product = operator.matmat(vector[:, None].to(operator.dtype))[:, 0].to(acc)
                 num_matvecs += 1
                 bar.update(1)
-                alpha = float(torch.dot(vector, product))
+                alpha = float(space.inner(vector[:, None], product[:, None])[0, 0])
                 product -= alpha * vector + beta * previous
                 for basis_vector in (vector, previous):  # local reorthogonalisation
-                    product -= torch.dot(basis_vector, product) * basis_vector
+                    product -= (
+                        space.inner(basis_vector[:, None], product[:, None])[0] * basis_vector
+                    )
                 alphas.append(alpha)
-                beta = float(torch.linalg.vector_norm(product))
+                beta = float(space.vector_norm(product))
                 if not math.isfinite(beta):
                     raise FloatingPointError(f"non-finite Lanczos step at product {num_matvecs}")
                 if beta <= 1e-12 * max(abs(a) for a in alphas) or len(alphas) == lanczos_steps:

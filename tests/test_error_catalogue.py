@@ -10,6 +10,7 @@ import functools
 import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,11 @@ from torch_linop import (
     GGNOperator,
     HessianOperator,
     MCFisherOperator,
+    ProductOptions,
     ce_hvp,
+    hf_classification_loss,
+    hf_masked_lm_loss,
+    hf_seq2seq_loss,
     match_names,
     supervised_loss,
 )
@@ -145,31 +150,87 @@ simple(
 simple("op-unknown-method", lambda: hessian(method="exact"))
 simple("op-cache-graph-method", lambda: hessian(method="forward", cache_graph=True))
 simple("op-cache-graph-type", lambda: hessian(cache_graph=1))
-simple("op-cuda-graph-needs-cache", lambda: GGNOperator(mlp(), batches(), CE, cuda_graph=True))
+simple(
+    "op-cuda-graph-needs-cache",
+    lambda: GGNOperator(mlp(), batches(), CE, options=ProductOptions(cuda_graph=True)),
+)
 simple(
     "op-cuda-graph-device",
-    lambda: GGNOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+    lambda: GGNOperator(
+        mlp(), batches(), CE, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    ),
 )
 simple(
     "op-cuda-graph-difference",
     lambda: GGNOperator(
-        mlp(), batches(), CE, jvp_method="forward_difference", cache_graph=True, cuda_graph=True
+        mlp(),
+        batches(),
+        CE,
+        jvp_method="forward_difference",
+        cache_graph=True,
+        options=ProductOptions(cuda_graph=True),
     ),
 )
 simple(
     "op-cuda-graph-mc-fisher",
-    lambda: MCFisherOperator(mlp(), batches(), CE, cache_graph=True, cuda_graph=True),
+    lambda: MCFisherOperator(
+        mlp(), batches(), CE, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    ),
 )
 simple("op-unknown-jvp-method", lambda: GGNOperator(mlp(), batches(), CE, jvp_method="reverse"))
 simple("op-mc-samples", lambda: MCFisherOperator(mlp(), batches(), CE, mc_samples=0))
-simple("op-num-batches", lambda: hessian(num_batches=0))
-simple("op-num-data", lambda: hessian(num_data=0))
+simple("op-num-batches", lambda: hessian(options=ProductOptions(num_batches=0)))
+simple("op-num-data", lambda: hessian(options=ProductOptions(num_data=0)))
+simple("op-options-type", lambda: hessian(options={"num_data": 8}))
+simple(
+    "op-options-and-old-keyword",
+    lambda: hessian(num_data=8, options=ProductOptions(num_batches=1)),
+)
 simple(
     "op-dropout-train-mode",
     lambda: HessianOperator(
-        nn.Sequential(mlp(), nn.Dropout(0.5)).train(), batches(), CE, check_deterministic=True
+        nn.Sequential(mlp(), nn.Dropout(0.5)).train(),
+        batches(),
+        CE,
+        options=ProductOptions(check_deterministic=True),
     ),
 )
+simple(
+    "op-nondeterministic",
+    lambda: HessianOperator(nn.Sequential(mlp(), nn.Dropout(0.5)).train(), batches(), CE),
+)
+
+
+def weight_normed_mlp() -> nn.Module:
+    model = mlp()
+    model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+simple("op-weight-norm-hessian", lambda: HessianOperator(weight_normed_mlp(), batches(), CE))
+
+
+def tied_padding_lm() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        embed = nn.Embedding(6, 3, padding_idx=0)
+        head = nn.Linear(3, 6, bias=False)
+    head.weight = embed.weight
+    return nn.Sequential(embed, nn.Tanh(), head).to(DTYPE)
+
+
+TOKEN_DATA = [(torch.tensor([0, 2, 3, 1]), torch.tensor([2, 3, 1, 4]))]
+simple("op-tied-padding-row", lambda: GGNOperator(tied_padding_lm(), TOKEN_DATA, CE))
+
+
+@case("op-not-symmetric")
+def _(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the op-weight-norm-hessian warning
+        operator = HessianOperator(weight_normed_mlp(), batches(), CE)
+    operator.check_symmetric()
+
+
 # losses
 simple("op-criterion-module", lambda: HessianOperator(mlp(), batches(), nn.CrossEntropyLoss()))
 simple(
@@ -186,6 +247,66 @@ simple(
     lambda: (
         MCFisherOperator(mlp(), batches(), supervised_loss(F.l1_loss))
         @ torch.ones(SIZE, dtype=DTYPE)
+    ),
+)
+CLASS_WEIGHTED = supervised_loss(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.0])))
+simple(
+    "op-ef-class-weights",
+    lambda: (
+        EmpiricalFisherOperator(mlp(), batches(), CLASS_WEIGHTED) @ torch.ones(SIZE, dtype=DTYPE)
+    ),
+)
+simple(
+    "op-class-weights-zero",
+    lambda: (
+        HessianOperator(mlp(), [(x, torch.full_like(y, 2)) for x, y in batches()], CLASS_WEIGHTED)
+        @ torch.ones(SIZE, dtype=DTYPE)
+    ),
+)
+
+
+@case("op-class-weights-process-group")
+def _(tmp_path: Path) -> None:
+    from unittest import mock
+
+    operator = HessianOperator(mlp(), batches(), CLASS_WEIGHTED)
+    # as if torch.distributed were initialised: the total class weight is the first collective
+    with mock.patch("torch_linop.data_parallel.resolve", return_value=object()):
+        operator._total_mass()
+
+
+def tiny_bert(model_class_name: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=13,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return getattr(transformers, model_class_name)(config).eval()
+
+
+TOKENS = torch.ones(2, 4, dtype=torch.long)
+simple(
+    "loss-seq2seq-encoder-only",
+    lambda: hf_seq2seq_loss()(
+        tiny_bert("BertForMaskedLM"), {"input_ids": TOKENS, "labels": TOKENS}
+    ),
+)
+simple(
+    "loss-classification-float-labels",
+    lambda: hf_classification_loss()(
+        tiny_bert("BertForSequenceClassification"),
+        {"input_ids": TOKENS, "labels": torch.zeros(2)},
+    ),
+)
+simple(
+    "loss-masked-lm-label-shape",
+    lambda: hf_masked_lm_loss()(
+        tiny_bert("BertForMaskedLM"), {"input_ids": TOKENS, "labels": TOKENS[:, :3]}
     ),
 )
 simple(
@@ -243,7 +364,10 @@ simple(
 )
 simple(
     "op-batch-size-fn",
-    lambda: hessian(batch_size_fn=lambda batch: -1) @ torch.ones(SIZE, dtype=DTYPE),
+    lambda: (
+        hessian(options=ProductOptions(batch_size_fn=lambda batch: -1))
+        @ torch.ones(SIZE, dtype=DTYPE)
+    ),
 )
 simple(
     "op-no-samples",
@@ -262,6 +386,14 @@ simple(
 )
 # vectors
 simple("op-vector-length", lambda: hessian() @ torch.zeros(7, dtype=DTYPE))
+simple("op-ndarray-length", lambda: hessian().matvec(np.zeros(7)))
+simple(
+    "op-data-dtype",
+    lambda: (
+        HessianOperator(mlp(), [(x.float(), y) for x, y in batches()], CE)
+        @ torch.ones(SIZE, dtype=DTYPE)
+    ),
+)
 simple("op-vector-dtype", lambda: hessian() @ torch.zeros(SIZE, dtype=torch.float32))
 simple("op-vector-device", lambda: hessian() @ torch.zeros(SIZE, dtype=DTYPE, device="meta"))
 simple(
@@ -295,6 +427,23 @@ simple("solver-complex", lambda: lanczos(spd().astype(np.complex128), 1))
 simple("solver-not-symmetric", lambda: lanczos(np.triu(np.ones((10, 10))), 1))
 simple("solver-unsupported-type", lambda: lanczos([[1.0, 0.0], [0.0, 2.0]], 1))
 simple("solver-non-finite-operator", lambda: lanczos(spd() * np.nan, 1))
+
+
+@case("solver-irreproducible-products")
+def _(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    model = model.to(DTYPE).train()
+    inputs = torch.randn(20, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    labels = torch.arange(20) % 3
+    shuffled = DataLoader(TensorDataset(inputs, labels), batch_size=5, shuffle=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the op-nondeterministic warning
+        operator = HessianOperator(model, shuffled, CE)
+    lanczos(operator, 2, seed=0, max_matvecs=12, tol=1e-10)
+
+
 simple("solver-seed", lambda: lanczos(spd(), 2, seed=1.5))
 simple("solver-progress", lambda: lanczos(spd(), 2, progress="yes"))
 simple("solver-trace-zero-budget", lambda: trace(spd(), 0))
@@ -366,6 +515,10 @@ cli_case("cli-hf-random-init", "--hf-random-init")
 cli_case("cli-model-module", "--model", "no_such_module_xyz:build")
 cli_case("cli-model-spec", "--model", "no_colon_here")
 cli_case("cli-device", "--device", "tpu:9")
+cli_case("cli-param-filter", "--param-filter", "encoder.*")
+cli_case("cli-top-k-limit", "-k", "5000")
+cli_case("cli-output-dir", "--output-dir", "/dev/null/plots")
+cli_case("cli-json-path", "--json", "/dev/null/out.json")
 
 # --------------------------------------------------------------------------- the tests
 
@@ -407,6 +560,12 @@ def exception_class(name: str) -> type[BaseException]:
     return found
 
 
+def warning_class(name: str) -> type[Warning] | None:
+    """The warning class of a row that documents a warning (UserWarning, RuntimeWarning)."""
+    found = getattr(builtins, name, None)
+    return found if isinstance(found, type) and issubclass(found, Warning) else None
+
+
 def test_catalogue_and_registry_match():
     ids = [row.identifier for row in ROWS]
     assert len(ids) == len(set(ids)), "duplicate ids in docs/errors.md"
@@ -435,6 +594,12 @@ def test_documented_error(row: Row, tmp_path: Path, capsys: pytest.CaptureFixtur
         assert row.message in capsys.readouterr().err
         return
     assert check.run is not None
+    warning = warning_class(row.raises)
+    if warning is not None:
+        with pytest.warns(warning) as record:
+            check.run(tmp_path)
+        assert any(row.message in str(w.message) for w in record), [str(w.message) for w in record]
+        return
     with pytest.raises(exception_class(row.raises)) as raised:
         check.run(tmp_path)
     assert row.message in str(raised.value)

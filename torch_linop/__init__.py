@@ -10,6 +10,8 @@ from torch_linop.empirical_fisher import EmpiricalFisherOperator
 from torch_linop.ggn import GGNOperator
 from torch_linop.hessian import HessianOperator
 from torch_linop.kernels import ce_hvp
+from torch_linop.kfac import EKFACOperator, KFACInverseOperator, KFACOperator
+from torch_linop.kfac.quality import approximation_quality
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.losses import (
     LossFunction,
@@ -17,6 +19,7 @@ from torch_linop.losses import (
     supervised_loss,
     supervised_loss_of_output,
 )
+from torch_linop.losses.encoders import hf_classification_loss, hf_masked_lm_loss
 from torch_linop.losses.language_models import (
     hf_lm_forward,
     hf_lm_loss,
@@ -27,6 +30,7 @@ from torch_linop.losses.transformer_lens import tlens_forward, tlens_loss, tlens
 from torch_linop.mc_fisher import MCFisherOperator
 from torch_linop.monitor import CurvatureMonitor
 from torch_linop.operator import CurvatureOperator
+from torch_linop.options import ProductOptions
 from torch_linop.params import (
     match_names,
     match_regex,
@@ -58,10 +62,16 @@ __all__ = [
     "TorchLinearOperator",
     "TraceResult",
     "ce_hvp",
+    "approximation_quality",
+    "EKFACOperator",
+    "KFACInverseOperator",
+    "KFACOperator",
     "diagonal",
+    "hf_classification_loss",
     "hf_lm_forward",
     "hf_lm_loss",
     "hf_lm_loss_of_output",
+    "hf_masked_lm_loss",
     "hf_seq2seq_loss",
     "lanczos",
     "power_iteration",
@@ -76,6 +86,7 @@ __all__ = [
     "IdentityOperator",
     "LossFunction",
     "MCFisherOperator",
+    "ProductOptions",
     "match_names",
     "match_regex",
     "parameters_to_vector",

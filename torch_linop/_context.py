@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils._named_member_accessor import NamedMemberAccessor
 from torch.nn.utils.stateless import _reparametrize_module
 
 
@@ -29,10 +30,43 @@ def reparametrized(module: nn.Module, tensors: dict[str, torch.Tensor]) -> Itera
             if buffer is not None and name not in replacement:
                 replacement[name] = buffer.clone()
     with (
-        _reparametrize_module(module, replacement, tie_weights=True, strict=False),
+        _reparametrize_module(module, _untied_slots(module, replacement), strict=False),
         differentiable_hf_attention(module),
     ):
         yield
+
+
+def _untied_slots(module: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` extended to every other name of the same tensor (tied weights such as a
+    shared embedding and LM head), with one name per storage slot.
+
+    A submodule registered under two names (``self.alias = self.body``; TransformerLens's bridge
+    registers ``blocks`` and ``layers``) gives two names for one slot of one module. torch's own
+    ``tie_weights=True`` swaps that slot twice and then restores it from the second swap, which
+    returned the replacement: the model would keep a plain tensor in place of its
+    ``nn.Parameter``. Swapping each (module, attribute) slot once restores the originals."""
+    named: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    named.update(module.named_buffers(remove_duplicate=False))
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in named.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    accessor = NamedMemberAccessor(module)  # resolves paths as the swap will (getattr)
+    untied: dict[str, torch.Tensor] = {}
+    seen_slots: set[tuple[object, str]] = set()
+    for given_name, value in tensors.items():
+        original = named.get(given_name)
+        tied = [] if original is None else [n for n in names_of[id(original)] if n != given_name]
+        for name in (given_name, *tied):
+            owner_name, _, attribute = name.rpartition(".")
+            try:
+                slot: tuple[object, str] = (id(accessor.get_submodule(owner_name)), attribute)
+            except (AttributeError, TypeError):  # not a module path: the swap reports it
+                slot = (owner_name, attribute)
+            if slot in seen_slots:
+                continue
+            seen_slots.add(slot)
+            untied[name] = value
+    return untied
 
 
 # HF attention implementations without forward-mode AD or double backward: FlashAttention,

@@ -93,3 +93,10 @@ def local_step(
 def rms(theta_norm: float, num_entries: int) -> float:
     """Root mean square of the parameters, with a floor for all-zero parameters."""
     return max(theta_norm / math.sqrt(max(1, num_entries)), 1e-3)
+
+
+def norm_of(tensors: list[torch.Tensor]) -> float:
+    """Euclidean norm of the concatenation of ``tensors`` (one host read)."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))

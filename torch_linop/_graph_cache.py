@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from torch_linop import data_parallel
 from torch_linop._autodiff import make_leaves
 from torch_linop._context import reparametrized, warn_if_tf32
 from torch_linop._cuda_graph import CapturedProduct
-from torch_linop.distributed import data_parallel
 from torch_linop.operator import CurvatureOperator
 
 
@@ -38,8 +38,57 @@ class KeptForward:
     output: torch.Tensor
 
 
+class KeptGraphs:
+    """One operator's kept per-batch graphs (``cache_graph=True``) and when to rebuild them.
+
+    A wrapper around the operator's per-batch products, chosen at construction: the operator
+    passes itself to each call (no reference back to it is kept, so deleting the operator frees
+    the graphs at once). ``build(weight, batch)`` makes one batch's graph (an object with a
+    ``weight`` attribute), ``multiply(graph, tangents)`` the batch's product on it.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: list[Any] | None = None
+        self.key: tuple[Any, ...] | None = None
+        self._refs: list[Any] = []  # keeps the objects in the key alive: ids stay unique
+
+    def clear(self) -> None:
+        """Drop the graphs (the next product rebuilds them)."""
+        self.graphs, self.key, self._refs = None, None, []
+
+    def current(self, operator: GraphCachingOperator) -> list[Any]:
+        """The kept graphs, rebuilt first when what they depend on has changed."""
+        key, refs = _state_key(operator)
+        if self.graphs is not None and key == self.key:
+            return self.graphs
+        self.clear()  # free the stale graphs before building the new ones
+        with operator._graph_building_context():
+            graphs = [
+                operator._build_graph(weight, batch)
+                for weight, batch in operator.weighted_batches()
+            ]
+        # stored only once every batch has its graph: an error above leaves no partial cache
+        self.graphs, self.key, self._refs = graphs, key, refs
+        return graphs
+
+    def weighted_products(
+        self, operator: GraphCachingOperator, tangents: list[torch.Tensor]
+    ) -> Generator[tuple[float, list[torch.Tensor]], None, None]:
+        """``(weight, product)`` per batch on the kept graphs; any error drops them."""
+        try:
+            graphs = self.current(operator)
+            with operator._cached_product_context():
+                for graph in graphs:
+                    yield graph.weight, operator._cached_product(graph, tangents)
+        except BaseException:
+            self.clear()  # whatever failed, the next product starts from fresh graphs
+            raise
+
+
 class GraphCachingOperator(CurvatureOperator):
-    """A curvature operator whose products can run on kept per-batch graphs.
+    """A curvature operator whose products can run on kept per-batch graphs, and be replayed
+    from a CUDA graph: both are wrappers chosen at construction (:class:`KeptGraphs`,
+    :class:`~torch_linop._cuda_graph.CapturedProduct`), ``None`` when not asked for.
 
     Subclasses build one batch's graph in :meth:`_build_graph` (once per batch) and multiply
     with it in :meth:`_cached_product`; each graph object has a ``weight`` attribute (the
@@ -62,10 +111,8 @@ class GraphCachingOperator(CurvatureOperator):
             )
         self.cache_graph = cache_graph
         self.cuda_graph = cuda_graph
-        self._captured = CapturedProduct() if cuda_graph else None
-        self._graphs: list[Any] | None = None
-        self._graphs_key: tuple[Any, ...] | None = None
-        self._graphs_refs: list[Any] = []  # keeps the objects in the key alive: ids stay unique
+        self._kept: KeptGraphs | None = KeptGraphs() if cache_graph else None
+        self._captured: CapturedProduct | None = CapturedProduct() if cuda_graph else None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -81,14 +128,25 @@ class GraphCachingOperator(CurvatureOperator):
                     "group; use cuda_graph=False for data-parallel operators"
                 )
 
+    @property
+    def _graphs(self) -> list[Any] | None:
+        """The kept graphs, ``None`` before the first product or after :meth:`clear_cache`."""
+        kept = getattr(self, "_kept", None)
+        return None if kept is None else kept.graphs
+
+    @property
+    def _graphs_key(self) -> tuple[Any, ...] | None:
+        kept = getattr(self, "_kept", None)
+        return None if kept is None else kept.key
+
     def clear_cache(self) -> None:
         """Drop the kept per-batch graphs (``cache_graph=True``) and the captured product
         (``cuda_graph=True``), freeing their memory; the next product rebuilds them. Needed only
         after changes the cache cannot see (writes through ``param.data``, numpy views or a
         ``DataLoader``'s dataset); harmless otherwise."""
-        self._graphs = None
-        self._graphs_key = None
-        self._graphs_refs = []
+        kept = getattr(self, "_kept", None)
+        if kept is not None:
+            kept.clear()
         captured = getattr(self, "_captured", None)
         if captured is not None:
             captured.clear()
@@ -99,9 +157,10 @@ class GraphCachingOperator(CurvatureOperator):
             return super()._apply(columns)
         # kept graphs, captures, replays and several-column products all on the side stream
         with captured.on_side_stream(self.device):
-            self._cached_graphs()  # rebuilt first if stale: the capture must see them
+            assert self._kept is not None  # cuda_graph=True needs cache_graph=True
+            self._kept.current(self)  # rebuilt first if stale: the capture must see them
             if columns.shape[1] == 1:
-                result = captured(super()._apply, columns, self._graphs_key)
+                result = captured(super()._apply, columns, self._kept.key)
             else:
                 result = super()._apply(columns)
         if result is None:  # the capture failed: no side stream from now on
@@ -141,60 +200,42 @@ class GraphCachingOperator(CurvatureOperator):
             return self._product_context()
         return contextlib.nullcontext()
 
-    # ----------------------------------------------------------------- machinery
-    def _state_key(self) -> tuple[tuple[Any, ...], list[Any]]:
-        """What the kept graphs depend on, as ids, version counters and storage addresses (the
-        objects themselves are returned too, to be kept alive while the key is in use)."""
-        refs: list[Any] = [self.model, self.loss_fn, self.batches, self.batches.data]
-        keys: list[Any] = [id(obj) for obj in refs]
-        keys.append(self.batches.num_batches)
-        tensors: list[torch.Tensor | None] = list(self.params.values())
-        for module in self.model.modules():
-            keys.append(module.training)
-            tensors.extend(module._parameters.values())
-            tensors.extend(module._buffers.values())
-        data = self.batches.data
-        if isinstance(data, (list, tuple)):  # a DataLoader's dataset cannot be inspected cheaply
-            limit = self.batches.num_batches
-            for batch in data if limit is None else data[:limit]:
-                _add_batch(batch, refs, keys, tensors)
-        for tensor in tensors:
-            if tensor is None:
-                keys.append(None)
-                continue
-            try:
-                keys.extend((id(tensor), tensor._version, tensor.data_ptr()))
-            except (RuntimeError, NotImplementedError):  # inference tensors, no storage
-                keys.extend((id(tensor), *_version_and_address(tensor)))
-        refs.extend(tensors)
-        return tuple(keys), refs
-
-    def _cached_graphs(self) -> list[Any]:
-        """The kept graphs, rebuilt first when what they depend on has changed."""
-        key, refs = self._state_key()
-        if self._graphs is not None and key == self._graphs_key:
-            return self._graphs
-        self.clear_cache()  # free the stale graphs before building the new ones
-        with self._graph_building_context():
-            graphs = [self._build_graph(weight, batch) for weight, batch in self.weighted_batches()]
-        # stored only once every batch has its graph: an error above leaves no partial cache
-        self._graphs, self._graphs_key, self._graphs_refs = graphs, key, refs
-        return graphs
-
     def _weighted_products(
         self, tangents: list[torch.Tensor]
     ) -> Generator[tuple[float, list[torch.Tensor]], None, None]:
-        if not self.cache_graph:
+        kept = getattr(self, "_kept", None)
+        if kept is None:
             yield from super()._weighted_products(tangents)
-            return
+        else:
+            yield from kept.weighted_products(self, tangents)
+
+
+def _state_key(operator: CurvatureOperator) -> tuple[tuple[Any, ...], list[Any]]:
+    """What the kept graphs depend on, as ids, version counters and storage addresses (the
+    objects themselves are returned too, to be kept alive while the key is in use)."""
+    refs: list[Any] = [operator.model, operator.loss_fn, operator.batches, operator.batches.data]
+    keys: list[Any] = [id(obj) for obj in refs]
+    keys.append(operator.batches.num_batches)
+    tensors: list[torch.Tensor | None] = list(operator.params.values())
+    for module in operator.model.modules():
+        keys.append(module.training)
+        tensors.extend(module._parameters.values())
+        tensors.extend(module._buffers.values())
+    data = operator.batches.data
+    if isinstance(data, (list, tuple)):  # a DataLoader's dataset cannot be inspected cheaply
+        limit = operator.batches.num_batches
+        for batch in data if limit is None else data[:limit]:
+            _add_batch(batch, refs, keys, tensors)
+    for tensor in tensors:
+        if tensor is None:
+            keys.append(None)
+            continue
         try:
-            graphs = self._cached_graphs()
-            with self._cached_product_context():
-                for graph in graphs:
-                    yield graph.weight, self._cached_product(graph, tangents)
-        except BaseException:
-            self.clear_cache()  # whatever failed, the next product starts from fresh graphs
-            raise
+            keys.extend((id(tensor), tensor._version, tensor.data_ptr()))
+        except (RuntimeError, NotImplementedError):  # inference tensors, no storage
+            keys.extend((id(tensor), *_version_and_address(tensor)))
+    refs.extend(tensors)
+    return tuple(keys), refs
 
 
 @contextlib.contextmanager

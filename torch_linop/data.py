@@ -56,7 +56,7 @@ def leading_dim_batch_size(batch: Any) -> int:
     if tensor is None or tensor.dim() == 0:
         raise ValueError(
             f"cannot infer the number of samples of a batch of type {type(batch).__name__}; "
-            "pass batch_size_fn=lambda batch: ... to the operator"
+            "pass options=ProductOptions(batch_size_fn=lambda batch: ...) to the operator"
         )
     return int(tensor.shape[0])
 
@@ -112,3 +112,19 @@ def _length_or_none(data: Sized) -> int | None:
         return len(data)
     except TypeError:
         return None
+
+
+def floating_dtypes(batch: Any) -> set[torch.dtype]:
+    """The dtypes of the floating-point tensors in a batch (tuples, lists, dicts, nested)."""
+    if isinstance(batch, torch.Tensor):
+        return {batch.dtype} if batch.is_floating_point() else set()
+    if isinstance(batch, (Mapping, UserDict)):
+        values: Iterable[Any] = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    else:
+        return set()
+    found: set[torch.dtype] = set()
+    for value in values:
+        found |= floating_dtypes(value)
+    return found

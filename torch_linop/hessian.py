@@ -10,22 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from torch_linop._autodiff import _is_oom, grads_or_zeros, is_vmap_failure, make_leaves
+from torch_linop._autodiff import grads_or_zeros, make_leaves
 from torch_linop._checks import check_loss
 from torch_linop._context import reparametrized
-from torch_linop._finite_difference import local_step, shifted
+from torch_linop._finite_difference import local_step, norm_of, shifted
 from torch_linop._graph_cache import GraphCachingOperator
 from torch_linop.losses.base import LossFunction
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
 from torch_linop.params import ParamFilter
+from torch_linop.products.capability import Capabilities
 
 HESSIAN_METHODS = ("autograd", "forward", "finite_difference")
-
-
-def _norm(tensors: list[torch.Tensor]) -> float:
-    """Euclidean norm of the concatenation of ``tensors``."""
-    if not tensors:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
 def loss_and_gradient(
@@ -174,11 +169,11 @@ def hessian_product_finite_difference(
     eps = torch.finfo(theta[0].dtype).eps
     acc_theta = [t.to(acc_dtype) for t in theta]
     dtypes = [t.dtype for t in theta]
-    theta_norm = _norm(acc_theta)
+    theta_norm = norm_of(acc_theta)
     results = [torch.zeros_like(t) for t in tangents]
     for j in range(tangents[0].shape[0]):
         direction = [t[j].to(acc_dtype) for t in tangents]
-        v_norm = _norm(direction)
+        v_norm = norm_of(direction)
         if v_norm == 0.0:
             continue
         step = local_step(acc_theta, direction, theta_norm, v_norm, eps, 1.0 / 3.0)
@@ -227,11 +222,14 @@ class HessianOperator(GraphCachingOperator):
     view), or the contents of a ``DataLoader``'s dataset, call :meth:`clear_cache`. A product
     that raises drops the cache.
 
-    ``cuda_graph=True`` (with ``cache_graph=True``, on a CUDA device) captures the one-column
+    ``options=ProductOptions(...)`` sets the rarely needed options (how many batches, a process
+    group, ...: :class:`~torch_linop.options.ProductOptions`); with ``cuda_graph=True`` among
+    them (and ``cache_graph=True``, on a CUDA device) the operator captures the one-column
     product in a CUDA graph and replays it, so the host no longer dispatches it operation by
     operation (recaptured when the kept graphs are rebuilt; see ``torch_linop/_cuda_graph.py``).
     """
 
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -241,9 +239,9 @@ class HessianOperator(GraphCachingOperator):
         param_filter: ParamFilter | None = None,
         method: str = "autograd",
         cache_graph: bool = False,
-        cuda_graph: bool = False,
-        **kwargs: Any,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
         if method not in HESSIAN_METHODS:
             raise ValueError(f"method must be one of {HESSIAN_METHODS}, got {method!r}")
         if cache_graph is True and method != "autograd":
@@ -253,9 +251,16 @@ class HessianOperator(GraphCachingOperator):
                 "or cache_graph=False"
             )
         self.method = method
-        self._init_graph_cache(cache_graph, cuda_graph)
-        self._batched_ok = True
-        super().__init__(model, data, loss_fn, param_filter=param_filter, **kwargs)
+        self._init_graph_cache(cache_graph, options.cuda_graph)
+        self.capabilities = Capabilities()
+        # the k columns in one pass: vmap over forward-over-reverse (method="forward") or one
+        # is_grads_batched backward (double backward), each probed once
+        self._batched_columns = (
+            self.capabilities.vmap_jvp
+            if method == "forward"
+            else self.capabilities.batched_backward
+        )
+        super().__init__(model, data, loss_fn, param_filter=param_filter, options=options)
 
     # ----------------------------------------------------------------- cached-graph mode
     def _build_graph(self, weight: float, batch: Any) -> _BatchGraph:
@@ -274,16 +279,10 @@ class HessianOperator(GraphCachingOperator):
                 retain_graph=True,
             )
 
-        if self._batched_ok and tangents[0].shape[0] > 1:
-            try:
-                return product(batched=True)
-            except RuntimeError as error:
-                if _is_oom(error) or not is_vmap_failure(error):
-                    raise
-                columns = product(batched=False)  # the graph was retained: loop over it
-                self._batched_ok = False
-                return columns
-        return product(batched=False)
+        if tangents[0].shape[0] == 1:
+            return product(batched=False)
+        # a failed batched backward leaves the graph retained: the loop runs on it
+        return self._batched_columns.choose(lambda: product(True), lambda: product(False))
 
     # ----------------------------------------------------------------- per-batch products
     def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -292,22 +291,19 @@ class HessianOperator(GraphCachingOperator):
                 self.model, self.loss_fn, self.params, batch, tangents
             )
         product = hessian_product_forward if self.method == "forward" else hessian_product_autograd
-        if self._batched_ok and tangents[0].shape[0] > 1:
-            try:
-                return product(self.model, self.loss_fn, self.params, batch, tangents, batched=True)
-            except RuntimeError as error:
-                if _is_oom(error) or not is_vmap_failure(error):
-                    raise
-                # loop instead; batching is switched off only once the loop has worked, so a
-                # one-off error of the user's model does not cost the batched path for good
-                columns = self._looped(product, batch, tangents)
-                self._batched_ok = False
-                return columns
-        return self._looped(product, batch, tangents)
 
-    def _looped(self, product: Any, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        def columns(batched: bool) -> list[torch.Tensor]:
+            return self._exact(product, batch, tangents, batched)
+
+        if tangents[0].shape[0] == 1:
+            return columns(batched=False)
+        return self._batched_columns.choose(lambda: columns(True), lambda: columns(False))
+
+    def _exact(
+        self, product: Any, batch: Any, tangents: list[torch.Tensor], batched: bool
+    ) -> list[torch.Tensor]:
         try:
-            return product(self.model, self.loss_fn, self.params, batch, tangents, batched=False)
+            return product(self.model, self.loss_fn, self.params, batch, tangents, batched=batched)
         except RuntimeError as error:
             if self.method == "forward" and "ZeroTensors are immutable" in str(error):
                 raise RuntimeError(

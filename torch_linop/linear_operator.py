@@ -15,6 +15,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
@@ -60,6 +61,16 @@ def _indexed(device: torch.device) -> torch.device:
     if device.index is not None or device.type in ("cpu", "meta"):
         return device
     return torch.empty(0, device=device).device
+
+
+def _defers_to(other: Any) -> bool:
+    """Whether ``self @ other`` should be left to ``other.__rmatmul__``: objects that are neither
+    arrays, sequences, scipy operators/sparse matrices nor ours, but know how to multiply."""
+    if isinstance(other, (np.ndarray, LinearOperator, list, tuple, TorchLinearOperator)):
+        return False
+    if scipy.sparse.issparse(other):
+        return False
+    return hasattr(type(other), "__rmatmul__")
 
 
 class TorchLinearOperator(LinearOperator):
@@ -283,6 +294,8 @@ class TorchLinearOperator(LinearOperator):
             return self.apply(other)
         if np.isscalar(other):
             raise ValueError("Scalar operands are not allowed, use '*' instead")
+        if _defers_to(other):
+            return NotImplemented  # e.g. a curvlinops-protocol operator: its __rmatmul__ chains
         return self.dot(other)
 
     def __rmatmul__(self, other: Any) -> Any:

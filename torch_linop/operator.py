@@ -15,14 +15,46 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_linop import data_parallel
 from torch_linop._autodiff import _is_oom
 from torch_linop._context import differentiable_attention, reparametrized, warn_if_tf32
-from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
-from torch_linop.distributed import data_parallel
+from torch_linop._nondeterminism import warn_if_nondeterministic
+from torch_linop._unreliable_derivatives import (
+    warn_if_second_derivatives_unreliable,
+    warn_if_tied_padding_rows,
+)
+from torch_linop.data import BatchSource, floating_dtypes, move_to_device
 from torch_linop.linear_operator import TorchLinearOperator
 from torch_linop.linear_operator import numpy_dtype_of as numpy_dtype_of  # re-exported
 from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.params import ParamFilter, select_parameters, split_vector
+from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
+from torch_linop.params import ParamFilter, frozen_entries, select_parameters, split_vector
+
+
+def parameter_fingerprint(params: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per tensor ``"the shape of parameter 'name'"`` and ``"the values of parameter 'name'"``:
+    ``[norm, sum + 2 norm sqrt(numel)]`` in float64 (the sum, which sees sign changes, shifted to
+    stay positive, so both compare to a relative tolerance; one host transfer)."""
+    if not params:
+        return {}
+    with torch.no_grad():
+        rows = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64),
+                        torch.sum(tensor.detach(), dtype=torch.float64),
+                    ]
+                ).cpu()
+                for tensor in params.values()
+            ]
+        ).tolist()
+    record: dict[str, Any] = {}
+    for (name, tensor), (norm, total) in zip(params.items(), rows):
+        record[f"the shape of parameter {name!r}"] = list(tensor.shape)
+        shift = 2.0 * norm * float(tensor.numel()) ** 0.5
+        record[f"the values of parameter {name!r}"] = [norm, total + shift]
+    return record
 
 
 class CurvatureOperator(TorchLinearOperator):
@@ -31,8 +63,14 @@ class CurvatureOperator(TorchLinearOperator):
     ``matvec``/``matmat`` on ndarrays return ndarrays (so ``eigsh``, ``lobpcg``, ``cg`` work);
     on torch tensors they return tensors on the model's device. The dataset matrix is the
     sample-weighted mean of per-batch matrices (``reduction="mean"`` losses) or their sum.
+    How the data loop runs beyond that (``num_batches``, ``num_data``, a process group, ...) is
+    set by ``options=`` (:class:`~torch_linop.options.ProductOptions`).
     """
 
+    _frozen: torch.Tensor | None = None  # flat indices every product zeroes (frozen_entries)
+    _last_batch: Any = None  # the batch a product is on (for _dtype_mismatch_message)
+
+    @accepts_old_option_keywords
     def __init__(
         self,
         model: nn.Module,
@@ -40,28 +78,40 @@ class CurvatureOperator(TorchLinearOperator):
         loss_fn: LossFunction | Callable[..., torch.Tensor],
         *,
         param_filter: ParamFilter | None = None,
-        num_batches: int | None = None,
-        batch_size_fn: BatchSizeFn | None = None,
-        num_data: int | None = None,
-        check_deterministic: bool = False,
-        progress: bool = False,
-        process_group: Any = None,
+        options: ProductOptions | None = None,
     ) -> None:
+        options = resolve_options(options)
+        self.options = options
+        num_batches, num_data = options.num_batches, options.num_data
+        check_deterministic, process_group = options.check_deterministic, options.process_group
         model = data_parallel.unwrap_model(model)  # DDP: differentiate the wrapped module
         self.model = model
         self.process_group = data_parallel.check_process_group(process_group)
         self.loss_fn = as_loss_function(loss_fn)
         self.params: dict[str, torch.Tensor] = self._select_params(model, param_filter)
+        method = getattr(self, "method", None)
+        warn_if_second_derivatives_unreliable(model, self.params, type(self).__name__, method)
+        jvp_method = getattr(self, "jvp_method", None) or getattr(
+            getattr(self, "_sandwich", None), "jvp_method", None
+        )
+        warn_if_tied_padding_rows(model, self.params, type(self).__name__, method, jvp_method)
         self._shapes = [param.shape for param in self.params.values()]
+        frozen = frozen_entries(model, self.params)
+        self._frozen = (
+            None if frozen is None else frozen.to(next(iter(self.params.values())).device)
+        )
         self._sizes = [int(param.numel()) for param in self.params.values()]
         self.batches = BatchSource(data, num_batches)
-        self.batch_size_fn = batch_size_fn
+        if not check_deterministic:  # that check raises on what this would warn about
+            warn_if_nondeterministic(model, data, num_batches, type(self).__name__)
+        self.batch_size_fn = options.batch_size_fn
         if num_data is not None and (
             not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1
         ):
             raise ValueError(f"num_data must be a positive int or None, got {num_data!r}")
         self._num_data = num_data
-        self.progress = progress
+        self._mass: float | None = None
+        self.progress = options.progress
         first = next(iter(self.params.values()))
         self.device: torch.device = first.device
         self.torch_dtype: torch.dtype = first.dtype
@@ -111,7 +161,25 @@ class CurvatureOperator(TorchLinearOperator):
 
     def _device_batches(self) -> Iterator[Any]:
         for batch in self.batches:
-            yield move_to_device(batch, self.device)
+            batch = move_to_device(batch, self.device)
+            self._last_batch = batch  # for the error message of a failing product
+            yield batch
+
+    def _dtype_mismatch_message(self, error: BaseException) -> str | None:
+        """For a product that raised on a batch holding floating-point tensors of another dtype
+        than the parameters (float32 data into a float64 model): what to do; else None."""
+        batch, self._last_batch = self._last_batch, None
+        if not isinstance(error, RuntimeError) or batch is None:
+            return None
+        others = sorted(str(d) for d in floating_dtypes(batch) - {self.torch_dtype})
+        if not others:
+            return None
+        return (
+            f"a {type(self).__name__} product failed on a batch holding {', '.join(others)} "
+            f"tensors while the model's parameters are {self.torch_dtype}: cast the data to the "
+            f"model's dtype (x.to({self.torch_dtype}), e.g. in the DataLoader's collate_fn) or "
+            f"the model to the data's (model.to({others[0]})). PyTorch's error: {error}"
+        )
 
     def weighted_batches(self) -> Iterator[tuple[float, Any]]:
         """Batches on the model's device with their weight ``n_b / N`` (or 1 for sums)."""
@@ -126,9 +194,41 @@ class CurvatureOperator(TorchLinearOperator):
             if self.loss_fn.reduction == "sum":
                 yield 1.0, batch
                 continue
+            mass = self._batch_mass(batch)
+            if mass is not None:  # a loss whose mean divides by a weight, not a count
+                total = self._total_mass()  # raises if every target weighs 0
+                if mass > 0:
+                    yield mass / total, batch
+                continue
             count = self._samples_in(batch)
             if count > 0:
                 yield count / self.num_data, batch
+
+    def _batch_mass(self, batch: Any) -> float | None:
+        """The loss's own batch weight (class-weighted cross-entropy: the targets' total class
+        weight), or None to weigh by sample counts (always when ``batch_size_fn`` is given)."""
+        if self.batch_size_fn is not None:
+            return None
+        return self.loss_fn.batch_weight(batch)
+
+    def _total_mass(self) -> float:
+        """Sum of :meth:`_batch_mass` over the data; counted once, lazily."""
+        if self._mass is None:
+            if data_parallel.resolve(self.process_group) is not None:
+                raise NotImplementedError(
+                    "a class-weighted loss (cross-entropy with weight=...) over a process group "
+                    "is not supported: its dataset mean divides by the class weights of all "
+                    "ranks' targets. Run on one process, or use reduction='sum' and scale"
+                )
+            masses = [self._batch_mass(batch) for batch in self._device_batches()]
+            total = sum(mass for mass in masses if mass is not None)
+            if total <= 0:
+                raise ValueError(
+                    "the targets' class weights sum to 0 over the data (every label ignored or "
+                    "weighted 0); check the labels and the criterion's weight"
+                )
+            self._mass = total
+        return self._mass
 
     def check_deterministic(self, rtol: float = 1e-8) -> None:
         """Raise if two passes over the data give different losses or batch sizes (dropout in
@@ -145,6 +245,39 @@ class CurvatureOperator(TorchLinearOperator):
                 "losses or batch sizes. Likely causes: dropout or BatchNorm in train mode (call "
                 "model.eval()), a DataLoader with shuffle=True, or random data augmentation."
             )
+
+    def check_symmetric(self, rtol: float | None = None, seed: int = 0) -> float:
+        """Compare ``v^T (H w)`` with ``w^T (H v)`` for two seeded Gaussian probes (one product of
+        two columns) and return their relative difference; raise if it exceeds ``rtol`` (default
+        1e-6 for float64, 1e-2 for lower precision).
+
+        Every curvature matrix is symmetric, so an asymmetric product means wrong numbers: a
+        layer whose double backward PyTorch gets wrong (a weight norm), or products that are not
+        reproducible (dropout or train-mode BatchNorm with a shuffled DataLoader)."""
+        if rtol is None:
+            rtol = 1e-6 if self.torch_dtype == torch.float64 else 1e-2
+        generator = torch.Generator().manual_seed(seed)
+        probes = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
+        probes = probes.to(device=self.device, dtype=self.torch_dtype)
+        products = self.apply(probes).to(torch.float64)
+        probes = probes.to(torch.float64)
+        v_h_w = float(probes[:, 0] @ products[:, 1])
+        w_h_v = float(probes[:, 1] @ products[:, 0])
+        scale = max(
+            float(probes[:, 0].norm() * products[:, 1].norm()),
+            float(probes[:, 1].norm() * products[:, 0].norm()),
+        )
+        asymmetry = abs(v_h_w - w_h_v) / scale if scale > 0 else 0.0
+        if asymmetry > rtol:
+            raise RuntimeError(
+                f"{type(self).__name__} is not symmetric: v^T H w = {v_h_w:.6g} but "
+                f"w^T H v = {w_h_v:.6g} (relative difference {asymmetry:.2e} > rtol={rtol:g}), "
+                "so its products are wrong. Likely causes: a layer whose double backward "
+                "PyTorch gets wrong (weight norm: use HessianOperator(method='finite_difference') "
+                "or the GGN), or products that are not reproducible (dropout or BatchNorm in "
+                "train mode: model.eval(); a shuffled DataLoader: shuffle=False)"
+            )
+        return asymmetry
 
     def _batch_loss(self, batch: Any) -> torch.Tensor:
         # under reparametrized: train-mode BatchNorm updates clones, not the model's statistics
@@ -182,6 +315,8 @@ class CurvatureOperator(TorchLinearOperator):
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         """Matrix times ``columns`` of shape ``(n, k)``, both torch on the model's device."""
         num_columns = columns.shape[1]
+        if self._frozen is not None:  # padding rows of embeddings: see params.frozen_entries
+            columns = columns.index_fill(0, self._frozen, 0.0)
         tangents = self._split_columns(columns)
         totals: list[torch.Tensor] | None = None
         owned = False  # whether ``totals`` may be written in place (not a batch's own product)
@@ -203,10 +338,17 @@ class CurvatureOperator(TorchLinearOperator):
             self._share_failure(error, num_columns)
             if _is_oom(error):
                 raise torch.OutOfMemoryError(self._out_of_memory_message(columns, error)) from error
+            mismatch = self._dtype_mismatch_message(error)
+            if mismatch is not None:
+                raise TypeError(mismatch) from error
             raise
+        finally:
+            self._last_batch = None
         if totals is None:  # no batch held a sample with a weight
             return self._all_reduce_product(torch.zeros_like(columns))
         joined = torch.cat([total.reshape(num_columns, -1) for total in totals], dim=1).T
+        if self._frozen is not None:
+            joined = joined.index_fill(0, self._frozen, 0.0)
         return self._all_reduce_product(joined)
 
     def _out_of_memory_message(self, columns: torch.Tensor, error: BaseException) -> str:
@@ -214,7 +356,8 @@ class CurvatureOperator(TorchLinearOperator):
         return (
             f"out of memory in a {type(self).__name__} product of {columns.shape[1]} column(s) "
             f"over {self.shape[0]:,} parameters on {self.device}. What helps: smaller batches "
-            "(a smaller DataLoader batch_size) or fewer per product (num_batches=...); fewer "
+            "(a smaller DataLoader batch_size) or fewer per product "
+            "(options=ProductOptions(num_batches=...)); fewer "
             "columns per product (the matmat block size: block_size=... in the solvers); a "
             "lighter product path (HessianOperator(method='finite_difference'), or the GGN "
             "instead of the Hessian, GGNOperator(jvp_method='finite_difference')); eigenvalue-"
@@ -235,6 +378,25 @@ class CurvatureOperator(TorchLinearOperator):
     def _share_failure(self, error: BaseException, num_columns: int) -> None:
         """A product raised on this rank: make the other ranks raise too (no-op without a group)."""
         data_parallel.share_failure(self, error, num_columns)
+
+    @property
+    def vector_space(self) -> Any:
+        """Where the solvers' vectors live: None (whole local vectors), or with a process group
+        of several ranks a replicated space whose seeds agree over the ranks (the solvers turn
+        ``seed=None`` into one seed drawn on rank 0 and broadcast)."""
+        return data_parallel.vector_space(self.process_group)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this matrix when a solver resumes from a checkpoint (JSON-able):
+        its type, the settings that change its products, and each selected parameter's shape
+        and float64 checksums of its values (see :func:`parameter_fingerprint`)."""
+        record: dict[str, Any] = {"type": type(self).__name__}
+        for setting in ("method", "jvp_method", "mc_samples", "seed"):
+            value = getattr(self, setting, None)
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                record[setting] = value
+        record.update(parameter_fingerprint(self.params))
+        return record
 
     # ----------------------------------------------------------------- torch face
     # the scipy protocol, the torch path and the input checks live in TorchLinearOperator

@@ -122,3 +122,60 @@ def vector_to_parameters(
     """Split a flat vector into a dict shaped like ``params`` (views, no copy)."""
     pieces = split_vector(vector, [param.shape for param in params.values()])
     return dict(zip(params.keys(), pieces))
+
+
+def _padding_embeddings(
+    model: nn.Module, params: dict[str, torch.Tensor]
+) -> list[tuple[str, nn.Embedding | nn.EmbeddingBag, bool]]:
+    """``(weight name, module, tied)`` of each selected embedding with a ``padding_idx``;
+    ``tied``: its weight is also another module's parameter (an LM head)."""
+    owners: dict[int, set[int]] = {}
+    for module in model.modules():
+        for owned in module._parameters.values():
+            if owned is not None:
+                owners.setdefault(id(owned), set()).add(id(module))
+    found = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        name = f"{module_name}.weight" if module_name else "weight"
+        if name in params:
+            found.append((name, module, owners.get(id(module.weight), set()) != {id(module)}))
+    return found
+
+
+def tied_padding_rows(model: nn.Module, params: dict[str, torch.Tensor]) -> list[str]:
+    """Selected embedding weights whose padding row is shared with another module: reverse mode
+    drops only the embedding's use of that row, forward mode and finite differences do not, and
+    no projection reconciles them (see :func:`frozen_entries`)."""
+    return [name for name, _, tied in _padding_embeddings(model, params) if tied]
+
+
+def frozen_entries(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Flat indices (into the vector of ``params``) that every product treats as frozen: the
+    padding row of each ``nn.Embedding``/``nn.EmbeddingBag`` with a ``padding_idx``; None if
+    there are none.
+
+    Reverse mode zeroes the padding row's gradient but forward mode and finite differences move
+    it, so without this the methods computed different (and non-symmetric) matrices. Zeroing
+    these entries of every input and output vector gives all of them autograd's matrix, with
+    the row frozen. A padding row whose weight is tied to another module (an LM head) is left
+    alone: that module's gradient reaches it."""
+    offsets: dict[str, int] = {}
+    offset = 0
+    for name, tensor in params.items():
+        offsets[name] = offset
+        offset += int(tensor.numel())
+    indices: list[torch.Tensor] = []
+    for name, module, tied in _padding_embeddings(model, params):
+        if tied:
+            continue
+        rows, width = module.weight.shape
+        padding_idx = module.padding_idx
+        assert padding_idx is not None  # _padding_embeddings keeps only these
+        row = padding_idx % rows  # a negative padding_idx counts from the end
+        start = offsets[name] + row * width
+        indices.append(torch.arange(start, start + width))
+    if not indices:
+        return None
+    return torch.cat(indices)

@@ -37,9 +37,10 @@ def _setup(model: nn.Module, param_filter: ParamFilter | None):
 
 
 def _weights(loss: LossFunction, batches: list[Any]) -> list[float]:
-    counts = [loss.num_samples(b) for b in batches]
     if loss.reduction == "sum":
         return [1.0] * len(batches)
+    masses = [loss.batch_weight(b) for b in batches]  # class-weighted CE: total class weight
+    counts = [loss.num_samples(b) if m is None else m for b, m in zip(batches, masses)]
     total = sum(counts)
     return [c / total for c in counts]
 

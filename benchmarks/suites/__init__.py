@@ -22,7 +22,7 @@ class RunConfig:
     device: torch.device
     dtype: torch.dtype | None = None  # None: the suite's default
     smoke: bool = False
-    out: Path = Path("benchmarks/results")
+    out: Path = Path(".bench_out")  # raw results stay out of git (.gitignore)
     models: list[str] | None = None  # None: the suite's default models
     peers: list[str] | None = None  # None: every library
     repeats: int | None = None  # None: the suite's default

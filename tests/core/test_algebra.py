@@ -371,3 +371,29 @@ def test_subclasses_with_one_hook_get_the_whole_interface() -> None:
         _ = without_adjoint.T
     with pytest.raises(NotImplementedError, match="_Dense has no adjoint"):
         _ = (2 * without_adjoint).H
+
+
+class _ProtocolMatrix:
+    """A user-written curvlinops-style operator: shape, dtype, device, @ on tensors, adjoint(),
+    and chaining from the right (``ours @ theirs``) through ``__rmatmul__``."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.shape = tuple(matrix.shape)
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def __matmul__(self, x: Any) -> Any:
+        return self.matrix @ x
+
+    def __rmatmul__(self, other: Any) -> Any:
+        return ("chained", other, self)
+
+    def adjoint(self) -> _ProtocolMatrix:
+        return _ProtocolMatrix(self.matrix.T)
+
+
+def test_ours_at_a_foreign_protocol_operator_defers_to_its_rmatmul(operands: Operands) -> None:
+    """``H @ theirs`` is left to ``theirs.__rmatmul__`` (scipy's ``dot`` would fail on it)."""
+    theirs = _ProtocolMatrix(operands.dense["D"])
+    assert operands.H @ theirs == ("chained", operands.H, theirs)

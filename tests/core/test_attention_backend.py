@@ -82,5 +82,5 @@ def test_transformer_encoder_fast_path_is_off_during_products(make_data, dense, 
     fastpath = torch.backends.mha.get_fastpath_enabled()
     operator = GGNOperator(model, data, loss)
     assert rel_err(dense(operator), dense_ggn(model, data, loss)) <= 1e-10
-    assert operator._sandwich._batched_jvp_ok  # the k columns went through one vmapped pass
+    assert operator.capabilities.vmap_jvp.supported  # the k columns went through one vmapped pass
     assert torch.backends.mha.get_fastpath_enabled() == fastpath

@@ -40,8 +40,31 @@ def test_wrong_vector_length(mlp):
         operator.matvec(torch.zeros(size, 2, dtype=DTYPE))
     with pytest.raises(ValueError, match="matmat expects a 2-d"):
         operator.matmat(torch.zeros(size, dtype=DTYPE))
-    with pytest.raises(ValueError, match="dimension mismatch"):  # numpy path: scipy's check
-        operator.matvec(np.zeros(size + 1))
+    # numpy path: scipy's own check says only "dimension mismatch"; ours names the size
+    for call, array in (
+        (operator.matvec, np.zeros(size + 1)),
+        (operator.__matmul__, np.zeros(size - 1)),
+        (operator.dot, np.zeros((size + 2, 3))),
+        (operator.matmat, np.zeros((size + 2, 3))),
+    ):
+        with pytest.raises(ValueError, match=rf"of shape \({size}, {size}\) multiplies") as raised:
+            call(array)
+        message = str(raised.value)
+        assert f"({size},)" in message or f"({size}, k)" in message, message
+        assert f"got shape {array.shape}" in message
+
+
+@pytest.mark.parametrize("cache_graph", [False, True])
+def test_float32_data_into_a_float64_model(make_case, cache_graph):
+    case = make_case("mlp")
+    data = [(x.float(), y) for x, y in case.data]
+    operator = GGNOperator(case.model, data, case.loss, cache_graph=cache_graph)
+    with pytest.raises(
+        TypeError, match="holding torch.float32 tensors while the model's"
+    ) as raised:
+        operator @ torch.ones(operator.shape[0], dtype=DTYPE)
+    assert "x.to(torch.float64)" in str(raised.value)
+    assert operator._last_batch is None  # the failing batch is not kept alive
 
 
 def test_torch_vector_of_wrong_dtype_or_device(mlp):

@@ -33,9 +33,9 @@ def test_one_off_model_error_keeps_batching(cls):
     model.fail_next = True
     with pytest.raises(RuntimeError, match="one-off"):
         op @ V
-    flag = "_batched_ok" if cls is HessianOperator else None
-    if flag:
-        assert op._batched_ok
+    if cls is HessianOperator:
+        assert op.capabilities.batched_backward.supported is True
     else:
-        assert op._sandwich._batched_jvp_ok and op._sandwich._batched_vjp_ok
+        assert op.capabilities.vmap_jvp.supported is True
+        assert op.capabilities.batched_backward.supported is True
     torch.testing.assert_close(op @ V, expected)

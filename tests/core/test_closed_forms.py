@@ -169,6 +169,33 @@ def test_softmax_regression_with_ignore_index_and_uneven_batches(loss_name, dens
     assert rel_err(dense(ef), expected_ef) <= 1e-12
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_softmax_regression_with_unnormalised_probability_targets(smoothing, dense, rel_err):
+    """Probability targets whose rows sum to ``s_i != 1``: the output Hessian is
+    ``s_i (diag p_i - p_i p_i^T)`` (label smoothing: ``s_i = (1 - eps) sum q_i + eps``), and
+    for a linear model the GGN equals the Hessian."""
+    classes = 4
+    model = linear_model(classes)
+    xs = inputs()
+    generator = torch.Generator().manual_seed(17)
+    targets = [torch.rand(x.shape[0], classes, generator=generator, dtype=DTYPE) for x in xs]
+    data = list(zip(xs, targets))
+    rows, mass = torch.cat(xs), torch.cat(targets).sum(1) * (1 - smoothing) + smoothing
+    assert (mass - 1).abs().mean() > 0.3  # rows far from distributions
+    with torch.no_grad():
+        probs = torch.softmax(model(rows), dim=1)
+    expected = (
+        sum(
+            s * jacobian(x, classes).T @ (torch.diag(p) - torch.outer(p, p)) @ jacobian(x, classes)
+            for x, p, s in zip(rows, probs, mass)
+        )
+        / rows.shape[0]
+    )
+    loss = supervised_loss(nn.CrossEntropyLoss(label_smoothing=smoothing))
+    for name, operator in all_operators(model, data, loss).items():
+        assert rel_err(dense(operator), expected) <= 1e-12, name
+
+
 def test_short_last_batch_weighs_what_it_holds(make_case, dense, rel_err):
     """The dataset Hessian over batches of 5 and 3 samples equals the Hessian over one batch of
     all 8: batch weights are ``n_b / N``, not ``1 / num_batches``."""
@@ -180,3 +207,28 @@ def test_short_last_batch_weighs_what_it_holds(make_case, dense, rel_err):
     per_batch = [dense(HessianOperator(case.model, [b], case.loss)) for b in case.data]
     unweighted = (per_batch[0] + per_batch[1]) / 2
     assert rel_err(unweighted, whole) > 1e-3  # the test can tell the two weightings apart
+
+
+def test_mc_fisher_sampler_scales_by_the_target_mass():
+    """The sampled output Hessian of cross-entropy with unnormalised probability targets
+    averages to ``s_i (diag p_i - p_i p_i^T)``, the closed form (not to ``s_i = 1``)."""
+    generator = torch.Generator().manual_seed(18)
+    logits = torch.randn(3, 4, generator=generator, dtype=DTYPE)
+    targets = torch.rand(3, 4, generator=generator, dtype=DTYPE) * torch.tensor(
+        [[0.3], [1.0], [2.0]]
+    )
+    vectors = torch.randn(2, 3, 4, generator=generator, dtype=DTYPE)
+    loss = supervised_loss(F.cross_entropy)
+    batch = (None, targets)
+    probs = torch.softmax(logits, 1)
+    mass = targets.sum(1)
+    hessians = mass[:, None, None] * (
+        torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    )
+    expected = torch.einsum("rcd,krd->krc", hessians, vectors) / 3
+    closed = loss.output_hessian_vector_product(logits, batch, vectors)
+    assert float((closed - expected).norm() / expected.norm()) < 1e-12
+    sampled = loss.sampled_output_hessian_vector_product(
+        logits, batch, vectors, torch.Generator().manual_seed(0), 4000
+    )
+    assert float((sampled - expected).norm() / expected.norm()) < 0.1

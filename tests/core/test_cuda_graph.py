@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import torch_linop._cuda_graph as cuda_graph_module
-from torch_linop import EmpiricalFisherOperator, GGNOperator, HessianOperator, MCFisherOperator
+from torch_linop import (
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    MCFisherOperator,
+    ProductOptions,
+)
 from torch_linop._cuda_graph import CapturedProduct, _Capture
 from torch_linop.reference import dense_ggn
 
@@ -116,18 +122,25 @@ def test_a_failed_capture_warns_once_and_multiplies_eagerly(make_case, rel_err, 
 def test_options_that_cannot_be_captured_are_refused(make_case):
     case = make_case("mlp")
     model, data, loss = case.model, case.data, case.loss
+    capture = ProductOptions(cuda_graph=True)
     with pytest.raises(ValueError, match="pass cache_graph=True with it"):
-        GGNOperator(model, data, loss, cuda_graph=True)
+        GGNOperator(model, data, loss, options=capture)
     with pytest.raises(ValueError, match="needs the model on a CUDA device"):
-        GGNOperator(model, data, loss, cache_graph=True, cuda_graph=True)
+        GGNOperator(model, data, loss, cache_graph=True, options=capture)
     with pytest.raises(ValueError, match="cannot capture jvp_method='forward_difference'"):
         GGNOperator(
-            model, data, loss, jvp_method="forward_difference", cache_graph=True, cuda_graph=True
+            model, data, loss, jvp_method="forward_difference", cache_graph=True, options=capture
         )
-    with pytest.raises(ValueError, match="cannot capture the MC Fisher"):
-        MCFisherOperator(model, data, loss, cache_graph=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="MCFisherOperator has no CUDA-graph replay"):
+        MCFisherOperator(model, data, loss, cache_graph=True, options=capture)
     with pytest.raises(TypeError, match="cuda_graph must be True or False"):
-        HessianOperator(model, data, loss, cache_graph=True, cuda_graph=1)
+        HessianOperator(
+            model,
+            data,
+            loss,
+            cache_graph=True,
+            options=ProductOptions(cuda_graph=1),  # type: ignore[arg-type]
+        )
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -158,7 +171,9 @@ def test_cuda_capture_and_replay_on_a_transformer(rel_err, dtype):
     model, data, loss = small_gpt2(dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for build in (GGNOperator, HessianOperator):
-        graphed = build(model, data, loss, cache_graph=True, cuda_graph=True)
+        graphed = build(
+            model, data, loss, cache_graph=True, options=ProductOptions(cuda_graph=True)
+        )
         eager = build(model, data, loss, cache_graph=True)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
@@ -201,7 +216,9 @@ def test_cuda_failed_capture_leaves_the_device_usable(rel_err):
     targets = torch.tensor([0, 2, 1, 1, 0])
     data = [(inputs.cuda(), targets.cuda())]
     loss = supervised_loss(torch.nn.CrossEntropyLoss())
-    graphed = GGNOperator(model, data, loss, cache_graph=True, cuda_graph=True)
+    graphed = GGNOperator(
+        model, data, loss, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    )
     reference = dense_ggn(model, data, loss)
     vector = random_vector(graphed.shape[0], 3).cuda()
     with pytest.warns(RuntimeWarning, match="capturing the product failed"):
@@ -210,7 +227,9 @@ def test_cuda_failed_capture_leaves_the_device_usable(rel_err):
     assert torch.randn(4, device="cuda").isfinite().all()  # the generator left capture mode
     assert rel_err(graphed @ vector, reference @ vector) <= TOL
     model_2, data_2, loss_2 = small_gpt2(torch.float64)
-    other = GGNOperator(model_2, data_2, loss_2, cache_graph=True, cuda_graph=True)
+    other = GGNOperator(
+        model_2, data_2, loss_2, cache_graph=True, options=ProductOptions(cuda_graph=True)
+    )
     vector_2 = random_vector(other.shape[0], 4).cuda()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

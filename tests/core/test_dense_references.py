@@ -180,7 +180,7 @@ def test_forward_ad_fallback_is_exact(make_data, dense, rel_err):
     loss = supervised_loss(F.cross_entropy)
     operator = GGNOperator(model, data, loss)
     assert rel_err(dense(operator), dense_ggn(model, data, loss)) <= EXACT
-    assert operator._sandwich._forward_ok is False  # the fallback was taken
+    assert operator.capabilities.forward_ad.supported is False  # the fallback was taken
     with pytest.raises(RuntimeError, match="forward"):
         GGNOperator(model, data, loss, jvp_method="forward") @ torch.ones(
             operator.shape[0], dtype=torch.float64

@@ -172,19 +172,29 @@ def test_out_of_memory_in_the_recorded_dual_forward_falls_back(make_case, rel_er
     vector = random_block(operator.shape[0], 1, seed=9)[:, 0]
     with pytest.warns(RuntimeWarning, match="out of memory in the dual-number forward"):
         assert rel_err(operator @ vector, reference @ vector) <= TOL
-    assert not operator._sandwich.record_output_in_dual_forward
+    assert not operator._sandwich.jvp.forward_mode.record_output_in_dual_forward
     assert rel_err(operator @ vector, reference @ vector) <= TOL
     assert len(calls) == 1  # not tried again
 
 
-def test_other_errors_of_the_recorded_dual_forward_propagate(make_case, monkeypatch):
+def test_other_errors_of_the_recorded_dual_forward_propagate(make_case, rel_err, monkeypatch):
+    """Only out-of-memory switches to the graph-free JVP. Any other error of the dual forward
+    propagates with ``jvp_method="forward"``; under ``"auto"`` it is what the forward-AD probe
+    sees, so the exact double-backward JVP takes over (the error's text is not read)."""
     case = make_case("mlp")
-    operator = GGNOperator(case.model, case.data, case.loss)
+    explicit = GGNOperator(case.model, case.data, case.loss, jvp_method="forward")
+    automatic = GGNOperator(case.model, case.data, case.loss)
+    vector = random_block(explicit.shape[0], 1, seed=10)[:, 0]
+    expected = dense_ggn(case.model, case.data, case.loss) @ vector
 
     def broken(*args, **kwargs):
         raise RuntimeError("shape mismatch inside the user's model")
 
     monkeypatch.setattr(autodiff_module, "forward_with_tangent", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        operator @ torch.ones(operator.shape[0], dtype=torch.float64)
-    assert operator._sandwich.record_output_in_dual_forward
+        explicit @ vector
+    assert explicit._sandwich.jvp.record_output_in_dual_forward
+    assert rel_err(automatic @ vector, expected) <= TOL
+    assert automatic.capabilities.forward_ad.supported is False
+    assert "shape mismatch" in automatic.capabilities.forward_ad.reason
+    assert automatic._sandwich.jvp.forward_mode.record_output_in_dual_forward

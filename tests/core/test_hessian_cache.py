@@ -156,7 +156,7 @@ def test_batched_and_looped_products_agree():
     block = torch.randn(operator.shape[0], 4, generator=generator, dtype=DTYPE)
     batched = operator @ block
     columns = torch.stack([operator @ block[:, j] for j in range(4)], dim=1)
-    operator._batched_ok = False
+    operator.capabilities.batched_backward.supported = False
     looped = operator @ block
     assert relative_error(looped, batched) <= TOL
     assert relative_error(columns, batched) <= TOL
@@ -180,7 +180,7 @@ def test_vmap_failure_falls_back_to_the_loop_on_the_kept_graph(monkeypatch):
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching)
     assert relative_error(operator @ block, expected) <= TOL
-    assert not operator._batched_ok
+    assert operator.capabilities.batched_backward.supported is False
     assert operator._graphs is graphs  # the graphs survived the failed batched backward
 
 

@@ -154,3 +154,69 @@ def test_train_mode_products_use_batch_statistics(train_mode_model, dense, rel_e
     assert rel_err(matrix @ direction, central) <= 1e-7
     forward = HessianOperator(model, data, loss, method="forward")
     assert rel_err(forward @ direction, matrix @ direction) <= 1e-10
+
+
+class AliasedNet(nn.Module):
+    """A submodule registered under two names (``alias = body``, as TransformerLens's bridge
+    registers ``blocks`` and ``layers``) and a weight tied between two modules. Raises when a
+    batch holds 7 samples, after the aliased module has run."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.alias = self.body
+        self.head = nn.Linear(4, 4)
+        self.tail = nn.Linear(4, 4)
+        self.tail.weight = self.head.weight  # genuinely tied: one Parameter, two modules
+
+    def forward(self, x):
+        hidden = torch.tanh(self.alias(x))
+        if x.shape[0] == FAILING_BATCH_SIZE:
+            raise RuntimeError("boom inside the model")
+        return self.tail(torch.tanh(self.head(hidden)))
+
+
+@pytest.mark.parametrize("name", list(OPERATORS))
+def test_products_keep_the_parameters_of_aliased_submodules(make_data, dense, rel_err, name):
+    """The same ``nn.Parameter`` objects are in place after products and after a product that
+    raised, under every name they are reachable by; the products still see the tied weight."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AliasedNet().to(DTYPE)
+    data, loss = make_data((4,)), supervised_loss(F.cross_entropy)
+    every_name = dict(model.named_parameters(remove_duplicate=False))
+    before = snapshot(model)
+    operator = build(name, model, data, loss)
+    operator @ torch.ones(operator.shape[0], dtype=DTYPE)
+    failing = [data[0], (torch.zeros(FAILING_BATCH_SIZE, 4, dtype=DTYPE), data[1][1][:1].repeat(7))]
+    with pytest.raises(RuntimeError, match="boom inside the model"):
+        build(name, model, failing, loss) @ torch.ones(operator.shape[0], dtype=DTYPE)
+    assert_unchanged(model, before)
+    for alias_name, param in model.named_parameters(remove_duplicate=False):
+        assert param is every_name[alias_name], alias_name
+        assert isinstance(param, nn.Parameter), alias_name
+    assert model.tail.weight is model.head.weight
+    if name == "hessian_autograd":  # the tied weight counts once, with both uses
+        assert rel_err(dense(operator), functional_call_hessian(model, data)) < 1e-12
+
+
+def functional_call_hessian(model, data):
+    """Dense Hessian of the mean cross-entropy from ``torch.func`` (torch's own functional_call
+    ties the weights), over the deduplicated trainable parameters."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in params.items()}
+    sizes = [p.numel() for p in params.values()]
+    total = sum(int(y.numel()) for _, y in data)
+
+    def loss_of(flat):
+        values = {n: c.view(shapes[n]) for n, c in zip(params, flat.split(sizes))}
+        return (
+            sum(
+                F.cross_entropy(torch.func.functional_call(model, values, (x,)), y, reduction="sum")
+                for x, y in data
+            )
+            / total
+        )
+
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    return torch.func.hessian(loss_of)(flat)

@@ -80,7 +80,7 @@ def test_one_instance_is_one_matrix() -> None:
     first = dense(fisher)
     assert torch.equal(first, dense(fisher))  # re-seeded at every product
     vector = np.random.default_rng(0).standard_normal(fisher.shape[0])
-    np.testing.assert_allclose(fisher @ vector, first.numpy() @ vector, atol=1e-12)
+    np.testing.assert_allclose(fisher.to_scipy() @ vector, first.numpy() @ vector, atol=1e-12)
     same = ours.GGNLinearOperator(model, loss, params, data, mc_samples=3, seed=5)
     assert torch.equal(first, dense(same))  # GGN(mc_samples=M) is the MC Fisher
     other = ours.FisherMCLinearOperator(model, loss, params, data, mc_samples=3, seed=6)

@@ -225,6 +225,7 @@ def test_gradient_and_loss(reduction: str) -> None:
 
 
 def test_scipy_and_torch_protocol() -> None:
+    """curvlinops 3's faces: torch dtype and device, scipy only through ``to_scipy()``."""
     model, loss, data = case_mlp("mean", "ce")
     params = list(model.parameters())
     operator = ours.GGNLinearOperator(model, loss, params, data)
@@ -232,18 +233,21 @@ def test_scipy_and_torch_protocol() -> None:
     n = operator.shape[0]
     vector = np.random.default_rng(0).standard_normal(n)
 
-    assert operator.dtype == np.float64 and operator.device == torch.device("cpu")
-    np.testing.assert_allclose(operator @ vector, matrix @ vector, atol=TOL)
-    np.testing.assert_allclose(operator.rmatvec(vector), matrix.T @ vector, atol=TOL)
-    single = operator @ vector.astype(np.float32)
+    assert operator.dtype == torch.float64 and operator.device == torch.device("cpu")
+    as_scipy = operator.to_scipy()
+    assert as_scipy.dtype == np.float64
+    np.testing.assert_allclose(as_scipy @ vector, matrix @ vector, atol=TOL)
+    np.testing.assert_allclose(as_scipy.rmatvec(vector), matrix.T @ vector, atol=TOL)
+    single = as_scipy @ vector.astype(np.float32)
     assert isinstance(single, np.ndarray) and single.dtype == np.float32
-    assert operator.adjoint() is operator and operator.H is operator and operator.T is operator
-    np.testing.assert_allclose(operator.matmat(np.eye(n)[:, :3]), matrix[:, :3], atol=TOL)
+    assert operator.adjoint() is operator
+    np.testing.assert_allclose(as_scipy.matmat(np.eye(n)[:, :3]), matrix[:, :3], atol=TOL)
 
-    shifted = aslinearoperator(operator) + 2.0 * aslinearoperator(np.eye(n))
+    shifted = as_scipy + 2.0 * aslinearoperator(np.eye(n))
     np.testing.assert_allclose(shifted @ vector, matrix @ vector + 2.0 * vector, atol=TOL)
-    as_float32 = operator.to_scipy(np.float32)
-    assert as_float32.dtype == np.float32 and operator.to_scipy() is operator
+    assert operator.to_scipy(np.float32).dtype == np.float32
+    with pytest.raises(ValueError, match="to_scipy"):
+        operator @ vector  # ndarrays: curvlinops 3 multiplies tensors only
 
     as_list = [
         torch.as_tensor(t) for t in np.split(vector, np.cumsum([p.numel() for p in params])[:-1])

@@ -45,7 +45,8 @@ class Case:
     spike: bool = False
     masked_vocab: int = 0  # logits[..., :masked_vocab] = -inf (whole chunks of zero probability)
     write: str = "new"  # "new" | "out" (NaN-poisoned buffer) | "inplace" (into a copy of u)
-    # ce_hvp tests: force this (chunk, warps) config, which runs the split-row kernel
+    # test_ce_hvp.py: run the two-pass kernel with this (chunk, warps) config (several chunks
+    # per row at small V)
     block: tuple[int, int] | None = None
     # design tests (test_ce_hvp_variants.py): the configs to run this case with, see DESIGN_RUNS
     design_configs: tuple[str, ...] = ()

@@ -2,9 +2,9 @@
 
 The cases, inputs, oracles (explicit block-diagonal softmax Hessian for V <= 1000, double backward
 through ``F.cross_entropy`` in float64 beyond) and checks are shared with the design tests:
-``tests/kernels/conftest.py``. Cases that force a chunk config run the split-row kernel; the
-others run what ``ce_hvp`` ships (the two-pass kernel for fp32/bf16/fp16, the split-row kernel
-for float64).
+``tests/kernels/conftest.py``. The Triton runs go through ``ce_hvp``'s dispatch (the two-pass
+kernel; on Hopper GPUs the cluster kernel where it applies); cases that force a chunk config run
+the two-pass kernel with it (several chunks per row at small V).
 
 The Triton kernels run on CPU through ``TRITON_INTERPRET=1`` in one subprocess (the variable must
 be set before Triton is imported); on a CUDA machine they run natively, with extra large-V cases.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import replace
+import warnings
 
 import pytest
 import torch
@@ -43,21 +43,18 @@ def call_ce_hvp(case, logits, u, labels, backend: str) -> torch.Tensor:
 
 
 def run_triton(case, logits, u, labels) -> torch.Tensor:
-    """The Triton backend, with the case's forced chunk config when it has one."""
-    from torch_linop.kernels import _ce_hvp_triton as launcher
+    """The Triton backend, with the case's forced two-pass chunk config when it has one."""
+    from torch_linop.kernels import _ce_hvp_two_pass as launcher
 
     if case.block is None:
         return call_ce_hvp(case, logits, u, labels, "triton")
-    dispatch = importlib.import_module("torch_linop.kernels.ce_hvp")
-    saved_default, saved_env = launcher._default_config, os.environ.get(AUTOTUNE_ENV)
+    saved_default, saved_env = launcher.default_config, os.environ.get(AUTOTUNE_ENV)
     os.environ[AUTOTUNE_ENV] = "0"
-    launcher._default_config = lambda vocab: launcher.KernelConfig(*case.block)
-    dispatch._use_split_kernel = True  # a forced chunk config is the split kernel's
+    launcher.default_config = lambda vocab: launcher.TwoPassConfig(*case.block)
     try:
         return call_ce_hvp(case, logits, u, labels, "triton")
     finally:
-        dispatch._use_split_kernel = False
-        launcher._default_config = saved_default
+        launcher.default_config = saved_default
         if saved_env is None:
             del os.environ[AUTOTUNE_ENV]
         else:
@@ -135,38 +132,53 @@ def test_auto_on_cpu_is_eager_and_differentiable(kernel_cases) -> None:
 
 
 def test_auto_falls_back_when_a_backend_fails(monkeypatch, kernel_cases) -> None:
-    module = importlib.import_module("torch_linop.kernels.ce_hvp")  # the name is also the function
+    """A backend that raises is reported once and skipped afterwards; an explicit request for
+    a backend that failed still runs it (and raises)."""
+    registry = importlib.import_module("torch_linop.kernels._ce_hvp_registry")
+    calls = []
 
-    def broken(*args, **kwargs):
+    def broken(self, call):
+        calls.append(self.name)
         raise RuntimeError("simulated compiler failure")
 
-    monkeypatch.setattr(module, "_failed_backends", {})
-    monkeypatch.setattr(module, "_backend_order", lambda *a: ["triton", "compile", "eager"])
-    monkeypatch.setattr(module, "_triton_backend", broken)
-    monkeypatch.setattr(module, "ce_hvp_compiled", broken)
+    monkeypatch.setattr(registry, "failed_backends", {})
+    for backend in registry.BACKENDS[:-1]:  # everything but eager applies and breaks
+        monkeypatch.setattr(type(backend), "applies", lambda self, call: registry.Verdict(True))
+        monkeypatch.setattr(type(backend), "run", broken)
     case = kernel_cases.CASES_BY_NAME["shift_labels"]
     logits, u, labels = kernel_cases.make_inputs(case)
-    with pytest.warns(RuntimeWarning, match="falling back"):
+    with pytest.warns(RuntimeWarning) as record:
+        first = ce_hvp(logits, u, labels, shift=True, backend="auto")
+    kernel_cases.check_against_oracle(case, first, logits, u, labels)
+    assert calls == ["cluster", "two_pass", "compile"]  # each warned and handed on
+    assert [str(warning.message).split(" failed ")[1] for warning in record] == [
+        f"(RuntimeError: simulated compiler failure); falling back to {name!r} for the rest of "
+        "this process"
+        for name in ("two_pass", "compile", "eager")
+    ]
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         result = ce_hvp(logits, u, labels, shift=True, backend="auto")
     kernel_cases.check_against_oracle(case, result, logits, u, labels)
-    assert set(module._failed_backends) == {"triton", "compile"}
+    assert calls == [] and set(registry.failed_backends) == {"cluster", "two_pass", "compile"}
     with pytest.raises(RuntimeError, match="simulated"):
         ce_hvp(logits, u, labels, shift=True, backend="compile")
 
 
 def test_triton_backend_on_cpu_without_interpreter_says_how_to_fix() -> None:
     pytest.importorskip("triton")
-    from torch_linop.kernels import _ce_hvp_triton
+    from torch_linop.kernels._ce_hvp_common import is_interpreter
 
-    if _ce_hvp_triton.is_interpreter():
+    if is_interpreter():
         pytest.skip("this process runs Triton's interpreter")
     logits = torch.randn(2, 5)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+    with pytest.raises(ValueError, match="two_pass: needs CUDA.*TRITON_INTERPRET"):
         ce_hvp(logits, logits, backend="triton")
 
 
 _COMPILE_SCRIPT = """
-from torch_linop.kernels import _ce_hvp_triton, _ce_hvp_two_pass
+from torch_linop.kernels import _ce_hvp_two_pass
 layout = dict(HAS_LABELS=True, SHIFT=True, SCALE_IN_MEMORY=True, X_CONTIG=True, U_CONTIG=True,
               OUT_CONTIG=True, BLOCK=4096)
 for dtype in sys.argv[2:]:
@@ -174,14 +186,12 @@ for dtype in sys.argv[2:]:
     for prefetch in (False, True):
         cases.compile_for_sm90(_ce_hvp_two_pass._two_pass_kernel, dtype, 8,
                                dict(ACC_FP64=fp64, PREFETCH=prefetch, **layout))
-    cases.compile_for_sm90(_ce_hvp_triton._ce_hvp_kernel, dtype, 4,
-                           dict(ACC_FP64=fp64, CHUNKS_POW2=16, MAX_SPIN=1, **layout))
 """
 
 
 def test_shipped_kernels_compile_for_a_gpu_in_every_dtype(kernel_cases) -> None:
-    """Triton's compiler (it needs no GPU) accepts both shipped kernels in every dtype, two-pass
-    with and without prefetch. The interpreter runs the kernels as Python and cannot see what only
+    """Triton's compiler (it needs no GPU) accepts the shipped Triton kernel in every dtype, with
+    and without prefetch. The interpreter runs the kernels as Python and cannot see what only
     the compiler rejects: the two-pass kernel's float64 path once had two ``return`` statements
     of different types and compiled nowhere, while its interpreter tests passed."""
     triton = pytest.importorskip("triton")
@@ -247,29 +257,13 @@ def test_cuda_backends_match_oracle(large_cuda_case, backend: str, kernel_cases)
 
 @cuda_only
 def test_cuda_auto_uses_triton(kernel_cases) -> None:
-    module = importlib.import_module("torch_linop.kernels.ce_hvp")  # the name is also the function
+    module = importlib.import_module("torch_linop.kernels._ce_hvp_registry")
 
     case = kernel_cases.CASES_BY_NAME["cuda_v50304_bf16_shift"]
     logits, u, labels = kernel_cases.make_inputs(case, "cuda")
     result = ce_hvp(logits, u, labels, shift=True)
-    assert not module._failed_backends, module._failed_backends
+    assert not module.failed_backends, module.failed_backends
     torch.testing.assert_close(result, run_triton(case, logits, u, labels), rtol=0, atol=0)
-
-
-@cuda_only
-@pytest.mark.parametrize("polls", [0, 2])
-@pytest.mark.parametrize("write", ["new", "inplace"])
-def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str, kernel_cases) -> None:
-    """Programs give up waiting almost at once and claim late siblings' chunks: races on purpose."""
-    from torch_linop.kernels import _ce_hvp_triton as launcher
-
-    monkeypatch.setattr(launcher, "_POLLS_BEFORE_CLAIMING", polls)
-    case = kernel_cases.Case(f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True)
-    case = replace(case, block=(2048, 4), write=write)
-    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
-    for _ in range(2):
-        result = run_triton(case, logits, u, labels)
-        kernel_cases.check_against_oracle(case, result, logits, u, labels)
 
 
 @cuda_only
@@ -278,7 +272,7 @@ def test_cuda_claim_path_is_correct(monkeypatch, polls: int, write: str, kernel_
     [
         (torch.bfloat16, "_ce_hvp_cluster"),
         (torch.bfloat16, "_ce_hvp_two_pass"),
-        (torch.float64, "_ce_hvp_triton"),
+        (torch.float64, "_ce_hvp_two_pass"),
     ],
 )
 def test_cuda_inplace_tuning_leaves_u_intact(
@@ -286,12 +280,13 @@ def test_cuda_inplace_tuning_leaves_u_intact(
 ) -> None:
     """The first in-place call autotunes the kernel ce_hvp runs for the dtype; tuning must not
     write into u. (On Hopper the cluster kernel takes bf16 rows of 32768; the two-pass kernel
-    runs them with the cluster kernel switched off; elsewhere the cluster case is skipped.)"""
-    dispatch = importlib.import_module("torch_linop.kernels.ce_hvp")
+    runs them with the cluster kernel switched off, and float64 always; elsewhere the cluster case
+    is skipped.)"""
+    dispatch = importlib.import_module("torch_linop.kernels._ce_hvp_registry")
     hopper = torch.cuda.get_device_capability()[0] >= 9
     if launcher_name == "_ce_hvp_cluster" and not hopper:
         pytest.skip("the cluster kernel needs an sm_90 GPU")
-    if launcher_name == "_ce_hvp_two_pass":
+    if launcher_name == "_ce_hvp_two_pass" and dtype != torch.float64:
         monkeypatch.setenv(dispatch.CLUSTER_ENV, "0")
     launcher = importlib.import_module(f"torch_linop.kernels.{launcher_name}")
     monkeypatch.setattr(launcher, "_tuned", {})

@@ -1,8 +1,8 @@
 """The Hopper cluster kernel of ``ce_hvp`` (``kernels/_ce_hvp_cluster.py``).
 
 CPU: which calls it takes, its cluster sizes, its CUDA source compiled for sm_90 by nvcc (when
-nvcc is on the PATH; NVRTC compiles the same source at run time), and the fallback to the Triton
-kernels when it fails. GPU (sm_90): its products against a float64 oracle computed here from the
+nvcc is on the PATH; NVRTC compiles the same source at run time), and the registry's fallback to
+the two-pass kernel when it fails. GPU (sm_90): its products against a float64 oracle computed here from the
 definition, through ``ce_hvp``'s dispatch, in a CUDA graph, and the calls it must leave to Triton.
 """
 
@@ -21,9 +21,7 @@ import torch
 from torch_linop.kernels import _ce_hvp_cluster as cluster_kernel
 from torch_linop.kernels import ce_hvp
 
-ce_hvp_dispatch = importlib.import_module(
-    "torch_linop.kernels.ce_hvp"
-)  # the module, not the function
+registry = importlib.import_module("torch_linop.kernels._ce_hvp_registry")
 
 IGNORE = -100
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
@@ -65,7 +63,7 @@ def test_candidate_clusters_hold_a_row_in_shared_memory():
 
 def test_it_takes_no_call_off_hopper():
     logits = torch.randn(2, 3, 50304)
-    assert not cluster_kernel.applies(logits, logits.clone(), logits.clone())
+    assert "needs CUDA" in cluster_kernel.why_not(logits, logits.clone(), logits.clone())
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (NVRTC compiles it on a GPU)")
@@ -90,32 +88,43 @@ def test_source_compiles_for_sm90_without_spills(tmp_path, dtype, cluster):
     assert registers <= 64, report
 
 
+def call_of(logits, *, ignore_index=IGNORE, requested="triton"):
+    """A registry call on (B, T, V) logits with u = logits (labels None, new output)."""
+    return registry.CeHvpCall(
+        logits=logits, u=logits, labels=None, out=None, ignore_index=ignore_index, shift=False,
+        scale=1.0, result_dtype=logits.dtype, requested=requested,
+    )  # fmt: skip
+
+
 def test_a_failing_cluster_kernel_warns_once_and_leaves_calls_to_triton(monkeypatch):
+    """Where the cluster kernel applies but fails (NVRTC missing, a launch refused), the call
+    goes to the two-pass kernel with one warning, and later calls go there without trying."""
     calls = []
 
-    def failing(*args, **kwargs):
+    def failing(self, call):
         calls.append(1)
         raise RuntimeError("nvrtc: library not found")
 
-    monkeypatch.setattr(cluster_kernel, "applies", lambda *args: True)
-    monkeypatch.setattr(cluster_kernel, "ce_hvp_cluster", failing)
-    monkeypatch.setattr(ce_hvp_dispatch, "_cluster_failure", [])
+    cluster, two_pass = registry.BACKENDS[:2]
+    monkeypatch.setattr(registry, "failed_backends", {})
+    monkeypatch.setattr(cluster_kernel, "why_not", lambda *args: None)
+    monkeypatch.setattr(type(cluster), "run", failing)
+    monkeypatch.setattr(type(two_pass), "applies", lambda self, call: registry.Verdict(True))
+    monkeypatch.setattr(type(two_pass), "run", lambda self, call: call.logits.double())
+    monkeypatch.setattr(registry.CeHvpCall, "on_cuda", property(lambda self: True))  # as on a GPU
     logits = torch.randn(1, 2, 8)
-    arguments = dict(ignore_index=IGNORE, shift=False, scale=1.0)
-    with pytest.warns(RuntimeWarning, match="cluster kernel failed.*nvrtc"):
-        assert (
-            ce_hvp_dispatch._try_cluster_kernel(logits, logits, None, logits, **arguments) is None
-        )
+    with pytest.warns(RuntimeWarning, match="Hopper cluster kernel failed.*nvrtc"):
+        assert registry.dispatch(call_of(logits)).dtype == torch.float64
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert (
-            ce_hvp_dispatch._try_cluster_kernel(logits, logits, None, logits, **arguments) is None
-        )
+        assert registry.dispatch(call_of(logits)).dtype == torch.float64
     assert len(calls) == 1  # not retried
-    monkeypatch.setattr(ce_hvp_dispatch, "_cluster_failure", [])
-    monkeypatch.setenv(ce_hvp_dispatch.CLUSTER_ENV, "0")
-    assert ce_hvp_dispatch._try_cluster_kernel(logits, logits, None, logits, **arguments) is None
-    assert len(calls) == 1  # switched off: not even tried
+    assert [b.name for b in registry.select(call_of(logits))] == ["two_pass"]
+    monkeypatch.setattr(registry, "failed_backends", {})
+    assert [b.name for b in registry.select(call_of(logits))] == ["cluster", "two_pass"]
+    monkeypatch.setenv(registry.CLUSTER_ENV, "0")
+    verdict = cluster.applies(call_of(logits))
+    assert not verdict and registry.CLUSTER_ENV in verdict.reason  # switched off: not tried
 
 
 needs_hopper = pytest.mark.skipif(
@@ -212,12 +221,13 @@ def test_cuda_replays_in_a_cuda_graph(cluster_calls):
 
 
 def test_an_ignore_index_beyond_32_bits_stays_on_triton(monkeypatch):
-    monkeypatch.setattr(cluster_kernel, "applies", lambda *args: True)
-    monkeypatch.setattr(cluster_kernel, "ce_hvp_cluster", lambda *a, **k: pytest.fail("called"))
-    monkeypatch.setattr(ce_hvp_dispatch, "_cluster_failure", [])
+    monkeypatch.setattr(cluster_kernel, "why_not", lambda *args: None)
+    monkeypatch.setattr(registry.CeHvpCall, "on_cuda", property(lambda self: True))
+    cluster = registry.BACKENDS[0]
     logits = torch.randn(1, 2, 8)
-    arguments = dict(ignore_index=-(2**40), shift=False, scale=1.0)
-    assert ce_hvp_dispatch._try_cluster_kernel(logits, logits, None, logits, **arguments) is None
+    assert cluster.applies(call_of(logits, ignore_index=-(2**31)))
+    verdict = cluster.applies(call_of(logits, ignore_index=-(2**40)))
+    assert not verdict and "32-bit ignore_index" in verdict.reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message off Hopper")

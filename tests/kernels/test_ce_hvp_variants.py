@@ -1,8 +1,11 @@
-"""The ce_hvp Triton designs with forced configs against float64 oracles.
+"""The ce_hvp Triton designs with forced configs against float64 oracles (marker ``designs``).
+
+Not in the default run (``pyproject.toml`` deselects ``designs``): run them with
+``python -m pytest tests/kernels -m designs``.
 
 The shipped two-pass kernel (``kernels/_ce_hvp_two_pass.py``) and the benchmark's unshipped
 designs (``benchmarks/ce_hvp_designs.py``: ``split_coop``, ``split_two_kernel``,
-``current_sweep``) each run with a config that splits rows into several chunks (and, for the split
+``current_sweep``, the last being the split-row kernel of ``benchmarks/ce_hvp_split.py``) each run with a config that splits rows into several chunks (and, for the split
 designs, into segments of unequal length) and with their default config. Cases, inputs, oracles
 and checks are shared with ``test_ce_hvp.py`` through ``tests/kernels/conftest.py``. The design
 ``two_pass_lanes`` (the two-pass kernel with per-lane pass-1 numbers) runs every (case, config)
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # the designs live in benchmarks/, outside the package
     sys.path.insert(0, str(ROOT))
 LANES = "two_pass_lanes"
+pytestmark = pytest.mark.designs
 
 
 def _case_table():
@@ -383,10 +387,50 @@ def test_cuda_matches_oracle(design_run, kernel_cases, monkeypatch) -> None:
 
 
 @cuda_only
+@pytest.mark.parametrize("polls", [0, 2])
+@pytest.mark.parametrize("write", ["new", "inplace"])
+def test_cuda_split_kernel_claim_path(monkeypatch, polls: int, write: str, kernel_cases) -> None:
+    """The split-row kernel's programs give up waiting almost at once and claim late siblings'
+    chunks: races on purpose."""
+    from benchmarks import ce_hvp_split as split
+
+    monkeypatch.setattr(split, "_POLLS_BEFORE_CLAIMING", polls)
+    case = kernel_cases.Case(
+        f"claims_{polls}_{write}", (4, 128), 50304, torch.bfloat16, shift=True,
+        write="inplace" if write == "inplace" else "out",
+    )  # fmt: skip
+    logits, u, labels = kernel_cases.make_inputs(case, "cuda")
+    for _ in range(2):
+        result = run_variant(case, "current_sweep", "split", logits, u, labels)
+        kernel_cases.check_against_oracle(case, result, logits, u, labels)
+
+
+_SPLIT_COMPILE_SCRIPT = """
+from benchmarks import ce_hvp_split
+layout = dict(HAS_LABELS=True, SHIFT=True, SCALE_IN_MEMORY=True, X_CONTIG=True, U_CONTIG=True,
+              OUT_CONTIG=True, BLOCK=4096)
+for dtype in sys.argv[2:]:
+    cases.compile_for_sm90(ce_hvp_split._ce_hvp_kernel, dtype, 4,
+                           dict(ACC_FP64=dtype == "fp64", CHUNKS_POW2=16, MAX_SPIN=1, **layout))
+"""
+
+
+def test_split_kernel_compiles_for_a_gpu_in_every_dtype(kernel_cases) -> None:
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton has no NVIDIA backend to compile for")
+    completed = kernel_cases.compile_subprocess(
+        kernel_cases.COMPILE_PRELUDE + _SPLIT_COMPILE_SCRIPT, "fp32", "bf16", "fp16", "fp64",
+        extra_path=str(ROOT),
+    )  # fmt: skip
+    assert completed.returncode == 0, f"compilation failed:\n{completed.stderr[-4000:]}"
+
+
+@cuda_only
 @pytest.mark.xfail(
     reason="split_coop (a benchmark-only design, never dispatched) writes non-finite entries on "
     "the H200 when its programs claim their siblings' segments (forced here by a poll budget of "
-    "0-2; measured 2026-11-28, third session); the shipped split kernel's claim path passes",
+    "0-2; measured 2026-11-28, third session); the split kernel's own claim path passes",
     strict=False,
 )
 @pytest.mark.parametrize("polls", [0, 2])

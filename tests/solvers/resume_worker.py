@@ -64,7 +64,9 @@ class CountingOperator:
     def __init__(self, inner: Any, on_product: Callable[[int], None] | None = None) -> None:
         self.inner = inner
         self.device, self.torch_dtype, self.shape = inner.device, inner.torch_dtype, inner.shape
-        self.params = getattr(inner, "params", None)
+        # what identifies the operator in a checkpoint: the inner operator's own description
+        # (parameter checksums, no product), else the solvers take a probe product
+        self.fingerprint = getattr(inner, "fingerprint", None)
         self.count = 0
         self.on_product = on_product
 

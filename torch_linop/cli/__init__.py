@@ -8,17 +8,22 @@ prints a table, and writes a PNG plot (and ``--json``). Bad usage exits with cod
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from torch_linop.cli.arguments import Options, parse_options
 from torch_linop.cli.errors import USAGE_EXIT_CODE, UsageError
+from torch_linop.cli.threads import choose_threads, describe_threads
 from torch_linop.cli.workload import Workload, cast_floating, count_parameters, resolve_device
 
 __all__ = ["main", "UsageError"]
+
+BROKEN_PIPE_EXIT_CODE = 141  # 128 + SIGPIPE, what a shell reports for a tool cut off by a pipe
 
 
 def load_workload(options: Options) -> tuple[Workload, torch.dtype | None]:
@@ -38,6 +43,11 @@ def load_workload(options: Options) -> tuple[Workload, torch.dtype | None]:
     return builtin_workload(options.seed, dtype), dtype
 
 
+# Adam and the loss overflow float16's range (max 65,504) within a few steps: train in float32,
+# then analyse in the requested float16.
+TRAINING_DTYPES = {torch.float16: torch.float32}
+
+
 def prepare(workload: Workload, dtype: torch.dtype | None, device: torch.device) -> Workload:
     """Cast and move the model (and cast list data) before training and analysis."""
     if dtype is not None:
@@ -48,22 +58,25 @@ def prepare(workload: Workload, dtype: torch.dtype | None, device: torch.device)
     return workload
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count:,} {word}{'s' * (count != 1)}"
+def check_outputs(options: Options) -> None:
+    """The plot's folder and the JSON file must be writable before any work is done."""
+    from torch_linop.cli.preflight import check_writable_directory, check_writable_file
+
+    if options.plot and any(q in options.quantities for q in ("eigs", "density", "diag")):
+        check_writable_directory(options.output_dir, "--output-dir")
+    if options.json_path is not None:
+        check_writable_file(options.json_path, "--json")
 
 
-def run(options: Options) -> int:
-    from torch_linop.cli.analysis import analyse, build_operator
-    from torch_linop.cli.report import analysis_to_dict, format_report, write_json
+def train_workload(workload: Workload, options: Options, dtype: torch.dtype | None) -> list[float]:
+    """Brief training (in float32 when float16 was asked for, cast back afterwards); a loss that
+    turns non-finite stops the run with the step, the dtype and what to change."""
     from torch_linop.cli.training import train
 
-    started = time.perf_counter()
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
-    device = resolve_device(options.device)
-    workload, dtype = load_workload(options)
-    workload = prepare(workload, dtype, device)
     steps = options.train_steps if options.train_steps is not None else workload.default_train_steps
+    training_dtype = TRAINING_DTYPES.get(dtype) if steps > 0 and dtype is not None else None
+    if training_dtype is not None:
+        prepare(workload, training_dtype, next(workload.model.parameters()).device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         losses = train(
@@ -74,6 +87,49 @@ def run(options: Options) -> int:
             learning_rate=workload.learning_rate,
             progress=options.progress,
         )
+    bad_step = next((step for step, loss in enumerate(losses, 1) if not np.isfinite(loss)), None)
+    if bad_step is not None:
+        used = training_dtype or next(workload.model.parameters()).dtype
+        raise UsageError(
+            f"training diverged: the loss became {losses[bad_step - 1]} at Adam step {bad_step} "
+            f"of {steps} in {str(used).removeprefix('torch.')}; train in a wider dtype "
+            "(--dtype float32 or float64), fewer steps (--train-steps), or analyse the model as "
+            "it is (--train-steps 0)"
+        )
+    if training_dtype is not None:
+        prepare(workload, dtype, next(workload.model.parameters()).device)
+    return losses
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count:,} {word}{'s' * (count != 1)}"
+
+
+def run(options: Options) -> int:
+    """One run; torch's thread count is restored afterwards (``main`` may run in a notebook)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(options)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(options: Options) -> int:
+    from torch_linop.cli.analysis import analyse, build_operator
+    from torch_linop.cli.preflight import check_top_k, selected_parameters
+    from torch_linop.cli.report import analysis_to_dict, format_report, write_json
+
+    started = time.perf_counter()
+    check_outputs(options)
+    device = resolve_device(options.device)
+    workload, dtype = load_workload(options)
+    workload = prepare(workload, dtype, device)
+    threads = choose_threads(options.threads, count_parameters(workload.model), device)
+    torch.set_num_threads(threads)
+    num_selected = sum(selected_parameters(workload.model, options.param_filter).values())
+    if "eigs" in options.quantities:
+        check_top_k(options.top_k, num_selected)
+    losses = train_workload(workload, options, dtype)
     operator = build_operator(workload, options)
     analysis = analyse(operator, options)
 
@@ -85,8 +141,16 @@ def run(options: Options) -> int:
         "parameters": f"{selected:,} ({scope}), {operator.torch_dtype} on {operator.device}",
         "data": f"{workload.data_name}; {analysis.num_data:,} {workload.sample_name}",
     }
+    threads_line = describe_threads(options.threads, threads, device)
+    if threads_line is not None:
+        header["threads"] = threads_line
     if losses:
         summary = f"{_plural(len(losses), 'Adam step')}, loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if dtype in TRAINING_DTYPES:
+            trained_in = str(TRAINING_DTYPES[dtype]).removeprefix("torch.")
+            summary += (
+                f" (trained in {trained_in}: Adam overflows {str(dtype).removeprefix('torch.')})"
+            )
         if workload.evaluate is not None:
             summary += f"; {workload.evaluate()}"
         header["training"] = summary
@@ -118,10 +182,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torch-linop`` console script; returns the exit code."""
     options = parse_options(argv)  # argparse exits with code 2 itself on bad options
     try:
-        return run(options)
+        code = run(options)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return code
     except UsageError as error:
         print(f"torch-linop: error: {error}", file=sys.stderr)
         return USAGE_EXIT_CODE
     except KeyboardInterrupt:
         print("torch-linop: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``torch-linop | head -1``): stop quietly, as Unix tools do, and
+        # point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT_CODE

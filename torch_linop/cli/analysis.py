@@ -29,9 +29,21 @@ CURVATURE_NAMES = {
 }
 
 
+# The symbol each report uses for the matrix, and whether the matrix is positive semi-definite
+# (its eigenvalues are >= 0, so "largest" and "largest magnitude" are the same).
+CURVATURE_SYMBOLS = {"hessian": "H", "ggn": "G", "ef": "F", "mc-fisher": "F"}
+POSITIVE_SEMIDEFINITE = {"hessian": False, "ggn": True, "ef": True, "mc-fisher": True}
+
+
 @dataclass
 class Analysis:
-    """Everything one run computed; solver results are ``None`` when not requested."""
+    """Everything one run computed; solver results are ``None`` when not requested.
+
+    ``dense_size`` is set when the matrix was formed from n products (``-k >= n`` on a small
+    operator, or ``--num-matvecs >= n``): the trace and diagonal are then exact and ``eigen``
+    holds every eigenvalue. ``diagonal_total`` is the sum of the per-tensor diagonal estimates
+    with its standard error, comparable with the trace.
+    """
 
     curvature: str
     num_parameters: int
@@ -42,8 +54,18 @@ class Analysis:
     density: Any = None
     diagonal: Any = None
     diagonal_blocks: list[dict[str, Any]] = field(default_factory=list)
+    diagonal_total: tuple[float, float] | None = None
+    dense_size: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def symbol(self) -> str:
+        return CURVATURE_SYMBOLS[self.curvature]
+
+    @property
+    def positive_semidefinite(self) -> bool:
+        return POSITIVE_SEMIDEFINITE[self.curvature]
 
 
 def build_operator(workload: Workload, options: Options) -> CurvatureOperator:
@@ -106,7 +128,16 @@ def _timed(analysis: Analysis, name: str, function: Any) -> Any:
 
 
 def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
-    """Run ``options.quantities`` on ``operator`` in the order eigs, trace, density, diag."""
+    """Run ``options.quantities`` on ``operator`` in the order eigs, trace, density, diag.
+
+    "Top k" means the k largest-magnitude eigenvalues, as ``lanczos``'s default ``which="LM"``
+    (for the PSD GGN and Fishers these are the largest). When n products determine a quantity
+    exactly (``--num-matvecs >= n`` for the trace and diagonal, ``-k >= n`` on a small matrix),
+    the matrix is formed once from the unit vectors instead of estimating it.
+    """
+    from torch_linop.cli.dense import dense_eigen, exact_diagonal, exact_trace, form_matrix
+    from torch_linop.cli.preflight import check_top_k
+
     num_parameters = operator.shape[0]
     analysis = Analysis(
         curvature=options.curvature,
@@ -115,34 +146,49 @@ def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
         parameter_names=list(operator.params),
     )
     quantities = options.quantities
+    exact_estimates = options.num_matvecs >= num_parameters
+    dense_eigs = "eigs" in quantities and check_top_k(options.top_k, num_parameters)
+    matrix = None
+    if dense_eigs or (exact_estimates and ("trace" in quantities or "diag" in quantities)):
+        _stage(f"forming the {num_parameters} x {num_parameters} matrix", options)
+        matrix = _timed(analysis, "matrix", lambda: form_matrix(operator))
+        analysis.dense_size = num_parameters
     if "eigs" in quantities:
-        k = min(options.top_k, num_parameters - 1)
-        if k < 1:
-            raise UsageError("the operator is 1x1; select more parameters to compute eigenvalues")
-        _stage(f"top-{k} eigenvalues (Lanczos)", options)
-        from torch_linop.solvers import lanczos
+        if matrix is not None and dense_eigs:
+            analysis.eigen = _timed(
+                analysis, "eigs", lambda: dense_eigen(matrix, torch.finfo(operator.torch_dtype).eps)
+            )
+        else:
+            k = options.top_k
+            _stage(f"top-{k} eigenvalues (Lanczos)", options)
+            from torch_linop.solvers import lanczos
 
-        analysis.eigen = _timed(
-            analysis,
-            "eigs",
-            lambda: lanczos(operator, k, which="LA", seed=options.seed, progress=options.progress),
-        )
+            analysis.eigen = _timed(
+                analysis,
+                "eigs",
+                lambda: lanczos(
+                    operator, k, which="LM", seed=options.seed, progress=options.progress
+                ),
+            )
     if "trace" in quantities:
-        # Hutch++ spends a third of its budget on a sketch, which cannot exceed n
-        budget = min(options.num_matvecs, 3 * num_parameters)
-        _stage(f"trace (Hutch++, {budget} products)", options)
-        from torch_linop.solvers import trace
+        if matrix is not None and exact_estimates:
+            analysis.trace = exact_trace(matrix)
+        else:
+            # Hutch++ spends a third of its budget on a sketch, which cannot exceed n
+            budget = min(options.num_matvecs, 3 * num_parameters)
+            _stage(f"trace (Hutch++, {budget} products)", options)
+            from torch_linop.solvers import trace
 
-        analysis.trace = _timed(
-            analysis,
-            "trace",
-            lambda: trace(
-                operator,
-                num_matvecs=budget,
-                seed=options.seed,
-                progress=options.progress,
-            ),
-        )
+            analysis.trace = _timed(
+                analysis,
+                "trace",
+                lambda: trace(
+                    operator,
+                    num_matvecs=budget,
+                    seed=options.seed,
+                    progress=options.progress,
+                ),
+            )
     if "density" in quantities:
         steps = min(options.slq_steps, num_parameters)
         _stage(f"spectral density (SLQ, {options.slq_runs} runs x {steps} steps)", options)
@@ -160,35 +206,49 @@ def analyse(operator: CurvatureOperator, options: Options) -> Analysis:
             ),
         )
     if "diag" in quantities:
-        _stage(f"diagonal ({options.num_matvecs} products)", options)
-        from torch_linop.solvers import diagonal
+        if matrix is not None and exact_estimates:
+            analysis.diagonal = exact_diagonal(matrix)
+            sums = [float(piece.sum()) for piece in _split(analysis.diagonal.estimate, operator)]
+            analysis.diagonal_blocks = diagonal_blocks(
+                operator, analysis.diagonal, sums, [0.0] * len(sums)
+            )
+            analysis.diagonal_total = (float(np.trace(matrix)), 0.0)
+        else:
+            _stage(f"diagonal (Hutchinson, {options.num_matvecs} products)", options)
+            from torch_linop.cli.blocks import hutchinson_by_tensor
 
-        analysis.diagonal = _timed(
-            analysis,
-            "diag",
-            lambda: diagonal(
-                operator,
-                num_matvecs=options.num_matvecs,
-                seed=options.seed,
-                progress=options.progress,
-            ),
-        )
-        analysis.diagonal_blocks = diagonal_blocks(operator, analysis.diagonal)
+            result, sums, stderrs, total = _timed(
+                analysis,
+                "diag",
+                lambda: hutchinson_by_tensor(operator, options.num_matvecs, options.seed),
+            )
+            analysis.diagonal = result
+            analysis.diagonal_blocks = diagonal_blocks(operator, result, list(sums), list(stderrs))
+            analysis.diagonal_total = total
     return analysis
 
 
-def diagonal_blocks(operator: CurvatureOperator, result: Any) -> list[dict[str, Any]]:
-    """Per parameter tensor: its diagonal's sum (the block's trace), mean and largest entry."""
-    estimate = torch.as_tensor(np.asarray(_to_numpy(result.estimate)), dtype=torch.float64)
+def _split(values: Any, operator: CurvatureOperator) -> list[torch.Tensor]:
+    estimate = torch.as_tensor(np.asarray(_to_numpy(values)), dtype=torch.float64)
     shapes = [param.shape for param in operator.params.values()]
+    return [piece.reshape(-1) for piece in split_vector(estimate, shapes)]
+
+
+def diagonal_blocks(
+    operator: CurvatureOperator, result: Any, sums: list[float], sum_stderrs: list[float]
+) -> list[dict[str, Any]]:
+    """Per parameter tensor: its diagonal's sum (the block's trace) with the sum's standard
+    error, the mean and the largest entry."""
     blocks = []
-    for name, piece in zip(operator.params, split_vector(estimate, shapes)):
-        values = piece.reshape(-1)
+    for name, values, total, stderr in zip(
+        operator.params, _split(result.estimate, operator), sums, sum_stderrs
+    ):
         blocks.append(
             {
                 "name": name,
                 "size": int(values.numel()),
-                "sum": float(values.sum()),
+                "sum": float(total),
+                "sum_stderr": float(stderr),
                 "mean": float(values.mean()),
                 "max": float(values.max()),
             }

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=10,
         metavar="K",
-        help="top eigenvalues (default: 10)",
+        help="top eigenvalues: the K largest in magnitude, as lanczos(which='LM'); for the PSD "
+        "GGN and Fishers the K largest (default: 10). K >= the number of selected parameters "
+        "computes all of them densely (up to 1,024 parameters)",
     )
     compute.add_argument(
         "--num-matvecs",
@@ -218,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=_positive_int,
         default=None,
-        help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models on a "
-        "busy machine)",
+        help="CPU threads for torch (default: 1 for models under 1M parameters, whose small "
+        "products run fastest on one thread, else torch's choice)",
     )
     run.add_argument(
         "--output-dir",

@@ -19,6 +19,7 @@ METHOD_NAMES = {
     "xtrace": "XTrace",
     "xdiag": "XDiag",
     "krylov": "Krylov-aware",
+    "exact": "exact",
 }
 
 
@@ -55,16 +56,11 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
         if key != "model":
             lines.append(f"  {key.ljust(width)}  {value}")
 
+    symbol = analysis.symbol
     eigen = analysis.eigen
     if eigen is not None:
-        k = len(eigen.eigenvalues)
-        restarts = f", {eigen.num_restarts} restart{'s' * (eigen.num_restarts != 1)}"
-        lines += [
-            "",
-            f"Top {k} eigenvalues of the {name} (Lanczos, {eigen.num_matvecs} products"
-            f"{restarts}, tolerance {eigen.tol:.0e} x ||H|| = {eigen.tol * eigen.norm_estimate:.1e})",
-            f"  {'#':>3}  {'eigenvalue':>14}  {'residual':>9}  converged",
-        ]
+        lines += ["", _eigen_title(analysis)]
+        lines.append(f"  {'#':>3}  {'eigenvalue':>14}  {'residual':>9}  converged")
         kind = "" if eigen.residuals_are_true else " (Ritz estimate)"
         for index, (value, residual, converged) in enumerate(
             zip(eigen.eigenvalues, eigen.residuals, eigen.converged), start=1
@@ -72,21 +68,21 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
             lines.append(
                 f"  {index:>3}  {value:>14.6e}  {residual:>9.1e}  {'yes' if converged else 'NO'}"
             )
-        lines.append(f"  residual = ||H v - lambda v|| for unit v{kind}")
+        lines.append(f"  residual = ||{symbol} v - lambda v|| for unit v{kind}")
 
     if analysis.trace is not None:
         estimate = analysis.trace
-        lines += [
-            "",
-            f"Trace ({METHOD_NAMES.get(estimate.method, estimate.method)}, "
-            f"{estimate.num_matvecs} products): "
-            f"{estimate.estimate:.6e} +/- {estimate.stderr:.1e} (standard error)",
-        ]
-        if eigen is not None and estimate.estimate > 0:
+        lines += ["", _trace_line(estimate, analysis.num_parameters)]
+        if eigen is not None and estimate.estimate > 0 and analysis.dense_size is None:
             share = float(np.sum(eigen.eigenvalues)) / estimate.estimate
             lines.append(
                 f"  the top {len(eigen.eigenvalues)} eigenvalues hold {100 * share:.1f}% of it"
             )
+            if not analysis.positive_semidefinite and share > 1:
+                lines.append(
+                    f"  (the {name} is indefinite: its negative eigenvalues lower the trace, so a "
+                    "share of it can exceed 100%)"
+                )
 
     if analysis.density is not None:
         density = analysis.density
@@ -95,7 +91,7 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
         lines += [
             "",
             f"Spectral density (SLQ, {runs} runs x {steps} steps, {density.num_matvecs} products, "
-            f"smoothing sigma {density.sigma:.2e})",
+            f"Gaussian smoothing sigma {density.sigma:.2e})",
             f"  Ritz values span [{np.min(density.nodes):.4e}, {np.max(density.nodes):.4e}]",
             f"  {100 * mass['bulk_fraction']:.1f}% of the eigenvalues lie within "
             f"{100 * mass['band']:.0f}% of max|lambda| of zero, {100 * mass['negative_fraction']:.1f}% "
@@ -103,23 +99,91 @@ def format_report(analysis: Analysis, header: dict[str, str]) -> str:
         ]
 
     if analysis.diagonal is not None:
-        result = analysis.diagonal
-        name_width = max(len(block["name"]) for block in analysis.diagonal_blocks)
-        lines += [
-            "",
-            f"Diagonal ({METHOD_NAMES.get(result.method, result.method)}, "
-            f"{result.num_matvecs} products), per parameter tensor",
-            f"  {'parameter'.ljust(name_width)}  {'size':>9}  {'sum':>11}  {'mean':>11}  {'max':>11}",
-        ]
-        for block in analysis.diagonal_blocks:
-            lines.append(
-                f"  {block['name'].ljust(name_width)}  {block['size']:>9,}  {block['sum']:>11.3e}"
-                f"  {block['mean']:>11.3e}  {block['max']:>11.3e}"
-            )
+        lines += ["", *_diagonal_lines(analysis)]
 
     for message in analysis.warnings:
         lines += ["", f"warning: {message}"]
     return "\n".join(lines)
+
+
+def _eigen_title(analysis: Analysis) -> str:
+    """What the eigenvalue table holds: which ones, how they were found, the tolerance."""
+    eigen, name, symbol = analysis.eigen, CURVATURE_NAMES[analysis.curvature], analysis.symbol
+    k = len(eigen.eigenvalues)
+    order = "" if analysis.positive_semidefinite else ", largest |lambda| first"
+    if analysis.dense_size is not None and eigen.num_iterations == 0:
+        n = analysis.dense_size
+        return (
+            f"All {k} eigenvalues of the {name}{order} (dense eigh of the {n} x {n} matrix "
+            f"formed with {n} products: -k is at least n)"
+        )
+    restarts = f", {eigen.num_restarts} restart{'s' * (eigen.num_restarts != 1)}"
+    return (
+        f"Top {k} eigenvalues of the {name}{order} (Lanczos, {eigen.num_matvecs} products"
+        f"{restarts}, tolerance {eigen.tol:.0e} x ||{symbol}|| = {eigen.tol * eigen.norm_estimate:.1e})"
+    )
+
+
+def _trace_line(estimate: Any, num_parameters: int) -> str:
+    if estimate.method == "exact":
+        return (
+            f"Trace (exact: the sum of the diagonal from all {num_parameters} unit vectors, "
+            f"{estimate.num_matvecs} products): {estimate.estimate:.6e}"
+        )
+    return (
+        f"Trace ({METHOD_NAMES.get(estimate.method, estimate.method)}, "
+        f"{estimate.num_matvecs} products): "
+        f"{estimate.estimate:.6e} +/- {estimate.stderr:.1e} (standard error)"
+    )
+
+
+def _has_negative(analysis: Analysis) -> bool:
+    """Whether the run saw a negative eigenvalue (in the table or among SLQ's Ritz values)."""
+    if analysis.eigen is not None and np.min(analysis.eigen.eigenvalues) < 0:
+        return True
+    return analysis.density is not None and float(np.min(analysis.density.nodes)) < 0
+
+
+def _diagonal_lines(analysis: Analysis) -> list[str]:
+    """Per tensor: the diagonal's sum with its standard error, mean and largest entry; then the
+    sum over all tensors, an independent estimate of the trace."""
+    result = analysis.diagonal
+    exact = result.method == "exact"
+    blocks = analysis.diagonal_blocks
+    name_width = max(len("all tensors"), *(len(block["name"]) for block in blocks))
+    how = (
+        f"exact, {result.num_matvecs} products"
+        if exact
+        else f"{METHOD_NAMES.get(result.method, result.method)}, {result.num_matvecs} products; "
+        "sum +/- its standard error"
+    )
+    lines = [
+        f"Diagonal ({how}), per parameter tensor",
+        f"  {'parameter'.ljust(name_width)}  {'size':>9}  {'sum':>11}  {'+/-':>8}  {'mean':>11}"
+        f"  {'max':>11}",
+    ]
+
+    def row(label: str, size: int, total: float, stderr: float, mean: str, top: str) -> str:
+        error = "exact" if exact else f"{stderr:.1e}"
+        return (
+            f"  {label.ljust(name_width)}  {size:>9,}  {total:>11.3e}  {error:>8}  {mean:>11}"
+            f"  {top:>11}"
+        ).rstrip()
+
+    for block in blocks:
+        lines.append(
+            row(block["name"], block["size"], block["sum"], block["sum_stderr"],
+                f"{block['mean']:.3e}", f"{block['max']:.3e}")
+        )  # fmt: skip
+    if analysis.diagonal_total is not None:
+        total, stderr = analysis.diagonal_total
+        lines.append(row("all tensors", analysis.num_parameters, total, stderr, "", ""))
+        if analysis.trace is not None and not exact:
+            lines.append(
+                "  the sum over all tensors is a second estimate of the trace: compare it with "
+                "the trace above within their standard errors"
+            )
+    return lines
 
 
 def _array(values: Any) -> list[Any]:
@@ -149,7 +213,8 @@ def analysis_to_dict(analysis: Analysis, header: dict[str, str], meta: dict[str,
     if analysis.eigen is not None:
         eigen = analysis.eigen
         record["eigenvalues"] = {
-            "which": "largest algebraic",
+            "which": "largest magnitude",
+            "dense": analysis.dense_size is not None and eigen.num_iterations == 0,
             "values": _array(eigen.eigenvalues),
             "residuals": _array(eigen.residuals),
             "residuals_are_true": bool(eigen.residuals_are_true),
@@ -183,12 +248,15 @@ def analysis_to_dict(analysis: Analysis, header: dict[str, str], meta: dict[str,
             "method": analysis.diagonal.method,
             "num_matvecs": analysis.diagonal.num_matvecs,
             "blocks": analysis.diagonal_blocks,
+            "total": None
+            if analysis.diagonal_total is None
+            else {"sum": analysis.diagonal_total[0], "stderr": analysis.diagonal_total[1]},
         }
     return record
 
 
 def write_json(record: dict, path: Path) -> Path:
-    path = path.expanduser().resolve()
+    path = path.expanduser().resolve()  # checked writable before the run (preflight)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path

@@ -1,10 +1,14 @@
-"""Drop-in for curvlinops: ``import torch_linop.curvlinops as curvlinops``.
+"""Drop-in for curvlinops 3: ``import torch_linop.curvlinops as curvlinops``.
 
-The operators are our curvature operators (scipy ``LinearOperator``s that also multiply torch
-tensors and tensor lists) built with curvlinops' arguments and conventions.
+Every operator here obeys curvlinops 3's ``PyTorchLinearOperator`` contract (torch ``dtype`` and
+``device``, ``@`` on tensors and tensor lists, algebra, ``adjoint()``, ``to_scipy()``; see
+:mod:`torch_linop.curvlinops._torch_base`); the curvature operators hold one of our operators
+(``.operator``, a scipy ``LinearOperator`` with numpy ``dtype``), whose products they use.
 """
 
+from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
 from torch_linop.curvlinops.diagonal import hutchinson_diag, xdiag
+from torch_linop.curvlinops.ekfac import EKFACLinearOperator
 from torch_linop.curvlinops.empirical_fisher import EFLinearOperator
 from torch_linop.curvlinops.estimator_classes import (
     HutchinsonDiagonalEstimator,
@@ -24,6 +28,8 @@ from torch_linop.curvlinops.jacobian import (
     JacobianLinearOperator,
     TransposedJacobianLinearOperator,
 )
+from torch_linop.curvlinops.kfac import FisherType, KFACLinearOperator, KFACType
+from torch_linop.curvlinops.kfac_inverse import KFACInverseLinearOperator
 from torch_linop.curvlinops.norm import hutchinson_squared_fro
 from torch_linop.curvlinops.spectrum import (
     LanczosApproximateLogSpectrumCached,
@@ -37,8 +43,10 @@ from torch_linop.curvlinops.submatrix import SubmatrixLinearOperator
 from torch_linop.curvlinops.trace import hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [
+    "PyTorchLinearOperator",
     "CGInverseLinearOperator",
     "EFLinearOperator",
+    "EKFACLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
@@ -46,7 +54,11 @@ __all__ = [
     "HutchinsonDiagonalEstimator",
     "HutchinsonSquaredFrobeniusNormEstimator",
     "HutchinsonTraceEstimator",
+    "FisherType",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
     "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
     "SubmatrixLinearOperator",

@@ -1,9 +1,12 @@
-"""``CurvlinopsInterface``: what a curvlinops operator offers on top of ours.
+"""``CurvlinopsInterface``: curvlinops' arguments and extras on one of our operators.
 
-Mixed in front of one of our operators (``class X(CurvlinopsInterface, HessianOperator)``), it
-supplies curvlinops' arguments (``params`` as a list or dict, ``(X, y)`` data with dict-like
-``X``), its tensor-list products (``A @ [t_1, ..., t_k]``), ``gradient_and_loss()`` and its
-determinism check. Products, the data loop and the scipy protocol stay those of our operator.
+Mixed in front of one of our operators (``class CurvlinopsHessian(CurvlinopsInterface,
+HessianOperator)``), it supplies curvlinops' arguments (``params`` as a list or dict, ``(X, y)``
+data with dict-like ``X``), ``gradient_and_loss()`` and its determinism check; products, the data
+loop and the scipy protocol stay those of our operator. The public drop-in classes hold such an
+operator behind curvlinops 3's face, :class:`~torch_linop.curvlinops._torch_base.
+PyTorchLinearOperator` (re-exported here: the base every drop-in operator, KFAC included,
+subclasses), through :class:`~torch_linop.curvlinops._curvature.CurvatureLinearOperator`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from torch_linop._context import reparametrized
 from torch_linop.curvlinops._loss import BatchSizeFn, CriterionLoss
 from torch_linop.curvlinops._params import check_model, named_params
 from torch_linop.curvlinops._tensor_list import flat_to_list, list_to_flat
+from torch_linop.curvlinops._torch_base import PyTorchLinearOperator
+
+__all__ = ["CurvlinopsInterface", "PyTorchLinearOperator", "check_data"]
 
 RTOL, ATOL = 5e-5, 1e-6  # curvlinops' tolerances for the determinism check
 CHECK_SEED = 0  # seed of the random vector the determinism check multiplies twice

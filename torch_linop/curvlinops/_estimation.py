@@ -1,5 +1,6 @@
-"""What curvlinops' estimators share: which operators they take, curvlinops' argument rules, seeds
-from torch's global generator, and results in the caller's world (torch or numpy)."""
+"""What curvlinops' estimators share: one torch view of any square operator they take, curvlinops'
+argument rules, probes from a seed (or torch's global generator, as curvlinops), and results in
+the caller's world (a tensor on the operator's device, or numpy for scipy operators)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse
 import torch
-from scipy.sparse.linalg import LinearOperator
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
+from torch import Tensor
+
+from torch_linop.curvlinops._curvature import CurvatureLinearOperator
+from torch_linop.curvlinops._torch_base import is_protocol_operator, operator_dtype
 
 SolverDistribution = Literal["rademacher", "gaussian"]
 DISTRIBUTIONS: dict[str, SolverDistribution] = {
@@ -18,41 +23,68 @@ DISTRIBUTIONS: dict[str, SolverDistribution] = {
 }
 
 
-class TorchOperand:
-    """A curvlinops 3 ``PyTorchLinearOperator`` (torch ``dtype``) seen through our solvers'
-    torch protocol (``device``, ``torch_dtype``, ``shape``, ``matmat``)."""
-
-    def __init__(self, operator: Any) -> None:
-        self.operator = operator
-        self.device = torch.device(operator.device)
-        self.torch_dtype = operator.dtype
-        self.shape = tuple(operator.shape)
-
-    def matmat(self, columns: torch.Tensor) -> torch.Tensor:
-        return self.operator @ columns
-
-
 def is_numpy_path(operator: Any) -> bool:
     """scipy operators, ndarrays and sparse matrices without a torch side."""
-    if hasattr(operator, "torch_dtype") or isinstance(operator, torch.Tensor):
+    if isinstance(operator, Tensor) or is_protocol_operator(operator):
         return False
     return isinstance(operator, (np.ndarray, LinearOperator)) or scipy.sparse.issparse(operator)
 
 
-def solver_operand(operator: Any) -> Any:
-    """What our solvers accept for ``operator``."""
-    if isinstance(getattr(operator, "dtype", None), torch.dtype) and not isinstance(
-        operator, torch.Tensor
-    ):
-        return TorchOperand(operator)
-    return operator
+class TorchOperand:
+    """A square or rectangular operator as torch products ``matmat``/``rmatmat`` on ``(n, k)``
+    tensors, in our solvers' torch protocol (``shape``, ``device``, ``torch_dtype``, ``matmat``).
 
+    Takes a dense tensor (any square matrix: no symmetry is assumed), a curvlinops 3 protocol
+    operator (ours, curvlinops', a user's; ours multiply through our operator directly), one of
+    our torch-linop operators, or (numpy path) a scipy operator / ndarray / sparse matrix, which
+    is multiplied in float64 on the CPU.
+    """
 
-def torch_dtype_and_device(operator: Any) -> tuple[torch.dtype, torch.device]:
-    operand = solver_operand(operator)
-    if isinstance(operand, torch.Tensor):
-        return operand.dtype, operand.device
-    return operand.torch_dtype, torch.device(operand.device)
+    def __init__(self, A: Any) -> None:
+        self.returns_numpy = is_numpy_path(A)
+        self.shape = (int(A.shape[0]), int(A.shape[1])) if len(A.shape) == 2 else tuple(A.shape)
+        self._A = A
+        self._adjoint: Any = None
+        if self.returns_numpy:
+            self.device, self.torch_dtype = torch.device("cpu"), torch.float64
+            self._linear = aslinearoperator(A)
+        elif isinstance(A, Tensor):
+            self.device, self.torch_dtype = A.device, A.dtype
+        elif is_protocol_operator(A):
+            self.device, self.torch_dtype = torch.device(A.device), operator_dtype(A)
+        else:
+            raise TypeError(
+                f"cannot estimate with an object of type {type(A).__name__}; pass a torch.Tensor, "
+                "an operator with curvlinops 3's protocol (shape, dtype, device, @), or a scipy "
+                "LinearOperator"
+            )
+
+    def matmat(self, X: Tensor) -> Tensor:
+        """``A @ X`` for a ``(n, k)`` tensor in ``torch_dtype`` on ``device``."""
+        if self.returns_numpy:
+            return torch.from_numpy(np.asarray(self._linear.matmat(X.numpy()), dtype=np.float64))
+        if isinstance(self._A, CurvatureLinearOperator):
+            return self._A.operator.apply(X)
+        return self._A @ X
+
+    def rmatmat(self, X: Tensor) -> Tensor:
+        """``A^T @ X``."""
+        if self.returns_numpy:
+            return torch.from_numpy(np.asarray(self._linear.rmatmat(X.numpy()), dtype=np.float64))
+        if isinstance(self._A, Tensor):
+            return self._A.T @ X
+        if self._adjoint is None:
+            self._adjoint = self._A.adjoint()
+        return self._adjoint @ X
+
+    def result(self, value: Any) -> Any:
+        """``value`` (a float or tensor) in the caller's world."""
+        if self.returns_numpy:
+            if isinstance(value, Tensor):
+                array = value.detach().cpu().double().numpy()
+                return array if array.ndim else np.float64(array)
+            return np.float64(value)
+        return torch.as_tensor(value).to(device=self.device, dtype=self.torch_dtype)
 
 
 def check_square(operator: Any) -> int:
@@ -64,7 +96,9 @@ def check_square(operator: Any) -> int:
 
 
 def check_num_matvecs(num_matvecs: int, size: int, divisor: int = 1) -> None:
-    """curvlinops' rules: fewer products than the dimension, divisible by ``divisor``."""
+    """curvlinops' rules: a positive count below the dimension, divisible by ``divisor``."""
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < 1:
+        raise ValueError(f"num_matvecs must be a positive int, got {num_matvecs!r}.")
     if num_matvecs >= size:
         raise ValueError(f"num_matvecs ({num_matvecs}) must be less than A's size ({size}).")
     if num_matvecs % divisor != 0:
@@ -85,19 +119,19 @@ def resolve_seed(seed: int | None) -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-def scalar_like(value: float, operator: Any) -> Any:
-    """A 0-d tensor on the operator's device (torch path, as curvlinops 3) or a numpy float."""
-    if is_numpy_path(operator):
-        return np.float64(value)
-    dtype, device = torch_dtype_and_device(operator)
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-def vector_like(values: Any, operator: Any) -> Any:
-    """A vector in the operator's world: numpy, or a torch tensor in its dtype and device."""
-    if is_numpy_path(operator):
-        return np.asarray(
-            values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values
-        )
-    dtype, device = torch_dtype_and_device(operator)
-    return torch.as_tensor(values).to(device=device, dtype=dtype)
+def draw_probes(
+    operand: TorchOperand,
+    count: int,
+    distribution: str,
+    generator: torch.Generator,
+    size: int | None = None,
+) -> Tensor:
+    """``(size, count)`` probes with ``E[z z^T] = I`` (``size``: the operand's columns by
+    default), drawn on the CPU (the same numbers on every device) and moved to the operand's
+    device and dtype."""
+    size = operand.shape[1] if size is None else size
+    if solver_distribution(distribution) == "rademacher":
+        probes = torch.randint(0, 2, (size, count), generator=generator).double() * 2 - 1
+    else:
+        probes = torch.randn(size, count, generator=generator, dtype=torch.float64)
+    return probes.to(device=operand.device, dtype=operand.torch_dtype)

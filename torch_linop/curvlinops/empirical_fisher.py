@@ -9,13 +9,16 @@ from typing import Any
 import torch
 
 from torch_linop.curvlinops._base import CurvlinopsInterface
+from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn, require_supported
+from torch_linop.curvlinops.ggn import reject_blocks
 from torch_linop.empirical_fisher import EmpiricalFisherOperator
+from torch_linop.options import ProductOptions
 
 
-class EFLinearOperator(CurvlinopsInterface, EmpiricalFisherOperator):
-    """Uncentered gradient covariance ("empirical Fisher") ``c sum_n g_n g_n^T`` of MSE,
-    cross-entropy or BCE-with-logits losses, with outputs of any rank flattened into rows."""
+class CurvlinopsEF(CurvlinopsInterface, EmpiricalFisherOperator):
+    """Our empirical Fisher built from curvlinops' arguments (the matrix behind
+    :class:`EFLinearOperator`)."""
 
     def __init__(
         self,
@@ -32,7 +35,7 @@ class EFLinearOperator(CurvlinopsInterface, EmpiricalFisherOperator):
         require_supported(loss_func, "EFLinearOperator")
         model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
         EmpiricalFisherOperator.__init__(
-            self, model, data, loss, num_data=num_data, progress=progressbar
+            self, model, data, loss, options=ProductOptions(num_data=num_data, progress=progressbar)
         )
         if check_deterministic:
             self.check_deterministic()
@@ -49,3 +52,33 @@ class EFLinearOperator(CurvlinopsInterface, EmpiricalFisherOperator):
             return vectors * self._criterion_loss.ef_scale(batch, losses.numel())
 
         return self._sandwich(self.model, row_losses, self.params, tangents, middle)
+
+
+class EFLinearOperator(CurvatureLinearOperator):
+    """Uncentered gradient covariance ("empirical Fisher") ``c sum_n g_n g_n^T`` of MSE,
+    cross-entropy or BCE-with-logits losses, with outputs of any rank flattened into rows."""
+
+    def __init__(
+        self,
+        model_func: torch.nn.Module,
+        loss_func: torch.nn.Module,
+        params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        data: Iterable[Any],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        block_sizes: Sequence[int] | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+    ) -> None:
+        reject_blocks(block_sizes, type(self).__name__)
+        operator = CurvlinopsEF(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+        super().__init__(operator, params, data)

@@ -13,6 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+
+from torch_linop.curvlinops._torch_base import is_protocol_operator, operator_dtype
 
 DISTRIBUTIONS = ("rademacher", "normal")
 
@@ -34,6 +37,11 @@ def _check_square(A: Any) -> int:
 
 
 def _apply(A: Any, v: np.ndarray) -> np.ndarray:
+    """``A v`` in float64 numpy; torch operators (curvlinops 3 protocol, tensors) in torch."""
+    if isinstance(A, torch.Tensor) or is_protocol_operator(A):
+        dtype = A.dtype if isinstance(A, torch.Tensor) else operator_dtype(A)
+        product = A @ torch.as_tensor(v).to(device=A.device, dtype=dtype)
+        return product.detach().to("cpu", torch.float64).numpy().reshape(-1)
     return np.asarray(A @ v, dtype=np.float64).reshape(-1)
 
 

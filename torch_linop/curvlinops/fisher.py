@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
+from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn
-from torch_linop.curvlinops.ggn import DEFAULT_SEED, GGNLinearOperator
+from torch_linop.curvlinops.ggn import DEFAULT_SEED, CurvlinopsGGN
 
 
-class FisherMCLinearOperator(GGNLinearOperator):
+class FisherMCLinearOperator(CurvatureLinearOperator):
     """Monte-Carlo Fisher with ``mc_samples`` sampled targets per datum (default 1), seeded by
     ``seed`` at every product. Needs the data in a fixed order (no shuffling)."""
 
@@ -23,7 +24,6 @@ class FisherMCLinearOperator(GGNLinearOperator):
         loss_func: torch.nn.Module,
         params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
         data: Iterable[Any],
-        *,
         progressbar: bool = False,
         check_deterministic: bool = True,
         seed: int = DEFAULT_SEED,
@@ -33,7 +33,7 @@ class FisherMCLinearOperator(GGNLinearOperator):
     ) -> None:
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
-        super().__init__(
+        operator = CurvlinopsGGN(
             model_func,
             loss_func,
             params,
@@ -45,3 +45,5 @@ class FisherMCLinearOperator(GGNLinearOperator):
             mc_samples=mc_samples,
             seed=seed,
         )
+        super().__init__(operator, params, data)
+        self.mc_samples = mc_samples

@@ -9,8 +9,10 @@ from typing import Any
 import torch
 
 from torch_linop.curvlinops._base import CurvlinopsInterface
+from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn
 from torch_linop.hessian import HessianOperator
+from torch_linop.options import ProductOptions
 
 
 def check_block_sizes(block_sizes: Sequence[int] | None, num_params: int) -> list[int]:
@@ -28,14 +30,9 @@ def check_block_sizes(block_sizes: Sequence[int] | None, num_params: int) -> lis
     return sizes
 
 
-class HessianLinearOperator(CurvlinopsInterface, HessianOperator):
-    """Hessian of the empirical risk ``c sum_n loss(f(x_n), y_n)`` (c = 1/N or 1).
-
-    ``block_sizes=[2, 1]`` multiplies with the block-diagonal Hessian whose blocks are the first
-    two parameter tensors and the third.
-    """
-
-    SUPPORTS_BLOCKS = True
+class CurvlinopsHessian(CurvlinopsInterface, HessianOperator):
+    """Our Hessian operator built from curvlinops' arguments (the matrix behind
+    :class:`HessianLinearOperator`)."""
 
     def __init__(
         self,
@@ -52,7 +49,13 @@ class HessianLinearOperator(CurvlinopsInterface, HessianOperator):
     ) -> None:
         model, loss = self._prepare(model_func, loss_func, params, data, batch_size_fn)
         self._block_sizes = check_block_sizes(block_sizes, len(self._given_params))
-        HessianOperator.__init__(self, model, data, loss, num_data=num_data, progress=progressbar)
+        HessianOperator.__init__(
+            self,
+            model,
+            data,
+            loss,
+            options=ProductOptions(num_data=num_data, progress=progressbar),
+        )
         if check_deterministic:
             self.check_deterministic()
 
@@ -73,3 +76,39 @@ class HessianLinearOperator(CurvlinopsInterface, HessianOperator):
             product.reshape(num_blocks, num_columns, *product.shape[1:])[block_of[i]]
             for i, product in enumerate(products)
         ]
+
+
+class HessianLinearOperator(CurvatureLinearOperator):
+    """Hessian of the empirical risk ``c sum_n loss(f(x_n), y_n)`` (c = 1/N or 1).
+
+    ``block_sizes=[2, 1]`` multiplies with the block-diagonal Hessian whose blocks are the first
+    two parameter tensors and the third.
+    """
+
+    SUPPORTS_BLOCKS = True
+
+    def __init__(
+        self,
+        model_func: torch.nn.Module,
+        loss_func: torch.nn.Module,
+        params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        data: Iterable[Any],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        block_sizes: Sequence[int] | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+    ) -> None:
+        operator = CurvlinopsHessian(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            block_sizes=block_sizes,
+        )
+        super().__init__(operator, params, data)
+        self._block_sizes = operator._block_sizes

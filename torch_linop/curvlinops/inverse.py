@@ -1,9 +1,10 @@
 """Inverse operators ``A^{-1}`` by conjugate gradients, LSMR or a truncated Neumann series, in
 curvlinops 2.x style (``set_*_hyperparameters``) and 3.x style (keywords at construction).
 
-CG and LSMR run scipy's solvers on the numpy side of ``A`` (our operators are scipy operators),
-one column at a time, as curvlinops 2.x did; torch inputs are converted on the way in and out.
-The Neumann series multiplies with ``A`` in torch.
+Each is a curvlinops 3 operator (torch in, torch out; ``to_scipy()`` for numpy). CG and LSMR run
+scipy's solvers on ``A.to_scipy()`` (float64), one column at a time; the Neumann series
+multiplies with ``A`` in torch. ``A`` may be any operator with curvlinops 3's protocol, a dense
+tensor or a scipy operator.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def as_scipy(operator: Any) -> LinearOperator:
     if isinstance(operator, LinearOperator):
         return operator
     if hasattr(operator, "to_scipy"):
-        return operator.to_scipy()
+        return operator.to_scipy(np.float64)
     return sla.aslinearoperator(operator)
 
 
@@ -39,13 +40,14 @@ class _InverseOperator(DualOperator):
                 f"Input linear operator must be square to form an inverse, got {A.shape}"
             )
         device, dtype = device_and_dtype(A)
-        shapes = getattr(A, "_in_shapes", None)
+        in_shapes, out_shapes = getattr(A, "_in_shape", None), getattr(A, "_out_shape", None)
+        shapes = in_shapes if in_shapes is not None and in_shapes == out_shapes else None
         super().__init__((A.shape[0], A.shape[1]), device, dtype, shapes, shapes)
         self._A = A
 
     def _adjoint(self) -> _InverseOperator:
         """``(A^{-1})^T = (A^T)^{-1}``: itself when ``A`` is its own adjoint."""
-        adjoint = self._A.adjoint()
+        adjoint = self._A.T if isinstance(self._A, torch.Tensor) else self._A.adjoint()
         return self if adjoint is self._A else self._with_operator(adjoint)
 
     def _with_operator(self, A: Any) -> _InverseOperator:
@@ -129,7 +131,7 @@ class CGInverseLinearOperator(_InverseOperator):
     def _torch_preconditioner(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         def apply(x: np.ndarray) -> np.ndarray:
             tensor = torch.as_tensor(np.asarray(x).reshape(-1, 1), device=self.device)
-            result = function(tensor.to(self.torch_dtype))
+            result = function(tensor.to(self.dtype))
             return result.detach().to("cpu", torch.float64).numpy().reshape(-1)
 
         return LinearOperator(self.shape, matvec=apply, dtype=np.float64)

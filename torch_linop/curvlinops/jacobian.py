@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 
 from torch_linop._autodiff import (
     _lacks_forward_ad,
@@ -21,8 +20,10 @@ from torch_linop._autodiff import (
 )
 from torch_linop._context import reparametrized
 from torch_linop.curvlinops._base import CurvlinopsInterface
+from torch_linop.curvlinops._curvature import CurvatureLinearOperator
 from torch_linop.curvlinops._loss import BatchSizeFn
 from torch_linop.operator import CurvatureOperator
+from torch_linop.options import ProductOptions
 from torch_linop.params import join_tensors, split_vector
 
 
@@ -46,7 +47,13 @@ class _JacobianBase(CurvlinopsInterface, CurvatureOperator):
     ) -> None:
         self._constructor_args = (model_func, params, data, progressbar, batch_size_fn)
         model, loss = self._prepare(model_func, None, params, data, batch_size_fn)
-        CurvatureOperator.__init__(self, model, data, loss, num_data=num_data, progress=progressbar)
+        CurvatureOperator.__init__(
+            self,
+            model,
+            data,
+            loss,
+            options=ProductOptions(num_data=num_data, progress=progressbar),
+        )
         param_shapes = self._in_shapes
         output_space = [torch.Size((self.num_data, *self._output_shape()[1:]))]
         self._in_shapes, self._out_shapes = self._spaces(param_shapes, output_space)
@@ -111,28 +118,15 @@ class _JacobianBase(CurvlinopsInterface, CurvatureOperator):
     def rmatmat(self, X: Any) -> Any:
         return self._adjoint().matmat(X)
 
-    def to_scipy(self, dtype: Any = None) -> LinearOperator:
-        """A scipy ``LinearOperator`` view in ``dtype`` (default: the parameters' dtype)."""
-        target = self.dtype if dtype is None else np.dtype(dtype)
-        adjoint = self._adjoint()
-        return LinearOperator(
-            self.shape,
-            matvec=lambda x: self._matvec(x).astype(target, copy=False),
-            matmat=lambda X: self._matmat(X).astype(target, copy=False),
-            rmatvec=lambda x: adjoint._matvec(x).astype(target, copy=False),
-            rmatmat=lambda X: adjoint._matmat(X).astype(target, copy=False),
-            dtype=target,
-        )
 
-
-class JacobianLinearOperator(_JacobianBase):
+class _Jacobian(_JacobianBase):
     """``J[(n, c), d] = d f(x_n)_c / d theta_d``: parameter space to stacked outputs."""
 
     def _spaces(self, param_shapes, output_space):
         return param_shapes, output_space
 
     def _other_class(self) -> type[_JacobianBase]:
-        return TransposedJacobianLinearOperator
+        return _TransposedJacobian
 
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         tangents = split_vector(columns, self._shapes)
@@ -164,14 +158,14 @@ class JacobianLinearOperator(_JacobianBase):
         return torch.stack(columns)
 
 
-class TransposedJacobianLinearOperator(_JacobianBase):
+class _TransposedJacobian(_JacobianBase):
     """``J^T``: stacked output space ``(N, *out)`` to parameter space."""
 
     def _spaces(self, param_shapes, output_space):
         return output_space, param_shapes
 
     def _other_class(self) -> type[_JacobianBase]:
-        return JacobianLinearOperator
+        return _Jacobian
 
     def _apply(self, columns: torch.Tensor) -> torch.Tensor:
         num_columns = columns.shape[1]
@@ -190,3 +184,59 @@ class TransposedJacobianLinearOperator(_JacobianBase):
                     total += part
                 start += size
         return join_tensors(totals, batched=True)
+
+
+class _JacobianFace(CurvatureLinearOperator):
+    """The curvlinops face of a Jacobian engine; ``adjoint()`` is the other class."""
+
+    SELF_ADJOINT = False
+    FIXED_DATA_ORDER = True
+    _ENGINE: type[_JacobianBase]
+    _ADJOINT_FACE: type[_JacobianFace]
+
+    def __init__(
+        self,
+        model_func: torch.nn.Module,
+        params: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+        data: Iterable[Any],
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: BatchSizeFn | None = None,
+    ) -> None:
+        operator = self._ENGINE(
+            model_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=check_deterministic,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+        )
+        CurvatureLinearOperator.__init__(self, operator, params, data)
+
+    def _adjoint(self) -> _JacobianFace:
+        face = self._ADJOINT_FACE.__new__(self._ADJOINT_FACE)
+        CurvatureLinearOperator.__init__(
+            face, self._operator._adjoint(), self._given_params, self._given_data
+        )
+        return face
+
+
+class JacobianLinearOperator(_JacobianFace):
+    """``J[(n, c), d] = d f(x_n)_c / d theta_d`` on the whole data: maps parameter-space
+    vectors to the stacked model outputs ``(N, *out)``; ``adjoint()`` is
+    :class:`TransposedJacobianLinearOperator`."""
+
+    _ENGINE = _Jacobian
+
+
+class TransposedJacobianLinearOperator(_JacobianFace):
+    """``J^T``: stacked output space ``(N, *out)`` to parameter space; ``adjoint()`` is
+    :class:`JacobianLinearOperator`."""
+
+    _ENGINE = _TransposedJacobian
+
+
+JacobianLinearOperator._ADJOINT_FACE = TransposedJacobianLinearOperator
+TransposedJacobianLinearOperator._ADJOINT_FACE = JacobianLinearOperator

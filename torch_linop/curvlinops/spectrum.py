@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import aslinearoperator, eigsh
 
-from torch_linop.curvlinops._estimation import (
-    is_numpy_path,
-    resolve_seed,
-    solver_operand,
-    vector_like,
-)
+from torch_linop.curvlinops._estimation import TorchOperand, is_numpy_path, resolve_seed
 from torch_linop.solvers import lanczos, spectral_density
 
 Boundaries = tuple[float | None, float | None] | None
+
+
+def solver_operand(A: Any) -> Any:
+    """What our solvers take for ``A``: scipy operators as they are, anything else in torch."""
+    return A if is_numpy_path(A) else TorchOperand(A)
 
 
 def _extreme(A: Any, which: Literal["LM", "LA", "SA", "BE"], tol: float) -> np.ndarray:
@@ -153,7 +153,8 @@ class _LanczosRuns:
         """numpy for numpy-path operators (curvlinops 2.x), torch tensors otherwise (3.x)."""
         if is_numpy_path(self._A):
             return grid, density
-        return vector_like(grid, self._A), vector_like(density, self._A)
+        operand = TorchOperand(self._A)
+        return operand.result(torch.as_tensor(grid)), operand.result(torch.as_tensor(density))
 
 
 def lanczos_approximate_spectrum(

@@ -9,17 +9,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torch_linop.data_parallel import comm_device
 
-def comm_device(group: Any, device: torch.device) -> torch.device:
-    """Where a buffer must live for ``group``'s backend: CUDA for NCCL, CPU for gloo."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl":
-        if device.type == "cuda":
-            return device
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend == "gloo":
-        return torch.device("cpu")
-    return device  # multi-device backends ("cpu:gloo,cuda:nccl") and custom ones
+__all__ = ["check_finite_on_all_ranks", "comm_device"]
 
 
 def check_finite_on_all_ranks(

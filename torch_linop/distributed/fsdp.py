@@ -37,19 +37,14 @@ from torch_linop._finite_difference import entry_cap, rms, step_size
 from torch_linop.data import BatchSizeFn, BatchSource, move_to_device
 from torch_linop.distributed._collectives import check_finite_on_all_ranks, comm_device
 from torch_linop.distributed.fsdp_forward_ad import reverse_over_forward_fixes, sharded_tangents
+from torch_linop.distributed.sharded_space import ShardedSpace, local_rows, sharded_entries
 from torch_linop.ggn import _require_split, output_hvp_of
 from torch_linop.losses.base import LossFunction, as_loss_function
+from torch_linop.operator import parameter_fingerprint
 from torch_linop.params import ParamFilter
 
 FSDP_HESSIAN_METHODS = ("finite_difference", "autograd")
 FSDP_GGN_JVP_METHODS = ("forward", "finite_difference")
-
-
-def local_rows(dim0: int, world: int, rank: int) -> tuple[int, int]:
-    """Rows ``[start, stop)`` of a dim-0 sharded tensor held by ``rank`` (``torch.chunk`` rule,
-    which FSDP2 uses: ceil-sized chunks, trailing ranks may hold fewer or none)."""
-    chunk = -(-dim0 // world) if dim0 else 0
-    return min(rank * chunk, dim0), min((rank + 1) * chunk, dim0)
 
 
 def _select_sharded(model: nn.Module, param_filter: ParamFilter | None) -> dict[str, DTensor]:
@@ -95,6 +90,11 @@ class ShardedOperator:
     and returns this rank's part of the product. Every rank must call it with its part of the
     same vectors (SPMD). ``shard_vector`` / ``full_vector`` convert to and from full vectors
     (for tests and small models). Subclasses implement ``_column``.
+
+    ``vector_space`` (a :class:`ShardedSpace`) tells the solvers of ``torch_linop.solvers``
+    which entries this rank holds and all-reduces their inner products, so ``lanczos``,
+    ``trace``, ``diagonal``, ``spectral_density`` and ``power_iteration`` run on it unchanged
+    (every rank calls them with the same arguments) and return this rank's entries of vectors.
     """
 
     def __init__(
@@ -138,6 +138,9 @@ class ShardedOperator:
         self.shape = (size, size)
         self.device = _local(first).device
         self.torch_dtype = first.dtype
+        self.vector_space = ShardedSpace(
+            self.group, sharded_entries(self.global_shapes, self.world, self.rank), self.device
+        )
         self.batches = BatchSource(data, num_batches)
         self.batch_size_fn = batch_size_fn
         self._num_data = num_data
@@ -177,16 +180,6 @@ class ShardedOperator:
         result = torch.cat(full)
         return result.reshape(-1) if local.dim() == 1 else result
 
-    def random_vector(self, generator: torch.Generator) -> torch.Tensor:
-        """This rank's part of a standard Gaussian vector drawn on the CPU from ``generator``
-        (one parameter at a time): the same seed gives the same full vector on any world size."""
-        parts = []
-        for shape in self.global_shapes:
-            full = torch.randn(shape, generator=generator, dtype=torch.float64)
-            start, stop = local_rows(shape[0], self.world, self.rank)
-            parts.append(full[start:stop].reshape(-1))
-        return torch.cat(parts).to(self.device, self.torch_dtype)
-
     def _split(self, columns: torch.Tensor) -> list[torch.Tensor]:
         """``(local_size, k)`` -> per parameter ``(k, *local_shape)``."""
         sizes = [_numel(shape) for shape in self.local_shapes]
@@ -197,9 +190,21 @@ class ShardedOperator:
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Global inner products of sharded vectors: ``a.T @ b`` summed over ranks."""
-        local = a.T @ b
-        dist.all_reduce(local, group=self.group)
-        return local
+        return self.vector_space.inner(a, b)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this operator when a solver resumes from a checkpoint (each rank
+        its own): type, product method, world size and rank, and the shape and checksums of
+        this rank's parameter shards."""
+        record: dict[str, Any] = {"type": type(self).__name__}
+        for setting in ("method", "jvp_method"):
+            value = getattr(self, setting, None)
+            if isinstance(value, str):
+                record[setting] = value
+        record.update(world=self.world, rank=self.rank)
+        shards = {name: _local(param) for name, param in self.params.items()}
+        record.update(parameter_fingerprint(shards))
+        return record
 
     # ------------------------------------------------------------------ data
     @property

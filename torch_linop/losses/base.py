@@ -44,6 +44,13 @@ class LossFunction:
 
         return leading_dim_batch_size(batch)
 
+    def batch_weight(self, batch: Any) -> float | None:
+        """What a ``reduction="mean"`` loss divides by, where that is not the number of samples:
+        class-weighted cross-entropy divides by the sum of its targets' class weights, so the
+        dataset matrix weighs batch ``b`` by ``W_b / sum W`` (the global weighted mean). None:
+        the sample count ``num_samples(batch)``."""
+        return None
+
     def per_sample_losses(self, output: torch.Tensor, batch: Any) -> torch.Tensor:
         """Losses of the individual samples, shape ``(num_samples,)``; their mean (or sum, per
         ``reduction``) is ``loss(output, batch)``. Needed by the empirical Fisher."""

@@ -363,12 +363,27 @@ class HFSeq2SeqLoss(TokenCrossEntropyLoss):
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
             if prepare is None:
-                raise TypeError(
-                    f"{type(model).__name__} has no prepare_decoder_input_ids_from_labels(); "
-                    "put decoder_input_ids (the labels shifted right) in the batch"
-                )
+                raise TypeError(_not_seq2seq_message(model))
             inputs["decoder_input_ids"] = prepare(labels=mapping["labels"])
         return logits_of(model(**inputs))
+
+
+def _not_seq2seq_message(model: nn.Module) -> str:
+    """Why ``hf_seq2seq_loss`` cannot make decoder inputs for ``model``, and what to use."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "is_encoder_decoder", False):
+        return (
+            f"{name} is not an encoder-decoder model, and hf_seq2seq_loss is for encoder-"
+            "decoders (T5, BART). For a masked LM (BERT-style, labels -100 where not masked) "
+            "use hf_masked_lm_loss(); for a classifier whose output has .logits "
+            "(...ForSequenceClassification, ViT) use hf_classification_loss(); for a causal "
+            "LM use hf_lm_loss()"
+        )
+    return (
+        f"{name} has no prepare_decoder_input_ids_from_labels(); put decoder_input_ids (the "
+        "labels shifted right) in the batch"
+    )
 
 
 def hf_seq2seq_loss(*, fused: str = "auto", ignore_index: int = -100) -> HFSeq2SeqLoss:

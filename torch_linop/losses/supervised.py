@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,6 +58,22 @@ def classify_criterion(criterion: Callable[..., torch.Tensor]) -> CriterionKind:
     return CriterionKind("generic", reduction)
 
 
+def class_weighting(criterion: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    """``(class weights, ignore_index)`` of a class-weighted cross-entropy or NLL criterion
+    (module, function or ``functools.partial``), else None."""
+    keywords: dict[str, Any] = {}
+    while isinstance(criterion, functools.partial):
+        keywords = {**criterion.keywords, **keywords}
+        criterion = criterion.func
+    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        weight, ignore_index = criterion.weight, criterion.ignore_index
+    elif criterion is F.cross_entropy or criterion is F.nll_loss:
+        weight, ignore_index = keywords.get("weight"), keywords.get("ignore_index", -100)
+    else:
+        return None
+    return None if weight is None else (weight, int(ignore_index))
+
+
 class SupervisedLoss(LossFunction):
     """``criterion(model(inputs), targets)`` on ``(inputs, targets)`` batches.
 
@@ -71,6 +88,7 @@ class SupervisedLoss(LossFunction):
         self.criterion = criterion
         self.kind = classify_criterion(criterion)
         self.reduction = self.kind.reduction
+        self.class_weighting = class_weighting(criterion)
 
     @staticmethod
     def _split(batch: Any) -> tuple[Any, torch.Tensor]:
@@ -129,6 +147,19 @@ class SupervisedLoss(LossFunction):
             return int(targets.numel())
         return int(targets.shape[0]) if targets.dim() > 0 else 1
 
+    def batch_weight(self, batch: Any) -> float | None:
+        """Class-weighted cross-entropy/NLL with class-index targets: the sum of the targets'
+        class weights (ignored targets excluded), which its mean divides by. Probability
+        targets and unweighted criteria: None (the sample count)."""
+        targets = self._split(batch)[1]
+        if self.class_weighting is None or not isinstance(targets, torch.Tensor):
+            return None
+        if targets.is_floating_point():  # torch divides by the number of rows here
+            return None
+        weight, ignore_index = self.class_weighting
+        valid = targets[targets != ignore_index]
+        return float(weight.to(valid.device)[valid].sum())
+
     def _scale(self, output: torch.Tensor, batch: Any) -> float:
         """1 / (number of elements the mean runs over) for a mean reduction, else 1."""
         if self.reduction == "sum":
@@ -156,17 +187,37 @@ class SupervisedLoss(LossFunction):
         if family == "mse":
             elementwise = F.mse_loss(output, targets, reduction="none")
         else:
-            try:
-                elementwise = self.criterion(output, targets, reduction="none")
-            except TypeError as error:
-                raise NotImplementedError(
-                    "the empirical Fisher needs per-sample losses; this criterion does not accept "
-                    "reduction='none'. Subclass LossFunction and implement per_sample_losses()"
-                ) from error
+            elementwise = self._unreduced_losses(output, targets)
         if elementwise.dim() == 0:
             return elementwise.reshape(1)
         per_sample = elementwise.reshape(elementwise.shape[0], -1)
         return per_sample.mean(1) if self.reduction == "mean" else per_sample.sum(1)
+
+    def _unreduced_losses(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Elementwise losses of a criterion without a closed form: a torch loss module is
+        called as a copy with ``reduction="none"`` (its weights, ``pos_weight`` etc. kept), a
+        function with ``reduction="none"``."""
+        if self.class_weighting is not None:
+            raise NotImplementedError(
+                "the empirical Fisher of a class-weighted criterion (weight=...) is not "
+                "supported: its mean divides by the targets' total class weight, so samples are "
+                "not equally weighted. Use the GGN or the Hessian (both support class weights), "
+                "or the criterion without weight="
+            )
+        criterion = self.criterion
+        if isinstance(criterion, nn.Module) and isinstance(
+            getattr(criterion, "reduction", None), str
+        ):
+            unreduced = copy.copy(criterion)  # shares the module's buffers (pos_weight, weight)
+            object.__setattr__(unreduced, "reduction", "none")
+            return unreduced(output, targets)
+        try:
+            return criterion(output, targets, reduction="none")
+        except TypeError as error:
+            raise NotImplementedError(
+                "the empirical Fisher needs per-sample losses; this criterion does not accept "
+                "reduction='none'. Subclass LossFunction and implement per_sample_losses()"
+            ) from error
 
     def _rows(self, output: torch.Tensor, vectors: torch.Tensor, batch: Any):
         """Logits and vectors with the class axis last, and the valid-row mask."""
@@ -190,8 +241,30 @@ class SupervisedLoss(LossFunction):
         if family == "cross_entropy":
             logits, moved, valid = self._rows(output, vectors, batch)
             result = closed_form.softmax_ce_rows_hvp(logits, moved, valid, scale)
+            result = self._times_target_mass(result, batch)
             return result.movedim(-1, 2) if output.dim() > 1 else result
         return None
+
+    def _target_mass(self, batch: Any) -> torch.Tensor | None:
+        """Per-row total target probability of cross-entropy with probability targets, class
+        axis dropped (None for class-index targets, whose mass is 1).
+
+        The output Hessian of ``-sum_c q_c log softmax(z)_c`` is ``(sum_c q_c)(diag p - p p^T)``:
+        rows that do not sum to 1 (unnormalised or partial soft labels) scale it. Label smoothing
+        mixes in ``eps / C`` per class, giving mass ``(1 - eps) sum q + eps``."""
+        targets = self._split(batch)[1]
+        if not (isinstance(targets, torch.Tensor) and targets.is_floating_point()):
+            return None
+        mass = targets.sum(dim=1 if targets.dim() > 1 else 0)
+        smoothing = self.kind.label_smoothing
+        return mass * (1.0 - smoothing) + smoothing if smoothing else mass
+
+    def _times_target_mass(self, rows: torch.Tensor, batch: Any) -> torch.Tensor:
+        """``rows`` (``(k, ..., C)``, class axis last) times each row's target mass."""
+        mass = self._target_mass(batch)
+        if mass is None:
+            return rows
+        return rows * mass.to(rows.dtype).unsqueeze(-1)
 
     def sampled_output_hessian_vector_product(
         self,
@@ -212,6 +285,7 @@ class SupervisedLoss(LossFunction):
             result = closed_form.softmax_ce_rows_sampled_hvp(
                 logits, moved, valid, scale, generator, mc_samples
             )
+            result = self._times_target_mass(result, batch)
             return result.movedim(-1, 2) if output.dim() > 1 else result
         return super().sampled_output_hessian_vector_product(
             output, batch, vectors, generator, mc_samples
