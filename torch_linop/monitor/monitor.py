@@ -10,6 +10,7 @@ even when the check raises.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import warnings
@@ -32,6 +33,7 @@ from torch_linop.monitor.preconditioner import (
     learning_rate_and_beta1,
 )
 from torch_linop.monitor.records import CheckRecord, load_history, save_history
+from torch_linop.options import ProductOptions
 from torch_linop.params import ParamFilter
 from torch_linop.solvers import lanczos, trace
 from torch_linop.solvers.eigenpairs import default_tol
@@ -83,7 +85,8 @@ class CurvatureMonitor:
     ``cache_graph`` products where the curvature offers them (the kept graphs are dropped after
     each check, so training never carries them). ``eval_mode=True`` (default) runs the checks
     with every module in eval mode (dropout off: products must be deterministic) and restores
-    each module's own mode after. ``operator_kwargs`` go to the curvature operator.
+    each module's own mode after. ``operator_kwargs`` go to the curvature operator (e.g.
+    ``options=ProductOptions(...)``; ``num_batches`` is set in those options).
     """
 
     def __init__(
@@ -160,7 +163,9 @@ class CurvatureMonitor:
         self.seed, self.eval_mode = seed, eval_mode
         kwargs = dict(operator_kwargs or {})
         kwargs.setdefault("param_filter", param_filter)
-        kwargs.setdefault("num_batches", num_batches)
+        if num_batches is not None:
+            options = kwargs.get("options") or ProductOptions()
+            kwargs["options"] = dataclasses.replace(options, num_batches=num_batches)
         if cache_graph:
             if curvature == "mc-fisher":
                 raise ValueError("cache_graph=True is not offered by the MC Fisher here")
