@@ -52,6 +52,7 @@ def lanczos(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     checkpoint_seconds: float | None = None,
+    start_block: Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` eigenpairs of symmetric ``op`` selected by ``which``, converged to ``tol``.
 
@@ -116,6 +117,8 @@ def lanczos(
         max_matvecs = max(1000, 20 * capacity)
     check_int("max_matvecs", max_matvecs, k)
 
+    if start_block is not None:
+        _check_start_block(start_block, n, block_size, checkpoint)
     generator = make_generator(operator.space.shared_seed(seed))
     saver = Checkpoint(
         checkpoint,
@@ -139,9 +142,12 @@ def lanczos(
     saved = saver.load()
     acc_dtype = krylov.accumulation_dtype(basis_dtype, operator.dtype)
     if saved is None:
-        start_block = operator.probes(
-            block_size, generator, "gaussian", dtype=acc_dtype, device=basis_device
-        )
+        if start_block is None:
+            start_block = operator.probes(
+                block_size, generator, "gaussian", dtype=acc_dtype, device=basis_device
+            )
+        else:
+            start_block = start_block.to(device=basis_device, dtype=acc_dtype)
         state = krylov.start(
             operator,
             start_block,
@@ -373,6 +379,24 @@ class _Run:
                 torch.cuda.empty_cache()
             vectors = vectors.to(device)
         return vectors.div_(self.operator.space.row_norms(vectors)[:, None])  # in place
+
+
+def _check_start_block(start_block: Any, n: int, block_size: int, checkpoint: Any) -> None:
+    """ValueError/TypeError where a caller's start block enters, saying what shape it needs."""
+    if not isinstance(start_block, Tensor) or not start_block.is_floating_point():
+        raise TypeError(f"start_block must be a floating torch.Tensor, got {type(start_block)}")
+    if tuple(start_block.shape) != (n, block_size):
+        raise ValueError(
+            f"start_block has shape {tuple(start_block.shape)}; it must be (n, block_size) = "
+            f"({n}, {block_size}): one column per block vector"
+        )
+    if not bool(torch.isfinite(start_block).all()):
+        raise ValueError("start_block contains NaN or Inf")
+    if checkpoint is not None:
+        raise ValueError(
+            "start_block cannot be combined with checkpoint (a resumed run restarts from its "
+            "file); pass one of them"
+        )
 
 
 def _target_order(values: np.ndarray, which: str) -> np.ndarray:

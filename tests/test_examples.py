@@ -31,6 +31,7 @@ REQUIREMENTS = {
     "per_layer_spectrum.py": ("matplotlib", "the same Gaussian smoothing for every layer"),
     "scipy_interop.py": (None, "cg step vs dense solve"),
     "supervised_mlp.py": (None, "Lanczos, ARPACK and the dense matrix agree."),
+    "track_sharpness.py": ("matplotlib", "the monitor's last sharpness agrees with ARPACK."),
 }
 
 

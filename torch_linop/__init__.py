@@ -28,6 +28,7 @@ from torch_linop.losses.language_models import (
 )
 from torch_linop.losses.transformer_lens import tlens_forward, tlens_loss, tlens_loss_of_output
 from torch_linop.mc_fisher import MCFisherOperator
+from torch_linop.monitor import CurvatureMonitor
 from torch_linop.operator import CurvatureOperator
 from torch_linop.options import ProductOptions
 from torch_linop.params import (
@@ -52,6 +53,7 @@ from torch_linop.solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CurvatureMonitor",
     "CurvatureOperator",
     "DiagonalOperator",
     "DiagonalResult",
