@@ -8,7 +8,7 @@ on the monitored batch itself ("full-batch", as edge-of-stability studies train)
 starts and cold starts, sharpness and Adam-preconditioned sharpness, tol 1e-4) check the same
 parameters every ``--every`` steps; a third monitor with the default cadence measures the share.
 
-    python benchmarks/monitor.py [--out benchmarks/results/monitor.json]
+    python benchmarks/monitor.py [--out .bench_out/monitor.json]
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument(
         "--phases", default="trained, full-batch;trained, minibatch;early, minibatch"
     )
-    parser.add_argument("--out", default="benchmarks/results/monitor.json")
+    parser.add_argument("--out", default=".bench_out/monitor.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
