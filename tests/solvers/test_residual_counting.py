@@ -112,7 +112,8 @@ def test_torch_path_counts_the_same_products(spectra, torch_operator):
     assert op.num_matvecs == result.num_matvecs == result.num_iterations
     vectors = result.eigenvectors.numpy()
     measured = true_residuals(matrix, result.eigenvalues, vectors)
-    np.testing.assert_array_less(np.abs(measured - result.residuals), 1e-12 * 10.1)  # ||A|| = 10 + 1e-3 noise
+    norm = 10.1  # the clustered top sits at 10 plus noise of 1e-3
+    np.testing.assert_array_less(np.abs(measured - result.residuals), 1e-12 * norm)
 
 
 def test_unconverged_run_counts_its_reproducibility_check(spectra):
