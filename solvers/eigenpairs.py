@@ -64,11 +64,13 @@ def lanczos(
     bounds the eigenvalue error by the same amount; the default ``tol`` is ``1e-10`` in float64
     and ``eps**(2/3)`` in lower precisions (of the operator or the basis, whichever is coarser).
 
-    Residuals come from the Lanczos relation ``H Q_m = Q_m T_m + R_m``: the residual of the Ritz
-    pair ``(theta, Q_m s)`` is ``||B_m s_last||`` (``|beta_m s_m|`` for single vectors), read from
-    ``T`` at no cost. The basis is fully reorthogonalised, so this is the true residual
-    ``||H v - theta v||`` of the products as computed, up to rounding (about ``eps * ||H||`` of
-    the basis dtype), and ``num_matvecs`` counts only the Krylov products. What the relation
+    Residuals come from the Lanczos relation ``H Q_m = Q_m T_m + Q_next B_m E_m^T``: the residual
+    of the Ritz pair ``(theta, Q_m s)`` is ``||B_m s_last||`` (``|beta_m s_m|`` for single
+    vectors), read from ``T`` at no cost. The basis is fully reorthogonalised, so this is the
+    true residual ``||H v - theta v||`` of the products as computed, up to rounding (about
+    ``eps * ||H||`` of the basis dtype), and ``num_matvecs`` counts only the Krylov products (plus
+    two after an unconverged run, which checks whether the matrix changes between products, all
+    of it everything the operator saw). What the relation
     cannot see is a matrix that changes between products (dropout, a shuffled loader) or noise
     in the products themselves (bf16): ``verify=True`` measures ``||H v - theta v||`` with one
     extra product per returned pair (counted in ``num_matvecs`` and ``num_residual_matvecs``) and
