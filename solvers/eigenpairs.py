@@ -4,6 +4,7 @@ the k pairs converge, with thick restart when the basis would outgrow ``max_basi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -26,6 +27,7 @@ Which = Literal["LM", "LA", "SA", "BE"]
 WHICH = ("LM", "LA", "SA", "BE")
 _FIRST_CHECK_INTERVAL = 4
 _MAX_CHECK_INTERVAL = 16
+_HINT_MATVECS = 2  # products an unconverged run spends on checking that the matrix stays put
 
 
 def default_tol(eps: float) -> float:
@@ -53,6 +55,7 @@ def lanczos(
     checkpoint_every: int | None = None,
     checkpoint_seconds: float | None = None,
     start_block: Tensor | None = None,
+    verify: bool = False,
 ) -> EigenResult:
     """The ``k`` eigenpairs of symmetric ``op`` selected by ``which``, converged to ``tol``.
 
@@ -60,9 +63,20 @@ def lanczos(
     both ends (``k // 2`` from the bottom, the rest from the top). A pair is converged when
     ``||H v - lambda v|| <= tol * ||H||`` (``||H||`` estimated by the largest |Ritz value|), which
     bounds the eigenvalue error by the same amount; the default ``tol`` is ``1e-10`` in float64
-    and ``eps**(2/3)`` in lower precisions (of the operator or the basis, whichever is coarser). With ``return_eigenvectors`` the residuals are
-    measured with one extra product per pair (counted in ``num_matvecs`` and
-    ``num_residual_matvecs``); without, they are the Ritz estimates and no vectors are formed.
+    and ``eps**(2/3)`` in lower precisions (of the operator or the basis, whichever is coarser).
+
+    Residuals come from the Lanczos relation ``H Q_m = Q_m T_m + Q_next B_m E_m^T``: the residual
+    of the Ritz pair ``(theta, Q_m s)`` is ``||B_m s_last||`` (``|beta_m s_m|`` for single
+    vectors), read from ``T`` at no cost. The basis is fully reorthogonalised, so this is the
+    true residual ``||H v - theta v||`` of the products as computed, up to rounding (about
+    ``eps * ||H||`` of the basis dtype), and ``num_matvecs`` counts only the Krylov products (plus
+    two after an unconverged run, which checks whether the matrix changes between products, all
+    of it everything the operator saw). What the relation
+    cannot see is a matrix that changes between products (dropout, a shuffled loader) or noise
+    in the products themselves (bf16): ``verify=True`` measures ``||H v - theta v||`` with one
+    extra product per returned pair (counted in ``num_matvecs`` and ``num_residual_matvecs``) and
+    keeps iterating while those fail. ``residuals_are_true`` on the result says which kind was
+    returned. ``return_eigenvectors=False`` returns the eigenvalues only.
 
     The basis holds at most ``max_basis`` vectors (default ``min(n, max(100, 4 k))``, further
     capped by ``max_basis_bytes``); beyond it the run thick-restarts. ``basis_device`` /
@@ -92,6 +106,7 @@ def lanczos(
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     check_int("block_size", block_size, 1)
     check_bool("return_eigenvectors", return_eigenvectors)
+    check_bool("verify", verify)
     basis_device = (
         operator.device if basis_device is None else as_device("basis_device", basis_device)
     )
@@ -132,6 +147,7 @@ def lanczos(
             "block_size": block_size,
             "seed": seed_option(seed),
             "return_eigenvectors": return_eigenvectors,
+            "verify": verify,
             "basis_dtype": basis_dtype,
         },
         op=op,
@@ -167,27 +183,34 @@ def lanczos(
             basis_dtype=basis_dtype,
         )
         krylov.load_state_dict(state, saved["krylov"])
-    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors, saver)
+    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors, verify, saver)
     if saved is not None:
         run.load_state_dict(saved["run"])
     with progress_bar(f"lanczos top-{k} {which}", None, progress) as bar:
         run.bar = bar
         result = run.solve()
     if not result.converged.all():
+        hint = _irreproducible_hint(operator, tol)
         warnings.warn(
             f"lanczos: {int(result.converged.sum())} of {k} eigenpairs converged to "
             f"tol={tol:g} within {result.num_matvecs} matvecs (largest residual "
             f"{result.residuals.max():.3g}, threshold {tol * result.norm_estimate:.3g}); raise "
-            "max_matvecs (or max_basis), or loosen tol" + _irreproducible_hint(operator, tol),
+            "max_matvecs (or max_basis), or loosen tol" + hint,
             RuntimeWarning,
             stacklevel=2,
+        )
+        # the hint's products are counted too: num_matvecs is everything the operator saw
+        result = dataclasses.replace(
+            result,
+            num_matvecs=result.num_matvecs + _HINT_MATVECS,
+            num_residual_matvecs=result.num_residual_matvecs + _HINT_MATVECS,
         )
     return result
 
 
 def _irreproducible_hint(operator: Operator, tol: float) -> str:
-    """After a failed run, two products of one seeded vector: if they differ by more than
-    ``tol``, the matrix moved between products and no budget would help."""
+    """After a failed run, two products (``_HINT_MATVECS``) of one seeded vector: if they differ
+    by more than ``tol``, the matrix moved between products and no budget would help."""
     probe = torch.randn(operator.size, 1, generator=torch.Generator().manual_seed(0))
     probe = probe.to(device=operator.device, dtype=operator.dtype)
     first, second = operator.matmat(probe).double(), operator.matmat(probe).double()
@@ -213,10 +236,12 @@ class _Run:
         tol: float,
         max_matvecs: int,
         return_eigenvectors: bool,
+        verify: bool,
         checkpoint: Checkpoint,
     ) -> None:
         self.operator, self.state, self.k, self.which, self.tol = operator, state, k, which, tol
         self.max_matvecs, self.return_eigenvectors = max_matvecs, return_eigenvectors
+        self.verify = verify
         self.checkpoint = checkpoint
         # the schedule of convergence checks is part of the state: a resumed run checks (and
         # restarts) at the same steps as an uninterrupted one
@@ -315,24 +340,25 @@ class _Run:
             wanted = wanted[np.argsort(values[wanted], kind="stable")]
         eigenvalues = values[wanted]
         eigenvectors: Any = None
-        residuals = estimates[wanted]
-        if self.return_eigenvectors:
+        residuals = estimates[wanted]  # from the Lanczos relation, no product
+        if self.verify:
             residuals = self._true_residuals(coordinates[:, wanted], eigenvalues)
-            converged = residuals <= self.tol * norm
-            if converged.all() or state.complete or not self._budget_left():
-                eigenvectors = operator.output(self._eigenvectors(coordinates[:, wanted]))
+        converged = residuals <= self.tol * norm
+        returning = converged.all() or state.complete or not self._budget_left()
+        if self.return_eigenvectors and returning:
+            eigenvectors = operator.output(self._eigenvectors(coordinates[:, wanted]))
         return EigenResult(
             eigenvalues=eigenvalues.copy(),
             eigenvectors=eigenvectors,
             residuals=residuals.copy(),
-            converged=residuals <= self.tol * norm,
+            converged=converged,
             num_matvecs=state.num_matvecs + self.num_residual_matvecs,
             num_residual_matvecs=self.num_residual_matvecs,
             num_iterations=state.num_steps,
             num_restarts=state.num_restarts,
             tol=self.tol,
             norm_estimate=norm,
-            residuals_are_true=self.return_eigenvectors,
+            residuals_are_true=self.verify,
         )
 
     def _budget_left(self) -> bool:

@@ -18,11 +18,15 @@ class EigenResult:
     """Eigenpairs of a symmetric operator, ordered by the target (largest first for "LA"/"LM",
     smallest first for "SA", ascending for "BE").
 
-    ``residuals[i]`` is ``||H v_i - lambda_i v_i||`` for unit ``v_i``: measured with one extra
-    product when eigenvectors are returned (``residuals_are_true``), else the Ritz estimate.
-    ``converged[i]`` says whether it is at most ``tol * norm_estimate``. ``num_matvecs`` counts
-    every product, of which ``num_residual_matvecs`` went to measuring residuals;
-    ``num_iterations`` counts (block) Lanczos steps or power iterations.
+    ``residuals[i]`` is ``||H v_i - lambda_i v_i||`` for unit ``v_i``. ``residuals_are_true``
+    says how it was obtained: True when measured with a product of ``v_i`` (``lanczos(...,
+    verify=True)``, power iteration); False when read from the Lanczos relation, which with the
+    fully reorthogonalised basis equals the true residual of the products as computed up to
+    rounding, at no product. ``converged[i]`` says whether it is at most ``tol *
+    norm_estimate``. ``num_matvecs`` counts every product the operator saw, of which
+    ``num_residual_matvecs`` went to checks outside the Krylov iteration (measured residuals,
+    and the reproducibility check of an unconverged ``lanczos``); ``num_iterations`` counts
+    (block) Lanczos steps or power iterations.
     """
 
     eigenvalues: np.ndarray

@@ -97,6 +97,10 @@ JOBS: dict[str, Callable[..., Any]] = {
     "lanczos_block": lambda op, **kw: lanczos(
         op, 4, which="BE", block_size=2, seed=2, max_basis=14, tol=1e-11, **kw
     ),
+    # measured residuals: their products and schedule are part of the saved state too
+    "lanczos_verified": lambda op, **kw: lanczos(
+        op, 3, which="LA", seed=10, max_basis=10, tol=1e-11, verify=True, **kw
+    ),
     "spectral_density": lambda op, **kw: spectral_density(
         op, num_runs=3, lanczos_steps=10, grid_size=50, seed=3, **kw
     ),
