@@ -66,8 +66,10 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
     figure = tmp_path / "per_layer_spectrum.png"
     extra_args = ["--output", str(figure)] if script.name == "per_layer_spectrum.py" else []
     result = subprocess.run(
-        [sys.executable, str(script.relative_to(REPO)), *extra_args],  # python examples/X.py
-        cwd=REPO,
+        # python examples/X.py, from a scratch working directory: examples that write their
+        # results next to the caller (track_sharpness.json/.png) must not litter the checkout
+        [sys.executable, str(script), *extra_args],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
