@@ -37,6 +37,7 @@ from torch_linop.params import (
     select_parameters,
     vector_to_parameters,
 )
+from torch_linop.planning import Plan, plan
 from torch_linop.solvers import (
     DiagonalResult,
     EigenResult,
@@ -72,6 +73,8 @@ __all__ = [
     "hf_masked_lm_loss",
     "hf_seq2seq_loss",
     "lanczos",
+    "plan",
+    "Plan",
     "power_iteration",
     "spectral_density",
     "tlens_forward",
