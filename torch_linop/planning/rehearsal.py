@@ -31,7 +31,7 @@ class Rehearsal:
     num_params: int
 
 
-def meta_model(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+def meta_model(config: Any, dtype: torch.dtype) -> Any:
     """``LlamaForCausalLM`` (or any ``AutoModelForCausalLM`` config) built on the meta device."""
     from transformers import AutoModelForCausalLM
 
