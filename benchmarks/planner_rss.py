@@ -2,10 +2,10 @@
 
 Each measurement runs in a fresh subprocess (float32, one thread, glibc's mmap threshold fixed
 at 64 KiB so that freed tensors go back to the system and RSS follows the live bytes): it warms
-the code paths up on a toy model, reads ``ru_maxrss``, builds the model, its data and a vector,
-runs one ``op @ v`` and reads ``ru_maxrss`` again. The difference is the parameters, the vector
-and the product's peak workspace, which is what :func:`torch_linop.planning.plan` predicts for a
-single process.
+the code paths up on a toy model, hands freed heap back (``malloc_trim``), reads the resident
+set, builds the model, its data and a vector, runs one ``op @ v`` and reads ``ru_maxrss``. The
+growth is the parameters, the vector and the product's peak workspace, which is what
+:func:`torch_linop.planning.plan` predicts for a single process.
 
     python benchmarks/planner_rss.py            # the table in docs/howto/llm_scale.md
 """
@@ -66,6 +66,8 @@ def _llama_config(sizes: dict[str, Any]) -> Any:
 
 def _child(name: str, curvature: str) -> None:
     """Runs in the subprocess: prints the RSS growth (bytes) of build + one product."""
+    import ctypes
+    import gc
     import resource
 
     import torch
@@ -99,10 +101,18 @@ def _child(name: str, curvature: str) -> None:
         seq=8,
     )
     product(toy, 0)  # imports and first-call paths, before the baseline
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: not reused unseen
+    before = _resident_bytes()  # now, not the high-water mark of the imports
     product(CONFIGS[name], 1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"measured_bytes": (after - before) * 1024}))  # ru_maxrss is KiB on Linux
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"measured_bytes": after - before, "baseline_bytes": before}))
+
+
+def _resident_bytes() -> int:
+    """The process's resident set now (Linux: /proc/self/statm, in pages)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(name: str, curvature: str) -> int:

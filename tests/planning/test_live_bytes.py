@@ -26,6 +26,15 @@ def test_counts_created_storages_and_their_release() -> None:
     assert counter.current == 0
 
 
+def test_storages_grown_in_place_count_their_growth() -> None:
+    with LiveBytes() as counter:
+        grown = torch.empty(0, device="meta")
+        grown.resize_(100)
+        torch.add(torch.empty(30, device="meta"), 1, out=grown)  # out= shrinks nothing
+        del grown
+    assert counter.peak == 130 * FLOAT
+
+
 def test_views_of_tensors_made_before_are_not_memory() -> None:
     weight = torch.empty(100, 100, device="meta")
     with LiveBytes() as counter:

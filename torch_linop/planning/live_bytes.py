@@ -64,9 +64,15 @@ class LiveBytes(TorchDispatchMode):
     def _track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self._sizes or key in self._outside:
+        if key in self._outside:
             return
         num_bytes = storage.nbytes()
+        if key in self._sizes:  # a storage grown in place (resize_, out= arguments)
+            growth = num_bytes - self._sizes[key]
+            if growth > 0:
+                self._sizes[key] = num_bytes
+                self._add(growth)
+            return
         self._sizes[key] = num_bytes
         self.current += num_bytes
         for name, predicate in self._watchers.items():
@@ -76,6 +82,10 @@ class LiveBytes(TorchDispatchMode):
                 self._tag_current[name] += num_bytes
                 break
         weakref.finalize(storage, self._free, key)
+        self._add(0)
+
+    def _add(self, num_bytes: int) -> None:
+        self.current += num_bytes
         if self.current > self.peak:
             self.peak = self.current
             self.tags_at_peak = dict(self._tag_current)
