@@ -117,3 +117,29 @@ def test_bad_input_is_refused_with_the_fix() -> None:
         plan("llama-8b")
     with pytest.raises(TypeError, match="HuggingFace causal LM"):
         plan(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_meta_rehearsal_allocates_what_a_real_cpu_product_allocates(curvature: str) -> None:
+    """The rehearsal's meta kernels create the storages the CPU kernels create: the same counter
+    over a real float32 product on CPU (random weights and tokens) gives the same peak."""
+    from torch_linop import GGNOperator, HessianOperator, hf_lm_loss
+    from torch_linop.planning import LiveBytes
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": tokens}
+    operator_class = HessianOperator if curvature == "hessian" else GGNOperator
+    operator = operator_class(model, [batch], hf_lm_loss())
+    vector = torch.randn(operator.shape[0], 1, generator=torch.Generator().manual_seed(2))
+    operator @ vector  # probes the capabilities once, as the rehearsal's first product does
+    with LiveBytes(devices=("cpu",)) as counter:
+        tangents = operator._split_columns(vector)
+        with operator._product_context():
+            pieces = operator.batch_product(batch, tangents)
+        joined = torch.cat([piece.reshape(1, -1) for piece in pieces], dim=1).T
+        del pieces, joined
+    rehearsed = rehearse(config, curvature, micro_batch=3, seq_len=16, dtype=torch.float32)
+    assert counter.peak == rehearsed.peak

@@ -29,8 +29,9 @@ class LiveBytes(TorchDispatchMode):
     vocabulary, to see how much of the peak is the cross-entropy middle's logits).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, devices: tuple[str, ...] = ("meta",)) -> None:
         super().__init__()
+        self.devices = devices  # device types counted: ("meta", "cpu") checks a real CPU run
         self.current = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
@@ -90,18 +91,21 @@ class LiveBytes(TorchDispatchMode):
             self.peak = self.current
             self.tags_at_peak = dict(self._tag_current)
 
+    def _counted(self, value: Any) -> bool:
+        return (
+            isinstance(value, torch.Tensor)
+            and value.device.type in self.devices
+            and not value.is_sparse
+        )
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is _SCALAR_READ and args[0].device.type == "meta":
             return True if args[0].dtype == torch.bool else 1
         for leaf in tree_flatten((args, kwargs))[0]:
-            if _is_meta_tensor(leaf):
+            if self._counted(leaf):
                 self._note_outside(leaf)
         result = func(*args, **(kwargs or {}))
         for leaf in tree_flatten(result)[0]:
-            if _is_meta_tensor(leaf):
+            if self._counted(leaf):
                 self._track(leaf)
         return result
-
-
-def _is_meta_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "meta" and not value.is_sparse
