@@ -24,6 +24,7 @@ import torch
 
 from torch_linop import GGNOperator, HessianOperator
 from torch_linop.losses.language_models import hf_lm_loss
+from torch_linop.planning import LLAMA_SIZES, Plan, plan
 from torch_linop.solvers import lanczos, spectral_density, trace
 from torch_linop.solvers._memory import device_budget
 from torch_linop.solvers.eigenpairs import _capacity
@@ -223,6 +224,58 @@ def matvec_row(op, vector, gradient_seconds: float, device: torch.device):
     return run
 
 
+def predicted_gib(sizes: dict[str, int], batch: int, seq: int) -> dict[str, float]:
+    """The planner's peak above the model (the vector and the product's workspace) for the
+    uncached Hessian and GGN products of this run, in GiB (predicted on the meta device)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**sizes, max_position_embeddings=1024)
+    predictions = {}
+    for curvature in ("hessian", "ggn"):
+        predicted = plan(
+            config,
+            curvature=curvature,
+            dtype=torch.float32,
+            seq_len=seq,
+            micro_batch=batch,
+            tokens_per_rank=batch * seq,
+            device_memory=None,
+            basis_device="cpu",
+        )
+        predictions[f"{curvature} matvec"] = (
+            predicted.vector_bytes + predicted.workspace_bytes
+        ) / 2**30
+    return predictions
+
+
+def plan_tables(seq_len: int, sequences_per_rank: int) -> None:
+    """The planner's tables for Llama 1B-70B on 8 x 80 GB and 8 x 141 GB with 560 GB of host
+    memory: as given, then with activation checkpointing and the basis on the host."""
+    for title, options in (
+        ("defaults (no activation checkpointing, fp32 basis on the GPUs)", {}),
+        (
+            "activation_checkpointing=True, basis_device='cpu'",
+            dict(activation_checkpointing=True, basis_device="cpu"),
+        ),
+    ):
+        print(f"\n{title}, seq_len {seq_len}, {sequences_per_rank} sequences per rank, bf16\n")
+        print(Plan.header())
+        for name in LLAMA_SIZES:
+            for device_memory in (80 * 10**9, 141 * 10**9):
+                for curvature in ("hessian", "ggn"):
+                    result = plan(
+                        name,
+                        world_size=8,
+                        device_memory=device_memory,
+                        host_memory=560 * 10**9,
+                        seq_len=seq_len,
+                        tokens_per_rank=sequences_per_rank * seq_len,
+                        curvature=curvature,
+                        **options,
+                    )
+                    print("| " + " | ".join(result.row()) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model (CPU is fine)")
@@ -238,7 +291,15 @@ def main() -> None:
         "--checkpoints", default=None, help="folder for solver checkpoints (not under --out)"
     )
     parser.add_argument("--resume", action="store_true", help="keep finished phases from --out")
+    parser.add_argument(
+        "--plan-table",
+        action="store_true",
+        help="print the planner's tables for Llama 1B-70B on 8 GPUs and exit",
+    )
     args = parser.parse_args()
+    if args.plan_table:
+        plan_tables(seq_len=2048, sequences_per_rank=8)
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -254,6 +315,9 @@ def main() -> None:
     num_params = sum(p.numel() for p in model.parameters())
     model_gib = num_params * 4 / 2**30
     print(f"model: {num_params / 1e9:.3f}B parameters, {model_gib:.1f} GiB fp32; device {device}")
+    predictions = predicted_gib(sizes, args.batch, seq)
+    for name, gib in predictions.items():
+        print(f"planner: {name} peak above the model {gib:.2f} GiB (predicted on meta)")
     results_path = os.path.join(args.out, "llm_scale.json") if args.out else None
     phases = Phases(device, model_gib, results_path, args.resume)
     loss = hf_lm_loss()
@@ -272,6 +336,7 @@ def main() -> None:
     phases.run(
         "hessian matvec (cached graph)", matvec_row(cached, vector, gradient_seconds, device)
     )
+    cached.clear_cache()  # its kept graph would count in the next rows' peaks
     phases.run("ggn matvec", matvec_row(ggn, vector, gradient_seconds, device))
     phases.run(
         "ggn matvec (cached graph)", matvec_row(ggn_cached, vector, gradient_seconds, device)
@@ -367,8 +432,11 @@ def main() -> None:
         )
 
     print()
-    print("| phase | seconds | matvecs | x gradient | peak GiB above model | notes |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| phase | seconds | matvecs | x gradient | peak GiB above model "
+        "| planner's prediction | notes |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in phases.rows:
         notes = row.get("error") or (
             f"converged {row['converged']}/{args.k}, max rel residual "
@@ -391,12 +459,19 @@ def main() -> None:
         if "eigenvalues" in row and "converged" in row:
             notes += "; top " + ", ".join(f"{x:.4g}" for x in row["eigenvalues"][:3])
         ratio = row.get("x_gradient")
+        predicted = f"{predictions[row['phase']]:.1f}" if row["phase"] in predictions else ""
         print(
             f"| {row['phase']} | {row['seconds']:.1f} | {row.get('matvecs', '')} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} | "
-            f"{row['peak_gib_above_model']:.1f} | {notes} |"
+            f"{row['peak_gib_above_model']:.1f} | {predicted} | {notes} |"
         )
-    phases.save({"params": num_params, "command": " ".join(sys.argv)})
+    phases.save(
+        {
+            "params": num_params,
+            "command": " ".join(sys.argv),
+            "planner_predicted_gib_above_model": predictions,
+        }
+    )
     if not math.isfinite(gradient_seconds):
         raise SystemExit(1)
 

@@ -60,6 +60,8 @@ LAYER_OF_PREFIX = {
     "torch_linop.cli": "integrations",
     "torch_linop.curvlinops": "integrations",
     "torch_linop.monitor": "integrations",
+    # the memory planner rehearses the operators' products on the meta device
+    "torch_linop.planning": "integrations",
     "torch_linop.__main__": "integrations",
     # the package's own __init__, the public face that re-exports every layer (importing it
     # imports them all, so only integrations may)

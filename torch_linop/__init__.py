@@ -38,6 +38,7 @@ from torch_linop.params import (
     select_parameters,
     vector_to_parameters,
 )
+from torch_linop.planning import Plan, plan
 from torch_linop.solvers import (
     DiagonalResult,
     EigenResult,
@@ -74,6 +75,8 @@ __all__ = [
     "hf_masked_lm_loss",
     "hf_seq2seq_loss",
     "lanczos",
+    "plan",
+    "Plan",
     "power_iteration",
     "spectral_density",
     "tlens_forward",
