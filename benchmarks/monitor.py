@@ -28,6 +28,7 @@ from torch import nn
 
 from torch_linop import hf_lm_loss, supervised_loss
 from torch_linop.monitor import CurvatureMonitor
+from torch_linop.monitor.monitor import DEFAULT_FRESH_WEIGHT
 
 
 def mlp_workload() -> tuple[nn.Module, list[Any], Any, Callable[[torch.Generator], Any]]:
@@ -86,7 +87,9 @@ def train_step(model: nn.Module, loss: Any, batch: Any, optimizer: torch.optim.O
     optimizer.step()
 
 
-def run(name: str, phase: str, every: int, checks: int, share_steps: int) -> dict[str, Any]:
+def run(
+    name: str, phase: str, every: int, checks: int, share_steps: int, fresh_weight: float
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model, data, loss, minibatch = WORKLOADS[name]()
     if phase.endswith("full-batch"):  # gradient descent on the monitored data, as EoS studies do
@@ -102,7 +105,7 @@ def run(name: str, phase: str, every: int, checks: int, share_steps: int) -> dic
             train_step(model, loss, batch(generator), optimizer)
         optimizer.param_groups[0]["lr"] = 3e-4
     kwargs: dict[str, Any] = dict(optimizer=optimizer, preconditioned=True, cold_every=None)
-    warm = CurvatureMonitor(model, data, loss, every=every, **kwargs)
+    warm = CurvatureMonitor(model, data, loss, every=every, fresh_weight=fresh_weight, **kwargs)
     cold = CurvatureMonitor(model, data, loss, every=every, warm_start=False, **kwargs)
     for step in range(1, every * checks + 1):
         train_step(model, loss, batch(generator), optimizer)
@@ -170,13 +173,16 @@ def main() -> None:
     parser.add_argument(
         "--phases", default="trained, full-batch;trained, minibatch;early, minibatch"
     )
+    parser.add_argument("--fresh-weight", type=float, default=DEFAULT_FRESH_WEIGHT)
     parser.add_argument("--out", default=".bench_out/monitor.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for name in args.workloads.split(","):
         for phase in args.phases.split(";"):
-            rows.append(run(name, phase, args.every, args.checks, args.share_steps))
+            rows.append(
+                run(name, phase, args.every, args.checks, args.share_steps, args.fresh_weight)
+            )
             print(rows[-1], flush=True)
     table = markdown(rows)
     print(table)
@@ -184,6 +190,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
         "torch": torch.__version__,
+        "fresh_weight": args.fresh_weight,
         "rows": rows,
         "table": table,
     }

@@ -56,6 +56,7 @@ def lanczos(
     checkpoint_seconds: float | None = None,
     start_block: Tensor | None = None,
     verify: bool = False,
+    check_every: int | None = None,
 ) -> EigenResult:
     """The ``k`` eigenpairs of symmetric ``op`` selected by ``which``, converged to ``tol``.
 
@@ -77,6 +78,12 @@ def lanczos(
     extra product per returned pair (counted in ``num_matvecs`` and ``num_residual_matvecs``) and
     keeps iterating while those fail. ``residuals_are_true`` on the result says which kind was
     returned. ``return_eigenvectors=False`` returns the eigenvalues only.
+
+    Convergence is checked (one host sync and a small tridiagonal eigensolve, no products) on an
+    adaptive schedule: first after ``ceil((k + 1) / block_size)`` block steps, then at intervals
+    predicted from the convergence rate. ``check_every=c`` checks every ``c`` block steps
+    instead, so the run stops within ``c`` steps of the first step that meets ``tol``: ``1``
+    suits warm starts (``start_block`` near the answer), which may need only one or two steps.
 
     The basis holds at most ``max_basis`` vectors (default ``min(n, max(100, 4 k))``, further
     capped by ``max_basis_bytes``); beyond it the run thick-restarts. ``basis_device`` /
@@ -107,6 +114,8 @@ def lanczos(
     check_int("block_size", block_size, 1)
     check_bool("return_eigenvectors", return_eigenvectors)
     check_bool("verify", verify)
+    if check_every is not None:
+        check_int("check_every", check_every, 1)
     basis_device = (
         operator.device if basis_device is None else as_device("basis_device", basis_device)
     )
@@ -135,21 +144,24 @@ def lanczos(
     if start_block is not None:
         _check_start_block(start_block, n, block_size, checkpoint)
     generator = make_generator(operator.space.shared_seed(seed))
+    options: dict[str, Any] = {
+        "k": k,
+        "which": which,
+        "tol": tol,
+        "max_matvecs": max_matvecs,
+        "max_basis": capacity,
+        "block_size": block_size,
+        "seed": seed_option(seed),
+        "return_eigenvectors": return_eigenvectors,
+        "verify": verify,
+        "basis_dtype": basis_dtype,
+    }
+    if check_every is not None:  # only when set: checkpoints written without it still resume
+        options["check_every"] = check_every
     saver = Checkpoint(
         checkpoint,
         solver="lanczos",
-        options={
-            "k": k,
-            "which": which,
-            "tol": tol,
-            "max_matvecs": max_matvecs,
-            "max_basis": capacity,
-            "block_size": block_size,
-            "seed": seed_option(seed),
-            "return_eigenvectors": return_eigenvectors,
-            "verify": verify,
-            "basis_dtype": basis_dtype,
-        },
+        options=options,
         op=op,
         operator=operator,
         every_matvecs=checkpoint_every,
@@ -183,7 +195,9 @@ def lanczos(
             basis_dtype=basis_dtype,
         )
         krylov.load_state_dict(state, saved["krylov"])
-    run = _Run(operator, state, k, which, tol, max_matvecs, return_eigenvectors, verify, saver)
+    run = _Run(
+        operator, state, k, which, tol, max_matvecs, return_eigenvectors, verify, saver, check_every
+    )
     if saved is not None:
         run.load_state_dict(saved["run"])
     with progress_bar(f"lanczos top-{k} {which}", None, progress) as bar:
@@ -238,14 +252,18 @@ class _Run:
         return_eigenvectors: bool,
         verify: bool,
         checkpoint: Checkpoint,
+        check_every: int | None = None,
     ) -> None:
         self.operator, self.state, self.k, self.which, self.tol = operator, state, k, which, tol
         self.max_matvecs, self.return_eigenvectors = max_matvecs, return_eigenvectors
         self.verify = verify
         self.checkpoint = checkpoint
+        self.check_every = check_every  # None: the adaptive schedule of _next_interval
         # the schedule of convergence checks is part of the state: a resumed run checks (and
         # restarts) at the same steps as an uninterrupted one
-        self.steps_until_check = max(1, math.ceil((k + 1) / state.block_size))
+        self.steps_until_check = (
+            max(1, math.ceil((k + 1) / state.block_size)) if check_every is None else check_every
+        )
         self.num_residual_matvecs = 0
         self.verify_after = 0  # Krylov matvecs before the next true-residual check is allowed
         self.history: list[tuple[int, float]] = []  # (steps, log of worst residual / threshold)
@@ -313,6 +331,8 @@ class _Run:
         state = self.state
         if worst <= threshold:
             return max(1, math.ceil((self.verify_after - state.num_matvecs) / state.block_size))
+        if self.check_every is not None:
+            return self.check_every
         log_ratio = math.log(worst / threshold) if threshold > 0 else math.inf
         self.history.append((state.num_steps, log_ratio))
         if len(self.history) < 2 or not math.isfinite(log_ratio):

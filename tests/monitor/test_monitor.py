@@ -285,3 +285,22 @@ def test_ggn_on_a_batch_subset_equals_the_dense_ggn_of_that_subset() -> None:
     record = monitor.check(0)
     truth = np.linalg.eigvalsh(dense_ggn(model, data[:1], LOSS).numpy())[::-1][:2]
     np.testing.assert_allclose(record.values["top_eigenvalue"], truth, rtol=1e-8)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_warm_check_at_unchanged_parameters_costs_one_block_step(k) -> None:
+    """Warm checks test convergence after every block step: from Ritz vectors already converged
+    at the same parameters (and no fresh directions) the first step, ``k`` products, meets tol
+    and the check stops there with the dense eigenvalues; a cold check costs more."""
+    model, data = make_problem(6)
+    kwargs = dict(k=k, every=1, tol=1e-8, cold_every=None)
+    warm = CurvatureMonitor(model, data, LOSS, fresh_weight=0.0, **kwargs)
+    cold = CurvatureMonitor(model, data, LOSS, warm_start=False, **kwargs)
+    for step in (1, 2):
+        warm.step(step)
+        cold.step(step)
+    assert warm.history[1].warm_started["top_eigenvalue"]
+    assert warm.history[1].num_matvecs["top_eigenvalue"] == k
+    assert cold.history[1].num_matvecs["top_eigenvalue"] > k
+    truth = np.linalg.eigvalsh(dense_hessian(model, data, LOSS).numpy())[::-1][:k]
+    np.testing.assert_allclose(warm.history[1].values["top_eigenvalue"], truth, rtol=1e-7)

@@ -69,10 +69,9 @@ class CurvatureMonitor:
     standard error). Each record carries ``2/lr`` and, for Adam, ``(2 + 2 beta1)/((1 - beta1) lr)``.
 
     Warm start: after the first check each Lanczos run starts from the previous check's Ritz
-    vectors plus ``fresh_weight`` times fresh random unit directions, first as a probe of two
-    (block) steps and a residual check, ``3 k`` products, which suffices while the parameters move
-    little; if the probe falls short of ``tol`` a full run continues from its Ritz vectors (and
-    the next check skips the probe).
+    vectors plus ``fresh_weight`` times fresh random unit directions, and checks convergence
+    after every (block) step, so it stops at the first step that meets ``tol``: ``k`` products
+    per step, one or two steps while the parameters move little.
     A warm start finds the eigenpairs that continue the previous ones: an eigenvalue that
     overtakes them between two checks is found by the next cold check, every ``cold_every``-th
     (default 10; None: only the first). ``warm_start=False`` starts every check cold.
@@ -173,7 +172,6 @@ class CurvatureMonitor:
         self._operator_kwargs = kwargs
         self._operator: Any = None
         self._ritz_vectors: dict[str, Tensor] = {}  # (n, k) per eigen-quantity, for warm starts
-        self._probe_failed: set[str] = set()
         self.history: list[CheckRecord] = []
         self._calls = 0
 
@@ -274,40 +272,25 @@ class CurvatureMonitor:
 
     # ----------------------------------------------------------------- quantities
     def _top_eigenvalues(self, record: CheckRecord, name: str, operator: Any) -> None:
-        """Lanczos to ``tol`` for the top ``k``; warm: first a probe of ``2 k`` products (two
-        block steps from the previous Ritz vectors and the residual check), which is all a
-        check costs while the eigenvectors barely move; if it falls short, a full run starts
-        from the probe's Ritz vectors."""
+        """Lanczos to ``tol`` for the top ``k``; warm: from the previous Ritz vectors (plus
+        fresh directions), checking convergence after every block step (no products: the
+        residuals come from the Lanczos relation), so a check stops at the first step that
+        meets ``tol``, often the first or second while the parameters move little."""
         previous = self._ritz_vectors.get(name)
         number = len(self.history)
         warm = previous is not None and self.warm_start
         warm = warm and not (self.cold_every and number % self.cold_every == 0)
         started = _clock()
-        spent = 0
         if warm:
             assert previous is not None
             fresh = self._fresh_directions(record.step, name, previous)
             start = previous + self.fresh_weight * fresh
-            budget = self.max_matvecs
-            # after a probe fell short, the next check skips it (the eigenvectors move too
-            # fast for it), and the one after tries again
-            if name not in self._probe_failed:
-                probe = self._lanczos(operator, record.step, name, start, 2 * self.k)
-                spent = probe.num_matvecs
-                result = probe
-                if not probe.converged.all():
-                    self._probe_failed.add(name)
-                    if probe.eigenvectors is not None:
-                        start = torch.as_tensor(probe.eigenvectors).T
-                    budget = max(self.k, self.max_matvecs - spent)
-            else:
-                self._probe_failed.discard(name)
-            if spent == 0 or not result.converged.all() and spent < self.max_matvecs:
-                result = self._lanczos(operator, record.step, name, start, budget)
-                spent += result.num_matvecs
-        else:
+            result = self._lanczos(
+                operator, record.step, name, start, self.max_matvecs, check_every=1
+            )
+        else:  # what a user runs: lanczos with its default (adaptive) check schedule
             result = self._lanczos(operator, record.step, name, None, self.max_matvecs)
-            spent = result.num_matvecs
+        spent = result.num_matvecs
         seconds = _clock() - started
         vectors = result.eigenvectors
         if vectors is not None:
@@ -320,7 +303,13 @@ class CurvatureMonitor:
         record.warm_started[name] = warm
 
     def _lanczos(
-        self, operator: Any, step: int, name: str, start_block: Tensor | None, budget: int
+        self,
+        operator: Any,
+        step: int,
+        name: str,
+        start_block: Tensor | None,
+        budget: int,
+        check_every: int | None = None,
     ) -> Any:
         with warnings.catch_warnings():
             # an unconverged run is reported once, by check(), with the step and the fix
@@ -335,6 +324,7 @@ class CurvatureMonitor:
                 seed=self._seed(step, name),
                 start_block=start_block,
                 progress=False,
+                check_every=check_every,
             )
 
     def _tolerance(self, operator: Any) -> float:
