@@ -104,9 +104,33 @@ def _child(name: str, curvature: str) -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the system: not reused unseen
     before = _resident_bytes()  # now, not the high-water mark of the imports
+    reset = _reset_peak_resident()  # else ru_maxrss may still hold the imports' peak
     product(CONFIGS[name], 1)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if reset:
+        after = _peak_resident_bytes()
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"measured_bytes": after - before, "baseline_bytes": before}))
+
+
+def _reset_peak_resident() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: write 5 to /proc/self/clear_refs), so the
+    peak read after the product is the product's, not an earlier one; False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_resident_bytes() -> int:
+    """The process's peak resident set since the last reset (VmHWM in /proc/self/status)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM line in /proc/self/status")
 
 
 def _resident_bytes() -> int:
