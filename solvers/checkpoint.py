@@ -143,9 +143,9 @@ class Checkpoint:
                 f"torch-linop reads version {VERSION}; finish the run with the version that "
                 "wrote it, or delete the file to start over"
             )
-        self._check_compatible(payload)
-        if self.sharded:
+        if self.sharded:  # before the fingerprint, which differs between ranks anyway
             self._check_rank_record(payload)
+        self._check_compatible(payload)
         return payload
 
     def _check_rank_record(self, payload: State) -> None:
