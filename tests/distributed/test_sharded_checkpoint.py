@@ -1,10 +1,10 @@
-"""Sharded checkpoints (issue 21): a sharded Lanczos run over 2 gloo ranks, checkpointed with
-one path, keeps one file per rank (``path.rank{R}-of-2``, recording rank, world size, run id and
-step); killed after 7 products and resumed it returns the uninterrupted run's eigenpairs bit for
-bit. Ranks whose save clocks differ still save at the same steps. Resuming is refused on every
-rank (none is left waiting in a collective) when a rank file was copied from another rank, comes
-from another run or an older save point, or is missing, and when a run on another world size finds
-them (4 ranks resuming 2 ranks' files, and 2 ranks 4's).
+"""Sharded checkpoints (issue 21): a sharded Lanczos run over 2 (and 4) gloo ranks, checkpointed
+with one path, keeps one file per rank (``path.rank{R}-of-{N}``, recording rank, world size, run
+id and step); killed after 7 products and resumed it returns the uninterrupted run's eigenpairs
+bit for bit. Ranks whose save clocks differ still save at the same steps. Resuming is refused on
+every rank (none is left waiting in a collective) when a rank file was copied from another rank,
+comes from another run or an older save point, or is missing, and when a run on another world
+size finds them (4 ranks resuming 2 ranks' files, and 2 ranks 4's).
 Unsharded runs keep the single file and its format.
 
 The ranks run this file as a script and write their results with ``torch.save``; the
