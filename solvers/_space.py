@@ -36,7 +36,10 @@ class VectorSpace(Protocol):
     - ``qr(block)``: thin QR of the whole ``(n, s)`` block, as this process's rows of ``Q`` and
       the ``(s, s)`` factor ``R``, the same on every process (default: a local QR);
     - ``local_entries()``: the ranges ``[start, stop)`` of a full vector's entries this process
-      holds, in the order of its rows (default: all of them); probes are drawn for these only.
+      holds, in the order of its rows (default: all of them); probes are drawn for these only;
+    - ``rank`` and ``world_size`` (attributes): this process's index among the ``world_size``
+      processes that share the vectors (default: 0 of 1). A space with ``world_size > 1`` has
+      each process checkpoint its own part to its own file (``solvers.checkpoint``).
 
     ``inner(x, y)`` must equal ``reduce(x.T @ y, "sum")``.
     """
@@ -73,6 +76,13 @@ class Space:
         self.shared_seed = space.shared_seed
         self._reduce = getattr(space, "reduce", None)
         self._qr = getattr(space, "qr", None)
+        self.rank = int(getattr(space, "rank", 0))
+        self.world_size = int(getattr(space, "world_size", 1))
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"{type(space).__name__} says it is rank {self.rank} of world_size "
+                f"{self.world_size}; a rank is in 0..world_size-1"
+            )
         local_entries = getattr(space, "local_entries", None)
         entries = [(0, size)] if local_entries is None else list(local_entries())
         self.entries = tuple((int(start), int(stop)) for start, stop in entries)
@@ -137,6 +147,13 @@ class Space:
             return value
         negated = torch.tensor([-float(value)], dtype=torch.float64)
         return -int(self.reduce(negated, "max")[0])
+
+    def gather(self, row: Tensor) -> Tensor:
+        """``(world_size, m)``: every process's ``(m,)`` float64 ``row``, the same on all (one
+        sum-reduction of a table holding this process's row only)."""
+        table = torch.zeros(self.world_size, row.shape[0], dtype=torch.float64)
+        table[self.rank] = row.to(torch.float64)
+        return self.reduce(table, "sum") if self.world_size > 1 else table
 
     def all_finite(self, block: Tensor) -> bool:
         """Whether ``block`` is finite on every process (one reduction, the same answer on all,

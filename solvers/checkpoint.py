@@ -11,6 +11,16 @@ arithmetic and returns bit-identical results. Saving never changes the numbers.
 Writes are atomic: ``torch.save`` into a temporary file in the same folder, ``fsync``, then
 ``os.replace`` over the old checkpoint; an interrupted write leaves the previous checkpoint in
 place (and a stray temporary file, removed by the next run that opens the checkpoint).
+
+Sharded runs (an operator whose ``vector_space`` says ``world_size > 1``: each rank holds only its
+rows of the basis) keep one file per rank next to the given path, ``path.rank{R}-of-{N}``, each
+written atomically by its rank and recording the world size, the rank, a run id shared by the
+ranks and the number of products. On resume every rank loads its own file, and one collective
+compares what the ranks found: a run resumed on another world size, a missing rank file, files
+of different runs or of different save points (a file replaced by an older copy) are refused on
+every rank, with a message saying what differs. Whether a save is due is agreed by the ranks
+(one all-reduce of a flag per save point), so their files are always written at the same step.
+Unsharded runs keep the single file, in the format above.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -30,6 +42,7 @@ import numpy as np
 import torch
 
 from ._operator import Operator
+from ._space import Space
 
 FORMAT = "torch-linop solver checkpoint"
 VERSION = 1
@@ -77,7 +90,14 @@ class Checkpoint:
         self.num_saves = 0
         self.warned_space = False
         self.fingerprint: State | None = None
+        self.space: Space = operator.space
+        # the path the caller gave; sharded runs write and read a file per rank next to it
+        self.given_path = self.path
+        self.sharded = self.path is not None and self.space.world_size > 1
+        self.run_id = 0  # shared by the ranks of a sharded run (agreed or loaded in load())
         if self.path is not None:
+            if self.sharded:
+                self.path = rank_path(self.path, self.space.rank, self.space.world_size)
             self.fingerprint = fingerprint(op, operator)
             _remove_stale_temporaries(self.path)
 
@@ -89,7 +109,20 @@ class Checkpoint:
         """The saved state of a compatible run, None if there is no checkpoint file yet;
         ValueError if the file is unreadable or was written by another solver, with other
         options, or for another operator."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return None
+        if self.sharded:
+            return self._load_sharded()
+        payload = self._read()
+        if payload is None:
+            return None
+        self.last_matvecs = int(payload["num_matvecs"])
+        return payload["state"]
+
+    def _read(self) -> State | None:
+        """This process's checkpoint file, checked (None if there is none)."""
+        assert self.path is not None
+        if not self.path.exists():
             return None
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -110,10 +143,105 @@ class Checkpoint:
                 f"torch-linop reads version {VERSION}; finish the run with the version that "
                 "wrote it, or delete the file to start over"
             )
+        if self.sharded:  # before the fingerprint, which differs between ranks anyway
+            self._check_rank_record(payload)
         self._check_compatible(payload)
-        state = payload["state"]
-        self.last_matvecs = int(payload["num_matvecs"])
-        return state
+        return payload
+
+    def _check_rank_record(self, payload: State) -> None:
+        """A rank file must be this rank's, of this world size, from a sharded run."""
+        world, rank = self.space.world_size, self.space.rank
+        saved = (payload.get("world_size"), payload.get("rank"))
+        if saved != (world, rank) or not isinstance(payload.get("run_id"), int):
+            raise ValueError(
+                f"checkpoint {self.path} records rank {saved[1]!r} of world size {saved[0]!r}, "
+                f"but this is rank {rank} of {world} (a file renamed or copied from another "
+                f"rank or run); {_FIX_SHARDED}"
+            )
+
+    def _load_sharded(self) -> State | None:
+        """Every rank loads its own file; one collective compares what the ranks found, and
+        all of them resume, start fresh or raise together (none is left in a collective)."""
+        assert self.given_path is not None
+        world, rank = self.space.world_size, self.space.rank
+        payload, error = None, None
+        try:
+            payload = self._read()
+        except ValueError as raised:
+            error = raised
+        other_worlds = _rank_file_world_sizes(self.given_path) - {world}
+        row = torch.tensor(
+            [
+                float(payload is not None),
+                float(error is not None),
+                float(payload["run_id"]) if payload is not None else 0.0,
+                float(payload["num_matvecs"]) if payload is not None else -1.0,
+                float(max(other_worlds, default=0)),
+                float(self.given_path.is_file()),
+            ],
+            dtype=torch.float64,
+        )
+        table = self.space.gather(row)
+        failed = [other for other in range(world) if table[other, 1] > 0]
+        if failed:
+            if error is not None:
+                raise error
+            raise ValueError(
+                f"the checkpoint file of rank {failed[0]} ("
+                f"{rank_path(self.given_path, failed[0], world)}) cannot be resumed from (that "
+                f"rank's error says why); every rank refuses the run; {_FIX_SHARDED}"
+            )
+        present = [other for other in range(world) if table[other, 0] > 0]
+        if not present:
+            self._refuse_foreign_files(table)
+            bits = torch.tensor([float(secrets.randbits(52))], dtype=torch.float64)
+            self.run_id = int(self.space.reduce(bits, "max")[0])  # one id for all ranks
+            return None
+        if len(present) < world:
+            missing = [other for other in range(world) if other not in present]
+            raise ValueError(
+                f"checkpoint {self.given_path} of a run over {world} ranks lacks the file of "
+                f"rank(s) {missing} (e.g. {rank_path(self.given_path, missing[0], world)}), while "
+                f"rank(s) {present} have theirs: every rank needs its own file to resume; restore "
+                f"the missing file(s), or {_FIX_SHARDED}"
+            )
+        run_ids = [int(table[other, 2]) for other in range(world)]
+        steps = [int(table[other, 3]) for other in range(world)]
+        if len(set(run_ids)) > 1:
+            raise ValueError(
+                f"the checkpoint files {self.given_path}.rank*-of-{world} come from different "
+                f"runs (run id per rank: {run_ids}); {_FIX_SHARDED}"
+            )
+        if len(set(steps)) > 1:
+            per_rank = ", ".join(f"rank {other} after {steps[other]}" for other in range(world))
+            raise ValueError(
+                f"the checkpoint files {self.given_path}.rank*-of-{world} were saved at different "
+                f"points of the run ({per_rank} products: a file was replaced by another copy, "
+                f"or a save was cut short); {_FIX_SHARDED}"
+            )
+        assert payload is not None
+        self.run_id = run_ids[rank]
+        self.last_matvecs = steps[rank]
+        return payload["state"]
+
+    def _refuse_foreign_files(self, table: torch.Tensor) -> None:
+        """No rank has a file of this world size: refuse files of another world size or of an
+        unsharded run at the given path, rather than starting over beside them."""
+        world = self.space.world_size
+        other_world = int(table[:, 4].max())
+        if other_world:
+            raise ValueError(
+                f"checkpoint {self.given_path} was written by a sharded run over {other_world} "
+                f"ranks ({self.given_path}.rank*-of-{other_world}), but this run has {world} "
+                f"ranks: each rank's file holds its own rows of the basis, so resume with "
+                f"{other_world} ranks (the same world size), or {_FIX_SHARDED}"
+            )
+        if table[:, 5].max() > 0:
+            raise ValueError(
+                f"checkpoint {self.given_path} was written by an unsharded run; this sharded run "
+                f"over {world} ranks keeps one file per rank ({self.given_path}.rank0-of-{world}, "
+                f"...): resume it unsharded, or {_FIX_SHARDED}"
+            )
 
     def _check_compatible(self, payload: State) -> None:
         fix = "pass another checkpoint path (or delete the file) to start a new run"
@@ -154,10 +282,16 @@ class Checkpoint:
             self.every_seconds is not None
             and time.monotonic() - self.last_time >= self.every_seconds
         )
-        if not due or num_matvecs == self.last_matvecs:
+        due = due and num_matvecs != self.last_matvecs
+        if self.sharded:  # a clock may tick on one rank only: save when any rank is due
+            due = self._on_any_rank(due)
+        if not due:
             return False
         state = make_state()
-        if not self._fits(_state_bytes(state)):
+        fits = self._fits(_state_bytes(state))
+        if self.sharded:  # all ranks save, or none: their files stay at the same step
+            fits = not self._on_any_rank(not fits)
+        if not fits:
             self.last_matvecs = num_matvecs  # try again at the next due point
             self.last_time = time.monotonic()
             return False
@@ -170,11 +304,20 @@ class Checkpoint:
             "num_matvecs": int(num_matvecs),
             "state": _to_cpu(state),
         }
+        if self.sharded:
+            payload.update(
+                world_size=self.space.world_size, rank=self.space.rank, run_id=self.run_id
+            )
         atomic_save(payload, self.path)
         self.last_matvecs = num_matvecs
         self.last_time = time.monotonic()
         self.num_saves += 1
         return True
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (one all-reduce; the same answer on all)."""
+        partial = torch.tensor([float(flag)], dtype=torch.float64)
+        return bool(self.space.reduce(partial, "max")[0] > 0)
 
     def _fits(self, num_bytes: int) -> bool:
         """Whether a checkpoint of ``num_bytes`` fits on the disk and in host memory (it is
@@ -200,6 +343,33 @@ class Checkpoint:
             )
             self.warned_space = True
         return False
+
+
+_FIX_SHARDED = (
+    "pass another checkpoint path (or delete all the files path.rank*-of-*) to start a new run"
+)
+_RANK_FILE = re.compile(r"\.rank(\d+)-of-(\d+)$")
+
+
+def rank_path(path: Path, rank: int, world_size: int) -> Path:
+    """The file of ``rank`` in a sharded run over ``world_size`` ranks checkpointed to ``path``:
+    ``path.rank{rank}-of-{world_size}`` in the same folder."""
+    return path.with_name(f"{path.name}.rank{rank}-of-{world_size}")
+
+
+def _rank_file_world_sizes(path: Path) -> set[int]:
+    """The world sizes of the rank files of ``path`` in its folder."""
+    sizes = set()
+    for candidate in path.parent.glob(f"{glob_escape(path.name)}.rank*-of-*"):
+        found = _RANK_FILE.search(candidate.name[len(path.name) :])
+        if found is not None and candidate.name == f"{path.name}{found.group(0)}":
+            sizes.add(int(found.group(2)))
+    return sizes
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _state_bytes(value: Any) -> int:

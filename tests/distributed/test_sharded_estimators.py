@@ -212,7 +212,10 @@ def worker(rank: int, world: int, out: Path) -> None:
         results["preempted"] = False
     except Preempted:
         results["preempted"] = True
-    results["saved_products"] = torch.load(path, weights_only=True)["num_matvecs"]
+    from solvers.checkpoint import rank_path
+
+    saved = torch.load(rank_path(path, rank, world), weights_only=True)  # the rank's own file
+    results["saved_products"] = saved["num_matvecs"]
     resuming = Interrupting(ops["ggn"], 10**9)
     resumed = trace(resuming, 9, checkpoint=path, **options)
     options.pop("checkpoint_every")

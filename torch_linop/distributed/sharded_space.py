@@ -75,6 +75,11 @@ class ShardedSpace:
     def __hash__(self) -> int:
         return hash((ShardedSpace, id(self.group), tuple(self.entries)))
 
+    @property
+    def world_size(self) -> int:
+        """Ranks sharing the vectors (what the solvers' checkpoints name their files by)."""
+        return self.world
+
     def local_entries(self) -> list[tuple[int, int]]:
         return list(self.entries)
 
