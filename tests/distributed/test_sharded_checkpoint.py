@@ -80,7 +80,7 @@ def interrupted_then_resumed(
     where to copy this rank's file as it was after the preemption."""
     import torch.distributed as dist
 
-    from solvers.checkpoint import rank_path
+    from torch_linop.solvers.checkpoint import rank_path
 
     try:
         lanczos(Interrupting(op, STOP_AFTER), 2, checkpoint=path, **options)
@@ -105,8 +105,8 @@ def interrupted_then_resumed(
 def worker(rank: int, world: int, out: Path) -> None:
     import torch.distributed as dist
 
-    from solvers.checkpoint import rank_path
     from torch_linop.distributed.fsdp import FSDPGGNOperator
+    from torch_linop.solvers.checkpoint import rank_path
 
     folder = Path((out / "folder").read_text())
     ggn = FSDPGGNOperator(

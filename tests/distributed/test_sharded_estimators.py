@@ -212,7 +212,7 @@ def worker(rank: int, world: int, out: Path) -> None:
         results["preempted"] = False
     except Preempted:
         results["preempted"] = True
-    from solvers.checkpoint import rank_path
+    from torch_linop.solvers.checkpoint import rank_path
 
     saved = torch.load(rank_path(path, rank, world), weights_only=True)  # the rank's own file
     results["saved_products"] = saved["num_matvecs"]
