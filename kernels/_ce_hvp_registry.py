@@ -75,6 +75,18 @@ class CeHvpCall:
             return self.out
         return torch.empty(self.logits.shape, dtype=self.result_dtype, device=self.logits.device)
 
+    def launch(self, kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Run a writing kernel (cluster, two-pass: one launcher signature) on this call."""
+        return kernel(
+            self.logits,
+            self.u,
+            self.labels,
+            self.output(),
+            ignore_index=self.ignore_index,
+            shift=self.shift,
+            scale=self.scale,
+        )
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -147,15 +159,7 @@ class ClusterBackend(Backend):
     def run(self, call: CeHvpCall) -> torch.Tensor:
         from ._ce_hvp_cluster import ce_hvp_cluster
 
-        return ce_hvp_cluster(
-            call.logits,
-            call.u,
-            call.labels,
-            call.output(),
-            ignore_index=call.ignore_index,
-            shift=call.shift,
-            scale=call.scale,
-        )
+        return call.launch(ce_hvp_cluster)
 
 
 class TwoPassBackend(Backend):
@@ -185,15 +189,7 @@ class TwoPassBackend(Backend):
     def run(self, call: CeHvpCall) -> torch.Tensor:
         from ._ce_hvp_two_pass import ce_hvp_two_pass
 
-        return ce_hvp_two_pass(
-            call.logits,
-            call.u,
-            call.labels,
-            call.output(),
-            ignore_index=call.ignore_index,
-            shift=call.shift,
-            scale=call.scale,
-        )
+        return call.launch(ce_hvp_two_pass)
 
 
 class _ReferenceBackend(Backend):
