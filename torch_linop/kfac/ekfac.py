@@ -18,7 +18,6 @@ from torch_linop.kfac import eigenbasis
 from torch_linop.kfac.factors import with_bias_column
 from torch_linop.kfac.layers import KFACLayer
 from torch_linop.kfac.operator import KFACOperator
-from torch_linop.kfac.passes import hooked_pass
 from torch_linop.kfac.reduction import sum_tensors
 from torch_linop.kfac.types import FisherType
 
@@ -86,19 +85,7 @@ class EKFACOperator(KFACOperator):
                     value = per_example.square().sum(0)
                 entry[kind] = entry[kind] + value if kind in entry else value
 
-        hooked_pass(
-            self.model,
-            self.layers,
-            self.params,
-            self.data,
-            self.loss,
-            self.fisher_type,
-            self.mc_samples,
-            self.seed,
-            num_rows,
-            None,
-            on_gradients,
-        )
+        self._hooked_pass(num_rows, None, on_gradients)
         sum_tensors(
             self.process_group,
             [

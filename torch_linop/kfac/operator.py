@@ -21,7 +21,14 @@ from torch_linop.data import BatchSource, leading_dim_batch_size
 from torch_linop.kfac.blocks import KroneckerBlockOperator
 from torch_linop.kfac.factors import FactorAccumulator
 from torch_linop.kfac.layers import KFACLayer, find_layers
-from torch_linop.kfac.passes import DataSpec, count_data, default_forward, hooked_pass
+from torch_linop.kfac.passes import (
+    DataSpec,
+    GradientsVisitor,
+    InputsVisitor,
+    count_data,
+    default_forward,
+    hooked_pass,
+)
 from torch_linop.kfac.reduction import sum_counts, sum_tensors
 from torch_linop.kfac.signals import KFACLoss, kfac_loss_of
 from torch_linop.kfac.types import FisherType, KFACType, check_choice
@@ -158,10 +165,14 @@ class KFACOperator(KroneckerBlockOperator):
             )
         return (self._num_data or num_samples), num_rows
 
-    def compute_factors(self) -> None:
-        """Compute the Kronecker factors in one hooked pass over the data (replacing any)."""
-        num_data, num_rows = self._counts()
-        accumulator = FactorAccumulator(self.kfac_approx, self.separate_weight_and_bias, num_data)
+    def _hooked_pass(
+        self,
+        num_rows: int,
+        on_inputs: InputsVisitor | None,
+        on_gradients: GradientsVisitor | None,
+    ) -> None:
+        """One hooked pass over the data with this operator's model, layers, loss and Fisher type
+        (the factors' pass and EKFAC's eigenvalue-correction pass)."""
         hooked_pass(
             self.model,
             self.layers,
@@ -172,9 +183,15 @@ class KFACOperator(KroneckerBlockOperator):
             self.mc_samples,
             self.seed,
             num_rows,
-            accumulator.on_inputs,
-            accumulator.on_gradients,
+            on_inputs,
+            on_gradients,
         )
+
+    def compute_factors(self) -> None:
+        """Compute the Kronecker factors in one hooked pass over the data (replacing any)."""
+        num_data, num_rows = self._counts()
+        accumulator = FactorAccumulator(self.kfac_approx, self.separate_weight_and_bias, num_data)
+        self._hooked_pass(num_rows, accumulator.on_inputs, accumulator.on_gradients)
         factors = accumulator.input_covariances, accumulator.gradient_covariances
         sum_tensors(self.process_group, [f[k] for f in factors for k in sorted(f)])
         if self.fisher_type == FisherType.FORWARD_ONLY:
