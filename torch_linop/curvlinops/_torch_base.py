@@ -276,7 +276,22 @@ def _check_same(first: Any, second: Any) -> None:
         )
 
 
-class _SumPyTorchLinearOperator(PyTorchLinearOperator):
+class _CompositePyTorchLinearOperator(PyTorchLinearOperator):
+    """A composite of curvlinops-protocol operands: device and dtype are its first operand's
+    (``_A``; the operands were checked to agree where the composite was built)."""
+
+    _A: Any
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._A.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return operator_dtype(self._A)
+
+
+class _SumPyTorchLinearOperator(_CompositePyTorchLinearOperator):
     """``A + B`` for protocol operators of one shape, device and dtype."""
 
     def __init__(self, A: Any, B: Any) -> None:
@@ -299,16 +314,8 @@ class _SumPyTorchLinearOperator(PyTorchLinearOperator):
     def _adjoint(self) -> _SumPyTorchLinearOperator:
         return _SumPyTorchLinearOperator(self._A.adjoint(), self._B.adjoint())
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self._A.device)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return operator_dtype(self._A)
-
-
-class _ScalePyTorchLinearOperator(PyTorchLinearOperator):
+class _ScalePyTorchLinearOperator(_CompositePyTorchLinearOperator):
     """``scalar * A``."""
 
     def __init__(self, A: Any, scalar: Any) -> None:
@@ -324,16 +331,8 @@ class _ScalePyTorchLinearOperator(PyTorchLinearOperator):
     def _adjoint(self) -> _ScalePyTorchLinearOperator:
         return _ScalePyTorchLinearOperator(self._A.adjoint(), self._scalar)
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self._A.device)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return operator_dtype(self._A)
-
-
-class _ChainPyTorchLinearOperator(PyTorchLinearOperator):
+class _ChainPyTorchLinearOperator(_CompositePyTorchLinearOperator):
     """``A @ B`` (``B`` applied first)."""
 
     def __init__(self, A: Any, B: Any) -> None:
@@ -352,11 +351,3 @@ class _ChainPyTorchLinearOperator(PyTorchLinearOperator):
 
     def _adjoint(self) -> _ChainPyTorchLinearOperator:
         return _ChainPyTorchLinearOperator(self._B.adjoint(), self._A.adjoint())
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device(self._A.device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return operator_dtype(self._A)
