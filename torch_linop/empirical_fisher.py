@@ -4,28 +4,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
-from torch_linop._graph_cache import GraphCachingOperator, KeptForward
-from torch_linop.ggn import _require_split
-from torch_linop.losses.base import LossFunction, as_loss_function
-from torch_linop.options import ProductOptions, accepts_old_option_keywords, resolve_options
-from torch_linop.params import ParamFilter
-from torch_linop.products.capability import Capabilities
-from torch_linop.products.jvp import make_jvp
+from torch_linop.ggn import SandwichOperator
+from torch_linop.products.jvp import JVP_METHODS
 from torch_linop.products.middle import empirical_fisher_middle
-from torch_linop.products.sandwich import Sandwich
 
 # every JVP of the GGN applies to the per-sample losses: exact forward mode (with the probed
 # double-backward fallback under "auto"), double backward, central or one-sided differences
-EF_JVP_METHODS = ("auto", "forward", "double_backward", "finite_difference", "forward_difference")
+EF_JVP_METHODS = JVP_METHODS
 
 
-class EmpiricalFisherOperator(GraphCachingOperator):
+class EmpiricalFisherOperator(SandwichOperator):
     """Empirical Fisher: mean (or, for ``reduction="sum"`` losses, sum) over samples of the outer
     products of per-sample loss gradients. Memory like a training step, not batch x params.
 
@@ -42,58 +35,17 @@ class EmpiricalFisherOperator(GraphCachingOperator):
     ``"forward_difference"``, approximate).
     """
 
-    _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
+    _VALID_JVP_METHODS = EF_JVP_METHODS
 
-    @accepts_old_option_keywords
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFunction | Callable[..., torch.Tensor],
-        loss_of_output_fn: Callable[..., torch.Tensor] | None = None,
-        *,
-        param_filter: ParamFilter | None = None,
-        jvp_method: str = "auto",
-        cache_graph: bool = False,
-        options: ProductOptions | None = None,
-    ) -> None:
-        options = resolve_options(options)
-        self.jvp_method = jvp_method
-        self.capabilities = Capabilities()
-        jvp = make_jvp(
-            jvp_method,
-            self.capabilities,
-            owner=type(self).__name__,
-            valid=EF_JVP_METHODS,
-            cuda_graph=options.cuda_graph,
-        )
-        self._sandwich = Sandwich(jvp, self.capabilities.batched_backward)
-        self._init_graph_cache(cache_graph, options.cuda_graph)
-        loss = as_loss_function(loss_fn, loss_of_output_fn)
-        _require_split(loss, type(self).__name__)
-        super().__init__(model, data, loss, param_filter=param_filter, options=options)
+    def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The map applied between J and J^T: the per-sample losses' scaling (batch-independent)."""
+        return empirical_fisher_middle(self.loss_fn)
 
-    def _losses_of(self, batch: Any) -> Callable[[], torch.Tensor]:
+    def _forward_of(self, batch: Any) -> Callable[[], torch.Tensor]:
+        """The per-sample losses of ``batch``: J is their Jacobian."""
+
         def per_sample_losses() -> torch.Tensor:
             output = self.loss_fn.forward(self.model, batch)
             return self.loss_fn.per_sample_losses(output, batch)
 
         return per_sample_losses
-
-    def _build_graph(self, weight: float, batch: Any) -> KeptForward:
-        return self._kept_forward(weight, batch, self._losses_of(batch))
-
-    def _cached_product(
-        self, graph: KeptForward, tangents: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        forward = self._losses_of(graph.batch)
-        return self._sandwich.on_kept_graph(
-            self.model, forward, graph.leaves, graph.output, tangents, self._middle()
-        )
-
-    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
-        forward = self._losses_of(batch)
-        return self._sandwich(self.model, forward, self.params, tangents, self._middle())
-
-    def _middle(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return empirical_fisher_middle(self.loss_fn)

@@ -29,7 +29,80 @@ __all__ = [
 GGN_JVP_METHODS = JVP_METHODS
 
 
-class GGNOperator(GraphCachingOperator):
+class SandwichOperator(GraphCachingOperator):
+    """``J^T M J`` of a forward pass's output: the base of the GGN (output = the model's output,
+    M = the loss Hessian) and the empirical Fisher (output = the per-sample losses, M = their
+    scaling). Subclasses supply :meth:`_forward_of` and :meth:`middle`; the JVP strategy, the
+    sandwich and the kept-graph plumbing are chosen here, once, at construction."""
+
+    _VALID_JVP_METHODS: tuple[str, ...] = JVP_METHODS
+
+    _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
+
+    @accepts_old_option_keywords
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        loss_fn: LossFunction | Callable[..., torch.Tensor],
+        loss_of_output_fn: Callable[..., torch.Tensor] | None = None,
+        *,
+        param_filter: ParamFilter | None = None,
+        jvp_method: str = "auto",
+        cache_graph: bool = False,
+        options: ProductOptions | None = None,
+    ) -> None:
+        options = resolve_options(options)
+        self.jvp_method = jvp_method
+        self.capabilities = Capabilities()
+        jvp = make_jvp(
+            jvp_method,
+            self.capabilities,
+            owner=type(self).__name__,
+            valid=self._VALID_JVP_METHODS,
+            cuda_graph=options.cuda_graph,
+        )
+        self._init_graph_cache(cache_graph, options.cuda_graph)
+        self._sandwich = Sandwich(jvp, self.capabilities.batched_backward)
+        loss = as_loss_function(loss_fn, loss_of_output_fn)
+        _require_split(loss, type(self).__name__)
+        super().__init__(model, data, loss, param_filter=param_filter, options=options)
+
+    def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The map applied between J and J^T for ``batch``."""
+        raise NotImplementedError
+
+    def _forward_of(self, batch: Any) -> Callable[[], torch.Tensor]:
+        """The forward pass whose Jacobian J is sandwiched, as a closure over ``batch``."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- cached-graph mode
+    def _build_graph(self, weight: float, batch: Any) -> KeptForward:
+        return self._kept_forward(weight, batch, self._forward_of(batch))
+
+    def _cached_product(
+        self, graph: KeptForward, tangents: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        return self._product(graph.batch, tangents, graph)
+
+    # ----------------------------------------------------------------- per-batch products
+    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self._product(batch, tangents, None)
+
+    def _product(
+        self, batch: Any, tangents: list[torch.Tensor], kept: KeptForward | None
+    ) -> list[torch.Tensor]:
+        """``J^T M J V`` for one batch, on its kept forward pass when there is one."""
+        forward = self._forward_of(batch)
+        middle = self.middle(batch)  # per product: the MC Fisher draws its targets here
+        if kept is None:
+            return self._sandwich(self.model, forward, self.params, tangents, middle)
+        return self._sandwich.on_kept_graph(
+            self.model, forward, kept.leaves, kept.output, tangents, middle
+        )
+
+
+class GGNOperator(SandwichOperator):
     """Generalized Gauss-Newton matrix ``G = J^T H_loss J`` (PSD for convex losses).
 
     Call as ``GGNOperator(model, data, supervised_loss(F.cross_entropy))`` or, seed-style, as
@@ -61,36 +134,7 @@ class GGNOperator(GraphCachingOperator):
     ``options=`` too (:class:`~torch_linop.options.ProductOptions`).
     """
 
-    _JVP_ON_KEPT_GRAPH = True  # products: a JVP forward pass and one backward
-
-    @accepts_old_option_keywords
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        loss_fn: LossFunction | Callable[..., torch.Tensor],
-        loss_of_output_fn: Callable[..., torch.Tensor] | None = None,
-        *,
-        param_filter: ParamFilter | None = None,
-        jvp_method: str = "auto",
-        cache_graph: bool = False,
-        options: ProductOptions | None = None,
-    ) -> None:
-        options = resolve_options(options)
-        self.jvp_method = jvp_method
-        self.capabilities = Capabilities()
-        jvp = make_jvp(
-            jvp_method,
-            self.capabilities,
-            owner=type(self).__name__,
-            valid=GGN_JVP_METHODS,
-            cuda_graph=options.cuda_graph,
-        )
-        self._init_graph_cache(cache_graph, options.cuda_graph)
-        self._sandwich = Sandwich(jvp, self.capabilities.batched_backward)
-        loss = as_loss_function(loss_fn, loss_of_output_fn)
-        _require_split(loss, type(self).__name__)
-        super().__init__(model, data, loss, param_filter=param_filter, options=options)
+    _VALID_JVP_METHODS = GGN_JVP_METHODS
 
     def middle(self, batch: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The map applied between J and J^T: the loss Hessian w.r.t. the output."""
@@ -101,31 +145,6 @@ class GGNOperator(GraphCachingOperator):
             return _check_output(self.loss_fn.forward(self.model, batch))
 
         return forward
-
-    # ----------------------------------------------------------------- cached-graph mode
-    def _build_graph(self, weight: float, batch: Any) -> KeptForward:
-        return self._kept_forward(weight, batch, self._forward_of(batch))
-
-    def _cached_product(
-        self, graph: KeptForward, tangents: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        return self._product(graph.batch, tangents, graph)
-
-    # ----------------------------------------------------------------- per-batch products
-    def batch_product(self, batch: Any, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self._product(batch, tangents, None)
-
-    def _product(
-        self, batch: Any, tangents: list[torch.Tensor], kept: KeptForward | None
-    ) -> list[torch.Tensor]:
-        """``J^T M J V`` for one batch, on its kept forward pass when there is one."""
-        forward = self._forward_of(batch)
-        middle = self.middle(batch)  # per product: the MC Fisher draws its targets here
-        if kept is None:
-            return self._sandwich(self.model, forward, self.params, tangents, middle)
-        return self._sandwich.on_kept_graph(
-            self.model, forward, kept.leaves, kept.output, tangents, middle
-        )
 
 
 def _check_output(output: Any) -> torch.Tensor:
